@@ -1,0 +1,167 @@
+"""The ``optcapture`` torch.compile backend: composes discovery -> preparation -> bucketing -> lowering -> replay.
+
+Registered through the ``torch_dynamo_backends`` entry point, so ``backend="optcapture"`` works
+without importing the package. Invariant: every graph gets a correct callable back: the bucketed
+capture, else the per-tensor Inductor graph, else eager, and every fallback says why (or raises
+with ``options={"fallback": "raise"}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from optcapture import _compat, bucketing, lowering, preparation, registry
+from optcapture.config import CaptureConfig, parse_options
+from optcapture.discovery import BucketKey, StepGraph, discover
+from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
+from optcapture.replay import COUNTERS, CapturedStep, GradBinding
+
+log = logging.getLogger(__name__)
+
+_LAZY_STATE = "lazy state"
+_HYPER_GUARD = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\]")
+
+
+def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
+    """Dynamo backend entry point (``torch.compile(opt.step, backend="optcapture")``)."""
+    config = parse_options(kwargs.pop("options", None), kwargs.pop("mode", None))
+    if kwargs:
+        raise TypeError(f"optcapture backend got unexpected arguments {sorted(kwargs)}")
+    tracer = _compat.current_tracer()
+    step = discover(gm, example_inputs, tracer)
+    COUNTERS.captures += 1
+    if not config.bucketing:
+        step.blockers.append("bucketing=False")
+    if step.optimizer is not None and not step.blockers:
+        try:
+            return _capture(step, gm, example_inputs, config, tracer)
+        except CaptureError as error:
+            step.blockers.append(str(error))
+    return _fallback(step, gm, example_inputs, config)
+
+
+def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
+              config: CaptureConfig) -> Callable[..., Any]:
+    if any(_LAZY_STATE in reason for reason in step.blockers):
+        # The first step of an optimizer that creates its state inside step(): run the traced graph
+        # once; the state it creates changes the guards and the next call is captured.
+        registry.record(step, "eager", step.blockers)
+        COUNTERS.eager += 1
+        return gm.forward
+    reason = "; ".join(step.blockers) or "unknown"
+    if config.fallback == "raise":
+        raise UnsupportedStepError(f"cannot capture this step: {reason}")
+    warn_once(f"step of {type(step.optimizer).__name__ if step.optimizer else 'a function'} runs per tensor "
+              f"(stock Inductor): {reason}")
+    before = _compat.generated_kernel_count()
+    try:
+        compiled = lowering.lower_graph(gm, example_inputs, config)
+    except Exception as error:  # noqa: BLE001 - any Inductor failure: run the graph as traced instead
+        warn_once(f"Inductor could not compile the per-tensor step ({type(error).__name__}: {error}); running eagerly")
+        registry.record(step, "eager", [*step.blockers, str(error)])
+        COUNTERS.eager += 1
+        return gm.forward
+    registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
+    COUNTERS.per_tensor += 1
+    return compiled  # type: ignore[no-any-return]
+
+
+def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any], config: CaptureConfig,
+             tracer: Any, required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
+    optimizer = step.optimizer
+    assert optimizer is not None
+    before = _compat.generated_kernel_count()
+    prepared = registry.prepared_for(optimizer, config)
+    flats = preparation.prepare(step, prepared)
+    runs = bucketing.plan_runs(step, flats)
+
+    proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), broadcast=False)
+    proof_graph = bucketing.trace_only(proof_shadow.call)
+    if proof_graph is None:
+        raise CaptureError("the step does not trace as one graph over flat storage")
+    mismatch = bucketing.prove_equivalent(step, proof_graph, proof_shadow.shadow, prepared.proven)
+    if mismatch is not None:
+        raise CaptureError(mismatch)
+    prepared.proven.update(bucket.key for bucket in step.buckets)
+
+    tensor_hypers = bucketing.probe_tensor_hypers(optimizer, prepared, runs, flats)
+    if not required_hypers <= tensor_hypers:
+        raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
+    shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers)
+    compiled = lowering.lower_shadow(shadow, config, runs[0].key.device)
+    if tracer is not None:
+        dropped = _compat.drop_guards(tracer, lambda name: _is_tensor_hyper(name, tensor_hypers))
+        log.info("no recompile on changes of %s", dropped)
+
+    bindings = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roles = {role.node: role for role in step.roles}
+    for index, node in enumerate(placeholders):
+        role = roles.get(node.name)
+        if role is not None and role.kind == "grad":
+            assert role.group is not None and role.param_index is not None
+            p = optimizer.param_groups[role.group]["params"][role.param_index]
+            flat = flats[BucketKey(role.group, p.device, p.dtype)]
+            bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
+
+    def rebuild() -> CapturedStep:
+        return _capture(step, gm, example_inputs, config, None, frozenset(tensor_hypers))
+
+    captured = CapturedStep(prepared, flats, runs, _guarded(compiled, optimizer, config), bindings, rebuild,
+                            _empty_output(gm))
+    registry.record(step, "bucketed", [], runs=len(runs),
+                    tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
+                    kernels=_compat.generated_kernel_count() - before)
+    COUNTERS.bucketed += 1
+    log.info("captured %s: %d bucket(s), %d run(s), device hyperparameters %s", type(optimizer).__name__,
+             len(step.buckets), len(runs), sorted(tensor_hypers))
+    return captured
+
+
+def _is_tensor_hyper(source: str, tensor_hypers: set[tuple[int, str]]) -> bool:
+    match = _HYPER_GUARD.search(source)
+    return match is not None and (int(match.group(1)), match.group(2)) in tensor_hypers
+
+
+def _empty_output(gm: torch.fx.GraphModule) -> Any:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = output.args[0]
+    return type(value)() if isinstance(value, (list, tuple)) else None
+
+
+def _guarded(compiled: Callable[[], None], optimizer: torch.optim.Optimizer,
+             config: CaptureConfig) -> Callable[[], None]:
+    """Run ``compiled``; if its first call (the Inductor compile) fails, step eagerly from then on."""
+    state = {"first": True, "eager": False}
+    inner = bucketing.unwrapped_step(optimizer)
+
+    @torch._dynamo.disable  # type: ignore[misc]
+    def eager_step() -> None:
+        with torch.no_grad():
+            inner(optimizer)
+
+    def run() -> None:
+        if state["eager"]:
+            eager_step()
+            return
+        if not state["first"]:
+            compiled()
+            return
+        try:
+            compiled()
+        except Exception as error:
+            if config.fallback == "raise":
+                raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error
+            warn_once(f"compiling the bucketed step of {type(optimizer).__name__} failed "
+                      f"({type(error).__name__}: {error}); stepping eagerly")
+            state["eager"] = True
+            COUNTERS.eager += 1
+            eager_step()
+        state["first"] = False
+
+    return run

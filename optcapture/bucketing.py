@@ -1,0 +1,265 @@
+"""Stage 3, bucketing: build the one program per bucket that replaces the per-tensor step.
+
+A *shadow* optimizer of the user's class gets one param per *run*: a contiguous range of a flat
+group whose members have a grad in this graph and equal scalar state (step counts ...). Its
+params, grads and state are views of the flat storage that :mod:`optcapture.preparation` owns,
+so running the optimizer's own ``step`` on the shadow updates every member at once.
+Hyperparameters that only flow into tensor arithmetic become 0-dim device tensors (see
+:func:`probe_tensor_hypers`), so a scheduler changing them never changes the program.
+
+Invariant: a shadow is built only for a :class:`~optcapture.discovery.StepGraph` whose lanes are
+proven elementwise, and it is only used once :func:`prove_equivalent` has shown that the shadow's
+per-run program is event for event the program every member runs in the real graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import types
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from optcapture import _compat
+from optcapture.discovery import BucketKey, StepGraph, discover
+from optcapture.preparation import NON_HYPER_KEYS, FlatGroup, PreparedOptimizer
+
+log = logging.getLogger(__name__)
+
+_shadow_ids = itertools.count()
+HyperKey = tuple[int, str]  # (param group, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Members ``positions`` (consecutive in ``key``'s flat group) stepped as one tensor."""
+
+    key: BucketKey
+    positions: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclasses.dataclass
+class ShadowStep:
+    """A callable that steps every run of a capture, and what it is made of."""
+
+    call: Callable[[], None]
+    shadow: torch.optim.Optimizer
+    runs: list[Run]
+    tensor_hypers: set[HyperKey]
+
+
+def plan_runs(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[Run]:
+    """Split each bucket into runs of consecutive members with equal scalar state.
+
+    Reads the scalar-state vectors on the host once: this is compile time, not a step.
+    """
+    runs = []
+    for bucket in step.buckets:
+        flat = flats[bucket.key]
+        position_of = {index: j for j, index in enumerate(flat.param_indices)}
+        positions = sorted(position_of[i] for i in bucket.members)
+        values = list(zip(*(vector.tolist() for vector in flat.scalars.values()), strict=True)) or \
+            [()] * len(flat.params)
+        current: list[int] = []
+        for j in positions:
+            if current and (j != current[-1] + 1 or values[j] != values[current[-1]]):
+                runs.append(_make_run(flat, current))
+                current = []
+            current.append(j)
+        if current:
+            runs.append(_make_run(flat, current))
+    return runs
+
+
+def _make_run(flat: FlatGroup, positions: list[int]) -> Run:
+    return Run(flat.key, tuple(positions), flat.slot(positions[0]).start, flat.slot(positions[-1]).stop)
+
+
+def hyper_candidates(optimizer: torch.optim.Optimizer, runs: list[Run]) -> set[HyperKey]:
+    """Float (or tuple-of-float) keys of the groups that own runs: what could become a device tensor."""
+    keys = set()
+    for g in {run.key.group for run in runs}:
+        for key, value in optimizer.param_groups[g].items():
+            if key in NON_HYPER_KEYS:
+                continue
+            items = value if isinstance(value, tuple) else (value,)
+            if items and all(type(v) is float for v in items):
+                keys.add((g, key))
+    return keys
+
+
+def unwrapped_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
+    # The profiling hook, _use_grad_for_differentiable and torch.no_grad wrappers all set __wrapped__;
+    # the shadow is stepped under no_grad by us, with no hooks (they already ran for the real step).
+    fn: Any = type(optimizer).step
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn  # type: ignore[no-any-return]
+
+
+def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
+                 flats: dict[BucketKey, FlatGroup], tensor_hypers: set[HyperKey],
+                 broadcast: bool = True) -> ShadowStep:
+    """A shadow of ``optimizer`` whose params are the runs, and a function that steps it.
+
+    With ``broadcast``, the function also copies each run's scalar state (stepped in its first
+    member's slot) to the other members, so every ``state[p]["step"]`` stays right.
+    """
+    cls = type(optimizer)
+    shadow = cls.__new__(cls)
+    shadow.__dict__.update(optimizer.__dict__)
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        setattr(shadow, name, collections.OrderedDict())
+    shadow.state = collections.defaultdict(dict)
+    groups: dict[int, dict[str, Any]] = {}
+    broadcasts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for run in runs:
+        flat = flats[run.key]
+        g = run.key.group
+        if g not in groups:
+            live = optimizer.param_groups[g]
+            group = dict(live)
+            group["params"] = []
+            for key, value in live.items():
+                if (g, key) in tensor_hypers:
+                    if isinstance(value, tuple):
+                        group[key] = tuple(prepared.hyper(g, key, i, run.key.device, v) for i, v in enumerate(value))
+                    else:
+                        group[key] = prepared.hyper(g, key, None, run.key.device, value)
+            if "capturable" in group:
+                group["capturable"] = True
+            if "differentiable" in group:
+                group["differentiable"] = False
+            groups[g] = group
+        param = flat.flats["param"][run.start:run.end]
+        param.grad = flat.flats["grad"][run.start:run.end]
+        _compat.mark_static(param.grad)
+        groups[g]["params"].append(param)
+        state = shadow.state[param]
+        for role, buffer in flat.flats.items():
+            if role.startswith("state:"):
+                state[role[len("state:"):]] = buffer[run.start:run.end]
+        first = run.positions[0]
+        for key, vector in flat.scalars.items():
+            state[key] = vector[first]
+            if broadcast and len(run.positions) > 1:
+                broadcasts.append((vector[first + 1:run.positions[-1] + 1], vector[first]))
+    shadow.param_groups = [groups[g] for g in sorted(groups)]
+    inner = unwrapped_step(optimizer)
+
+    def step_runs() -> None:
+        with torch.no_grad():
+            inner(shadow)
+            for rest, first in broadcasts:
+                rest.copy_(first.expand_as(rest))
+
+    # A code object of its own per shadow, so Dynamo's per-code cache never mixes two captures.
+    code = step_runs.__code__.replace(co_name=f"optcapture_step_{next(_shadow_ids)}")
+    call = types.FunctionType(code, step_runs.__globals__, code.co_name, None, step_runs.__closure__)
+    return ShadowStep(call, shadow, runs, set(tensor_hypers))
+
+
+class _Traced(Exception):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
+        self.gm = gm
+        self.example_inputs = example_inputs
+
+
+TracedGraph = tuple[torch.fx.GraphModule, list[Any]]
+
+
+def trace_only(fn: Callable[[], None]) -> TracedGraph | None:
+    """The full Dynamo graph of ``fn`` and its inputs without running it, or None if it is not one graph."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        raise _Traced(gm, list(example_inputs))
+
+    try:
+        torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)()
+    except Exception as error:  # noqa: BLE001 - any failure means "not traceable"; the cause is logged
+        cause: BaseException | None = error
+        while cause is not None:
+            if isinstance(cause, _Traced):
+                return cause.gm, cause.example_inputs
+            cause = cause.__cause__ or cause.__context__
+        log.debug("shadow does not trace as one graph: %s", str(error).splitlines()[0] if str(error) else error)
+    return None
+
+
+def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
+                        flats: dict[BucketKey, FlatGroup]) -> set[HyperKey]:
+    """The hyperparameters the step tolerates as tensors: those only feed tensor arithmetic.
+
+    A key that steers Python control flow (``if momentum != 0``) or needs a Python number
+    (``alpha=lr``) makes the one-graph trace fail as a tensor, so it stays a float, and Dynamo
+    keeps guarding it: changing it then recompiles, which is the correct outcome.
+    """
+    candidates = hyper_candidates(optimizer, runs)
+
+    def traces(keys: set[HyperKey]) -> bool:
+        return trace_only(build_shadow(optimizer, prepared, runs, flats, keys).call) is not None
+
+    if not candidates or traces(candidates):
+        return candidates
+    accepted = {key for key in sorted(candidates) if traces({key})}
+    while accepted and not traces(accepted):
+        accepted.discard(max(accepted))
+    return accepted
+
+
+def _wildcard_floats(program: tuple[Hashable, ...]) -> Hashable:
+    def strip(item: Any) -> Any:
+        if isinstance(item, tuple):
+            if len(item) == 3 and item[0] == "c" and item[1] == "float":
+                return ("c", "float")
+            if len(item) == 2 and item[0] == "in" and isinstance(item[1], str) and item[1].startswith("hyper:"):
+                return ("c", "float")
+            return tuple(strip(i) for i in item)
+        return item
+
+    return strip(program)
+
+
+def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.optim.Optimizer,
+                     proven_before: set[BucketKey]) -> str | None:
+    """None when every run of the shadow runs the same program as the real members; else why not.
+
+    The comparison is exact. Only where the real graph reads a hyperparameter as an input (Dynamo
+    made it dynamic after it changed) and the same bucket was proven exactly before, float
+    constants are compared as "some float": the structure must still match event for event.
+    """
+    assert step.lane_report is not None
+    shadow_gm, examples = traced_shadow
+    traced = discover(shadow_gm, examples, tracer=_ShadowTracer(shadow), require_step_frame=False)
+    if traced.lane_report is None or not traced.lane_report.elementwise:
+        return f"the shadow step is not elementwise: {traced.blockers}"
+    has_hyper_inputs = any(role.kind == "hyper" for role in step.roles)
+    real_groups = sorted({b.key.group for b in step.buckets})
+    for shadow_bucket in traced.buckets:
+        g = real_groups[shadow_bucket.key.group]
+        real_bucket = next(b for b in step.buckets if b.key.group == g and b.key.device == shadow_bucket.key.device
+                           and b.key.dtype == shadow_bucket.key.dtype)
+        program = step.lane_report.programs[(g, real_bucket.members[0])]
+        for i in shadow_bucket.members:
+            candidate = traced.lane_report.programs[(shadow_bucket.key.group, i)]
+            if candidate == program:
+                continue
+            if has_hyper_inputs and real_bucket.key in proven_before and \
+                    _wildcard_floats(candidate) == _wildcard_floats(program):
+                continue
+            return f"a run of bucket {real_bucket.key} would not run the members' program"
+    return None
+
+
+class _ShadowTracer:
+    """Enough of a Dynamo tracer for :func:`discover` to read a shadow graph."""
+
+    def __init__(self, shadow: torch.optim.Optimizer) -> None:
+        self.f_locals = {"self": shadow}
+        self.f_code = None

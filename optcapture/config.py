@@ -1,0 +1,65 @@
+"""The one configuration object of optcapture and the parser of ``torch.compile(options=...)``.
+
+Invariant: every option a user can pass is a field of :class:`CaptureConfig`; an unknown key
+or a value of the wrong kind is a :class:`TypeError` / :class:`ValueError`, never ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+FallbackPolicy = Literal["eager", "raise"]
+
+DEFAULT_FALLBACK: FallbackPolicy = "eager"
+DEFAULT_BUCKETING = True
+DEFAULT_CUDAGRAPHS = True
+DEFAULT_ALIGN_ELEMENTS = 64  # 256 B for fp32: keeps every tensor's slot 16-byte aligned for vector loads
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureConfig:
+    """How optcapture captures an optimizer step.
+
+    fallback: ``"eager"`` runs what cannot be captured on the stock path and warns once;
+        ``"raise"`` turns every such case into :class:`optcapture.UnsupportedStepError`.
+    bucketing: compile elementwise updates once per bucket over flat storage (issue #4).
+        ``False`` keeps the per-tensor Inductor graph.
+    cudagraphs: replay the step under Inductor's CUDA graph trees on CUDA devices.
+    align_elements: each tensor's slot in a flat bucket starts at a multiple of this many elements.
+    """
+
+    fallback: FallbackPolicy = DEFAULT_FALLBACK
+    bucketing: bool = DEFAULT_BUCKETING
+    cudagraphs: bool = DEFAULT_CUDAGRAPHS
+    align_elements: int = DEFAULT_ALIGN_ELEMENTS
+
+    def __post_init__(self) -> None:
+        if self.fallback not in ("eager", "raise"):
+            raise ValueError(f"optcapture option 'fallback' must be 'eager' or 'raise', got {self.fallback!r}")
+        for name in ("bucketing", "cudagraphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"optcapture option {name!r} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.align_elements, int) or self.align_elements < 1:
+            raise ValueError(f"optcapture option 'align_elements' must be a positive int, got {self.align_elements!r}")
+
+
+_FIELDS = {f.name for f in dataclasses.fields(CaptureConfig)}
+
+
+def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = None) -> CaptureConfig:
+    """Build a :class:`CaptureConfig` from ``torch.compile(..., options=..., mode=...)``.
+
+    ``mode`` is accepted for ``torch.compile`` compatibility: ``"reduce-overhead"`` and
+    ``"max-autotune"`` both mean CUDA-graph replay, which is already the default.
+    """
+    if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ValueError(f"optcapture does not know torch.compile mode {mode!r}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - _FIELDS)
+    if unknown:
+        raise TypeError(f"unknown optcapture option(s) {unknown}; known options are {sorted(_FIELDS)}")
+    if mode == "max-autotune-no-cudagraphs":
+        options.setdefault("cudagraphs", False)
+    return CaptureConfig(**options)

@@ -1,0 +1,238 @@
+"""Stage 1, discovery: map every input of the graph Dynamo hands us to its role, and bucket params.
+
+Roles: ``param``, ``grad``, ``state`` (a per-param tensor of ``optimizer.state``), ``scalar_state``
+(a 0-dim one: step counters, NAdam's mu_product, ASGD's eta/mu), ``hyper`` (a param-group float
+Dynamo lifted to an input) and ``other``. Buckets are param group x device x dtype over the params
+that have a grad in this graph.
+
+Invariant: discovery never mutates the optimizer, its tensors or the graph; it only reads. Its
+:class:`StepGraph` is what ``TORCH_LOGS="optcapture"`` and :func:`optcapture.explain` report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from optcapture import _compat, lanes
+
+log = logging.getLogger(__name__)
+
+_HYPER_SOURCE = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\](?:\[(\d+)\])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRole:
+    """The role of one graph input (a placeholder or a lifted attribute)."""
+
+    node: str
+    source: str | None
+    kind: str
+    group: int | None = None
+    param_index: int | None = None
+    key: str | None = None
+
+    def describe(self) -> str:
+        where = "" if self.group is None else f" group {self.group}" + (
+            "" if self.param_index is None else f" param {self.param_index}")
+        key = "" if self.key is None else f" [{self.key}]"
+        return f"{self.node}: {self.kind}{where}{key}" + (f" <- {self.source}" if self.source else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketKey:
+    group: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Params of one group, device and dtype that have a grad in this graph, in group order."""
+
+    key: BucketKey
+    members: tuple[int, ...]
+    numel: int
+
+
+@dataclasses.dataclass
+class StepGraph:
+    """Everything discovery learned about one captured graph."""
+
+    optimizer: torch.optim.Optimizer | None
+    frame_is_step: bool
+    roles: list[InputRole]
+    buckets: list[Bucket]
+    lane_report: lanes.LaneReport | None
+    blockers: list[str]
+    """Why this graph cannot take the bucketed path; empty when it can."""
+
+    @property
+    def lanes_of_bucket(self) -> dict[BucketKey, list[lanes.LaneId]]:
+        return {b.key: [(b.key.group, i) for i in b.members] for b in self.buckets}
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for role in self.roles:
+            kinds[role.kind] = kinds.get(role.kind, 0) + 1
+        name = type(self.optimizer).__name__ if self.optimizer is not None else "no optimizer"
+        return (f"{name}: {len(self.roles)} inputs {kinds}, {len(self.buckets)} bucket(s) "
+                f"[{', '.join(f'g{b.key.group}/{b.key.device}/{b.key.dtype}: {len(b.members)} tensors' for b in self.buckets)}]")
+
+
+def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
+    found: dict[int, torch.optim.Optimizer] = {}
+    for value in values:
+        nested: list[Any] = [value]
+        if isinstance(value, (tuple, list)):
+            nested.extend(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+            nested.extend(vars(value).values())
+        for item in nested:
+            if isinstance(item, torch.optim.Optimizer):
+                found[id(item)] = item
+    return list(found.values())
+
+
+def _step_codes(optimizer: torch.optim.Optimizer) -> set[Any]:
+    codes = set()
+    fn: Any = type(optimizer).step
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            codes.add(code)
+        fn = getattr(fn, "__wrapped__", None)
+    return codes
+
+
+def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, int, int, str | None]]:
+    roles: dict[int, tuple[str, int, int, str | None]] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            roles[id(p)] = ("param", g, i, None)
+            if p.grad is not None:
+                roles[id(p.grad)] = ("grad", g, i, None)
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    roles[id(value)] = ("scalar_state" if value.dim() == 0 else "state", g, i, key)
+    return roles
+
+
+def _graph_outputs(gm: GraphModule) -> list[Any]:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat: list[Any] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+        elif value is not None:
+            flat.append(value)
+
+    collect(output.args)
+    return flat
+
+
+def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None = None,
+             require_step_frame: bool = True) -> StepGraph:
+    """Map the inputs of ``gm`` to roles and group the params into buckets."""
+    tracer = tracer if tracer is not None else _compat.current_tracer()
+    blockers: list[str] = []
+    local_values = dict(tracer.f_locals) if tracer is not None else {}
+    candidates = _candidate_optimizers(local_values.values())
+
+    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    values: dict[Node, Any] = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
+    for n in nodes:
+        if n.op == "get_attr":
+            values[n] = getattr(gm, str(n.target), None)
+
+    tensor_ids = {id(v) for v in values.values() if isinstance(v, torch.Tensor)}
+    owners = [opt for opt in candidates
+              if any(id(p) in tensor_ids or (p.grad is not None and id(p.grad) in tensor_ids)
+                     for g in opt.param_groups for p in g["params"])]
+    optimizer = owners[0] if len(owners) == 1 else None
+    if optimizer is None:
+        blockers.append("the graph does not belong to exactly one optimizer"
+                        + (f" (found {len(owners)})" if owners else ""))
+    frame_is_step = bool(optimizer is not None and tracer is not None
+                         and tracer.f_code in _step_codes(optimizer)
+                         and optimizer in _candidate_optimizers(local_values.values()))
+    if optimizer is not None and not frame_is_step and require_step_frame:
+        blockers.append("the compiled function is not the optimizer's own step (a user function that "
+                        "calls step() is compiled as a whole graph)")
+
+    identity = _identity_roles(optimizer) if optimizer is not None else {}
+    roles: list[InputRole] = []
+    lane_inputs: dict[Node, tuple[lanes.LaneId | None, str]] = {}
+    present: dict[int, list[int]] = {}
+    for n in nodes:
+        source = _compat.placeholder_source(n) if n.op == "placeholder" else None
+        value = values.get(n)
+        hit = identity.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if hit is not None:
+            kind, g, i, key = hit
+            roles.append(InputRole(n.name, source, kind, g, i, key))
+            lane_inputs[n] = ((g, i), kind if key is None else f"{kind}:{key}")
+            if kind == "grad":
+                present.setdefault(g, []).append(i)
+            continue
+        match = _HYPER_SOURCE.search(source or "")
+        if match is not None:
+            key = match.group(2) + ("" if match.group(3) is None else f"[{match.group(3)}]")
+            roles.append(InputRole(n.name, source, "hyper", int(match.group(1)), None, key))
+            lane_inputs[n] = (None, f"hyper:{match.group(1)}:{key}")
+        else:
+            roles.append(InputRole(n.name, source, "other"))
+
+    buckets: list[Bucket] = []
+    if optimizer is not None:
+        for g, group in enumerate(optimizer.param_groups):
+            if group.get("differentiable"):
+                blockers.append("differentiable=True is not captured")
+            if group.get("fused"):
+                blockers.append("fused=True is not captured (its kernel is already fused; run it eagerly)")
+            by_key: dict[BucketKey, list[int]] = {}
+            for i in sorted(present.get(g, [])):
+                p = group["params"][i]
+                assert p.grad is not None
+                if p.is_complex() or not p.is_floating_point():
+                    blockers.append(f"param {i} of group {g} has dtype {p.dtype}; only real floating params are bucketed")
+                if p.grad.is_sparse or p.layout != torch.strided:
+                    blockers.append(f"param {i} of group {g} has a sparse grad or layout")
+                if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
+                    blockers.append(f"grad of param {i} of group {g} differs from its param in dtype, device or shape")
+                by_key.setdefault(BucketKey(g, p.device, p.dtype), []).append(i)
+            for key, members in by_key.items():
+                numel = sum(group["params"][i].numel() for i in members)
+                buckets.append(Bucket(key, tuple(members), numel))
+
+    report = None
+    if optimizer is not None and not blockers:
+        shapes = {(b.key.group, i): optimizer.param_groups[b.key.group]["params"][i].shape
+                  for b in buckets for i in b.members}
+        report = lanes.analyze(gm, lane_inputs, shapes)
+        if not report.elementwise:
+            blockers.append(f"the update is not provably elementwise: {report.reason}")
+        else:
+            for bucket in buckets:
+                programs = {report.programs[(bucket.key.group, i)] for i in bucket.members}
+                if len(programs) != 1:
+                    blockers.append(f"params of bucket {bucket.key} run different update programs")
+    if _graph_outputs(gm):
+        blockers.append("the step creates tensors its frame keeps (lazy state initialisation); "
+                        "this call runs the traced graph and the next one is captured")
+    step = StepGraph(optimizer, frame_is_step, roles, buckets, report, blockers)
+    log.info("discovered %s", step.summary())
+    for role in roles:
+        log.debug("  role %s", role.describe())
+    for reason in blockers:
+        log.info("  not bucketed: %s", reason)
+    return step

@@ -1,0 +1,220 @@
+"""Lane analysis: split a traced optimizer step into one program per parameter ("lane").
+
+Used by discovery to prove that an update is elementwise and the same for every tensor of a
+bucket, which is what makes it legal to run it once over flat storage (issue #4).
+
+Invariant: :func:`analyze` only reports ``elementwise=True`` when every op touching a lane is
+on the pointwise allowlist, no op mixes two lanes, every lane value has its param's shape (or
+is a 0-dim scalar), and so each lane's event list is a complete description of its update.
+Anything it does not understand makes it return ``elementwise=False`` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+LaneId = tuple[int, int]  # (param group, index of the param in the group)
+
+# Ops whose result at each element depends only on the same element of their tensor operands
+# (and on 0-dim scalars). Foreach ops are normalized to these names (``_foreach_add_`` -> ``add``).
+POINTWISE = frozenset(
+    """abs add addcdiv addcmul clamp clamp_max clamp_min clone copy detach div eq exp expm1 fill fma ge
+    gt le lerp log log1p logical_and logical_not logical_or lt maximum minimum mul ne neg pow reciprocal
+    rsqrt sgn sigmoid sign sqrt square sub tanh to true_divide where zero float double half bfloat16
+    iadd isub imul itruediv truediv floordiv mod full_like zeros_like ones_like""".split()
+)
+# Ops that produce nothing per element: allowed anywhere, they are recorded but never block.
+NEUTRAL = frozenset({"_set_grad_enabled", "getitem", "item", "record_function", "_record_function_enter_new"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneReport:
+    """What :func:`analyze` found."""
+
+    elementwise: bool
+    reason: str
+    programs: Mapping[LaneId, tuple[Hashable, ...]]
+    """Per lane, its events in graph order; equal tuples mean the same update program."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaneValue:
+    lane: LaneId
+    key: Hashable  # ("in", role) or ("v", k)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shared:
+    key: Hashable
+
+
+@dataclasses.dataclass(frozen=True)
+class _List:
+    items: tuple[Any, ...]
+
+
+class _Reject(Exception):
+    pass
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    if target is operator.getitem:
+        return "getitem"
+    return str(getattr(target, "__name__", target))
+
+
+def _base_name(name: str) -> str:
+    if name.startswith("_foreach_"):
+        name = name[len("_foreach_") :]
+    if name.endswith("_") and name not in ("_set_grad_enabled",):
+        name = name[:-1]
+    return name
+
+
+def _scalar_key(value: Any) -> Hashable:
+    if isinstance(value, (bool, int, float, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                          torch.layout)):
+        return ("c", type(value).__name__, repr(value))
+    if isinstance(value, (list, tuple)):
+        return ("c", tuple(_scalar_key(v) for v in value))
+    if isinstance(value, slice):
+        return ("c", "slice", repr(value))
+    raise _Reject(f"unsupported constant {type(value).__name__}")
+
+
+class _Analyzer:
+    def __init__(self, gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],
+                 shapes: Mapping[LaneId, torch.Size]) -> None:
+        self.gm = gm
+        self.shapes = shapes
+        self.values: dict[Node, Any] = {}
+        self.programs: dict[LaneId, list[Hashable]] = {lane: [] for lane in shapes}
+        for node, (lane, name) in inputs.items():
+            self.values[node] = _Shared(("in", name)) if lane is None else _LaneValue(lane, ("in", name))
+
+    def _value(self, arg: Any) -> Any:
+        if isinstance(arg, Node):
+            if arg not in self.values:
+                raise _Reject(f"node {arg.name} ({arg.op}) has no known role")
+            return self.values[arg]
+        if isinstance(arg, (list, tuple)):
+            items = tuple(self._value(a) for a in arg)
+            if any(isinstance(i, (_LaneValue, _List, _Shared)) for i in items):
+                return _List(items)
+            return _scalar_key(arg)
+        return _scalar_key(arg)
+
+    def _lanes_in(self, value: Any, into: set[LaneId]) -> None:
+        if isinstance(value, _LaneValue):
+            into.add(value.lane)
+        elif isinstance(value, _List):
+            for item in value.items:
+                self._lanes_in(item, into)
+
+    @staticmethod
+    def _canon(value: Any, lane: LaneId | None) -> Hashable:
+        if isinstance(value, _LaneValue):
+            if value.lane != lane:
+                raise _Reject("an op mixes two parameters")
+            return value.key
+        if isinstance(value, _Shared):
+            return value.key
+        if isinstance(value, _List):
+            return ("list", tuple(_Analyzer._canon(v, lane) for v in value.items))
+        return value
+
+    def _check_shape(self, lane: LaneId, example: Any) -> None:
+        if isinstance(example, torch.Tensor) and example.dim() != 0 and example.shape != self.shapes[lane]:
+            raise _Reject(f"a value of param {lane} has shape {tuple(example.shape)}, not the param's")
+
+    def _emit(self, lane: LaneId | None, event: Hashable, example: Any) -> Any:
+        if lane is None:
+            # Shared values are named by what computes them, so that two graphs can be compared.
+            return _Shared(("op", event))
+        self._check_shape(lane, example)
+        program = self.programs[lane]
+        program.append(event)
+        return _LaneValue(lane, ("v", len(program)))
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr") and node not in self.values:
+                raise _Reject(f"input {node.name} is not a param, grad, state or hyperparameter of the optimizer")
+            if node.op in ("call_function", "call_method"):
+                self.values[node] = self._call(node)
+
+    def _call(self, node: Node) -> Any:
+        name = _op_name(node)
+        base = _base_name(name)
+        if name == "getitem":
+            container, index = node.args
+            value = self._value(container)
+            if isinstance(value, _List) and isinstance(index, int):
+                return value.items[index]
+        if base not in POINTWISE and base not in NEUTRAL:
+            raise _Reject(f"op {name!r} is not elementwise")
+        args = [self._value(a) for a in node.args]
+        kwargs = {k: self._value(v) for k, v in node.kwargs.items()}
+        example = node.meta.get("example_value")
+        if name.startswith("_foreach_"):
+            return self._foreach(node, base, args, kwargs, example)
+        lanes: set[LaneId] = set()
+        for value in (*args, *kwargs.values()):
+            self._lanes_in(value, lanes)
+        if len(lanes) > 1:
+            raise _Reject(f"op {name!r} mixes params {sorted(lanes)}")
+        lane = next(iter(lanes)) if lanes else None
+        event = (name, tuple(self._canon(a, lane) for a in args),
+                 tuple(sorted((k, self._canon(v, lane)) for k, v in kwargs.items())))
+        return self._emit(lane, event, example)
+
+    def _foreach(self, node: Node, base: str, args: list[Any], kwargs: dict[str, Any], example: Any) -> Any:
+        lengths = {len(a.items) for a in (*args, *kwargs.values()) if isinstance(a, _List)}
+        if len(lengths) != 1:
+            raise _Reject(f"foreach op {node.target} has lists of different lengths")
+        (length,) = lengths
+        outputs = []
+        for j in range(length):
+            def at(value: Any, j: int = j) -> Any:
+                return value.items[j] if isinstance(value, _List) else value
+            pos_args = [at(a) for a in args]
+            pos_kwargs = {k: at(v) for k, v in kwargs.items()}
+            lanes: set[LaneId] = set()
+            for value in (*pos_args, *pos_kwargs.values()):
+                self._lanes_in(value, lanes)
+            if len(lanes) > 1:
+                raise _Reject(f"foreach op {node.target} mixes params {sorted(lanes)} at position {j}")
+            lane = next(iter(lanes)) if lanes else None
+            event = ("foreach." + base, tuple(self._canon(a, lane) for a in pos_args),
+                     tuple(sorted((k, self._canon(v, lane)) for k, v in pos_kwargs.items())))
+            item_example = example[j] if isinstance(example, (list, tuple)) and len(example) > j else None
+            outputs.append(self._emit(lane, event, item_example))
+        return _List(tuple(outputs))
+
+
+def analyze(gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],
+            shapes: Mapping[LaneId, torch.Size]) -> LaneReport:
+    """Split ``gm`` into per-lane programs.
+
+    inputs: every placeholder and get_attr node -> (lane, role name) for per-param tensors, or
+        (None, role name) for shared values (hyperparameters).
+    shapes: every lane -> its param's shape.
+    """
+    analyzer = _Analyzer(gm, inputs, shapes)
+    try:
+        analyzer.run()
+    except _Reject as rejection:
+        return LaneReport(False, str(rejection), {})
+    programs = {lane: tuple(events) for lane, events in analyzer.programs.items()}
+    return LaneReport(True, "", programs)

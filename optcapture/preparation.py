@@ -1,0 +1,234 @@
+"""Stage 2, preparation: give every bucketed param, grad and state tensor a stable home in flat storage.
+
+For each param group x device x dtype, optcapture owns one flat buffer per role (param, grad, and
+each per-param state key) and one vector per scalar-state key (step counters, ...). The user's
+tensors are *re-homed* into it: the same tensor objects (``nn.Parameter`` identity, ``state``
+entries) now use a storage of exactly their own size that points into the flat buffer and keeps it
+alive. So ``torch.save``/safetensors see one tensor per storage, ``copy.deepcopy`` copies only the
+tensor, and Dynamo's identity guards keep holding.
+
+Invariant: after :func:`prepare`, every re-homed tensor has the value it had before, and each
+member's slot in every flat buffer of its group is at the same offset. Nothing here launches a
+kernel per step; the per-step work is in :mod:`optcapture.replay`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import math
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from optcapture import _compat
+from optcapture.config import CaptureConfig
+from optcapture.discovery import BucketKey, StepGraph
+
+log = logging.getLogger(__name__)
+
+# Keys of a param group that are never hyperparameters of the update itself.
+NON_HYPER_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+                            "max_momentum", "foreach", "fused", "capturable", "differentiable", "maximize",
+                            "amsgrad", "nesterov", "centered", "decoupled_weight_decay"})
+
+
+class _CudaArrayInterface:
+    def __init__(self, owner: torch.Tensor, address: int, nbytes: int) -> None:
+        self.owner = owner  # keeps the flat buffer alive as long as any alias exists
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
+                                         "version": 3, "strides": None}
+
+
+def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` at element ``offset`` of ``owner`` with a storage of its own size.
+
+    The storage points into ``owner``'s memory and holds a reference to ``owner``.
+    """
+    numel = math.prod(shape)
+    nbytes = numel * owner.element_size()
+    address = owner.data_ptr() + offset * owner.element_size()
+    if owner.device.type == "cuda":
+        raw = torch.as_tensor(_CudaArrayInterface(owner, address, nbytes), device=owner.device)
+    elif owner.device.type == "cpu":
+        buffer = (ctypes.c_char * max(nbytes, 1)).from_address(address)
+        buffer._optcapture_owner = owner  # type: ignore[attr-defined]
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+    else:
+        raise NotImplementedError(f"flat storage on {owner.device.type} devices")
+    return raw.view(owner.dtype).view(shape)
+
+
+def rehome(tensor: torch.Tensor, home: torch.Tensor) -> None:
+    """Copy ``tensor`` into ``home`` and make ``tensor`` use ``home``'s storage (identity kept)."""
+    with torch.no_grad():
+        home.copy_(tensor)
+        tensor.data = home
+
+
+@dataclasses.dataclass
+class FlatGroup:
+    """Flat storage of one param group x device x dtype (all its eligible params, present or not)."""
+
+    key: BucketKey
+    params: list[torch.Tensor]  # members in group order (weakly meaningful: Dynamo guards identity)
+    param_indices: list[int]
+    offsets: list[int]
+    numel: int
+    flats: dict[str, torch.Tensor]  # role ("param", "grad", "state:<key>") -> flat buffer
+    scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
+    grad_homes: list[torch.Tensor]  # per member: a re-homed-style alias of its grad slot
+    homes: dict[str, list[torch.Tensor]]  # role -> per member: the alias the user's tensor was re-homed to
+
+    def slot(self, member: int) -> slice:
+        start = self.offsets[member]
+        return slice(start, start + self.params[member].numel())
+
+
+@dataclasses.dataclass
+class HyperSlots:
+    """Device tensors holding the hyperparameters the captured step reads, one per (group, key[, i])."""
+
+    tensors: dict[tuple[int, str, int | None, torch.device], torch.Tensor]
+    last: dict[tuple[int, str, int | None, torch.device], float]
+
+
+class PreparedOptimizer:
+    """Everything preparation owns for one optimizer; shared by all captures of that optimizer."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: CaptureConfig) -> None:
+        self.optimizer_ref = weakref.ref(optimizer)
+        self.config = config
+        self.groups: dict[BucketKey, FlatGroup] = {}
+        self.hypers = HyperSlots({}, {})
+        self.proven: set[BucketKey] = set()  # buckets whose shadow was proven equal to the real program exactly
+        self.last_runner: object | None = None  # the capture that stepped this optimizer last
+
+    def flat_group(self, key: BucketKey) -> FlatGroup:
+        optimizer = self.optimizer_ref()
+        assert optimizer is not None
+        flat = self.groups.get(key)
+        if flat is None or not _still_homed(flat, optimizer):
+            flat = _build_flat_group(optimizer, key, self.config.align_elements)
+            self.groups[key] = flat
+        return flat
+
+    def hyper(self, group: int, key: str, index: int | None, device: torch.device, value: float) -> torch.Tensor:
+        slot = (group, key, index, device)
+        tensor = self.hypers.tensors.get(slot)
+        if tensor is None:
+            tensor = torch.tensor(float(value), dtype=torch.float32, device=device)
+            _compat.mark_static(tensor)
+            self.hypers.tensors[slot] = tensor
+            self.hypers.last[slot] = float(value)
+        return tensor
+
+    def refresh_hypers(self) -> None:
+        """Write the live values of the param groups into the hyperparameter tensors (only changed ones)."""
+        optimizer = self.optimizer_ref()
+        if optimizer is None:
+            return
+        groups = optimizer.param_groups
+        last = self.hypers.last
+        for slot, tensor in self.hypers.tensors.items():
+            group, key, index, _ = slot
+            value = groups[group][key]
+            if index is not None:
+                value = value[index]
+            value = float(value)
+            if last[slot] != value:
+                tensor.fill_(value)
+                last[slot] = value
+
+
+def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
+    """True while every member, and each of its state tensors, still lives in ``flat``'s storage."""
+    group = optimizer.param_groups[flat.key.group]["params"]
+    if len(group) <= max(flat.param_indices, default=-1):
+        return False
+    tensor_keys, scalar_keys = _state_roles(optimizer, flat.params)
+    expected = {role for role in flat.homes if role != "param"}
+    if expected != {f"state:{k}" for k in tensor_keys} | {f"scalar:{k}" for k in scalar_keys}:
+        return False
+    for j, (i, p) in enumerate(zip(flat.param_indices, flat.params, strict=True)):
+        if group[i] is not p or p.data_ptr() != flat.homes["param"][j].data_ptr():
+            return False
+        state = optimizer.state.get(p, {})
+        for role in expected:
+            value = state.get(role.split(":", 1)[1])
+            if isinstance(value, torch.Tensor) and value.data_ptr() != flat.homes[role][j].data_ptr():
+                return False
+    return True
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> tuple[list[str], list[str]]:
+    tensor_keys: dict[str, None] = {}
+    scalar_keys: dict[str, None] = {}
+    for p in params:
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                (scalar_keys if value.dim() == 0 else tensor_keys)[key] = None
+    return list(tensor_keys), list(scalar_keys)
+
+
+def eligible(p: torch.Tensor) -> bool:
+    return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()
+
+
+def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: int) -> FlatGroup:
+    group = optimizer.param_groups[key.group]["params"]
+    indices = [i for i, p in enumerate(group) if p.device == key.device and p.dtype == key.dtype and eligible(p)]
+    params = [group[i] for i in indices]
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += _round_up(p.numel(), align)
+    tensor_keys, scalar_keys = _state_roles(optimizer, params)
+    flats: dict[str, torch.Tensor] = {}
+    homes: dict[str, list[torch.Tensor]] = {}
+
+    def make_flat(role: str) -> torch.Tensor:
+        flat = torch.zeros(total, dtype=key.dtype, device=key.device)
+        _compat.mark_static(flat)
+        flats[role] = flat
+        return flat
+
+    for role in ["param", *(f"state:{k}" for k in tensor_keys)]:
+        flat = make_flat(role)
+        homes[role] = []
+        for p, offset in zip(params, offsets, strict=True):
+            tensor = p if role == "param" else optimizer.state.get(p, {}).get(role[len("state:"):])
+            home = alias(flat, offset, p.shape)
+            if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape:
+                rehome(tensor, home)
+            homes[role].append(home)
+    grad_flat = make_flat("grad")
+    grad_homes = [alias(grad_flat, offset, p.shape) for p, offset in zip(params, offsets, strict=True)]
+    scalars: dict[str, torch.Tensor] = {}
+    for k in scalar_keys:
+        sample = next(optimizer.state[p][k] for p in params if k in optimizer.state.get(p, {}))
+        vector = torch.zeros(len(params), dtype=sample.dtype, device=sample.device)
+        _compat.mark_static(vector)
+        scalars[k] = vector
+        homes[f"scalar:{k}"] = []
+        for j, p in enumerate(params):
+            home = alias(vector, j, torch.Size([]))
+            value = optimizer.state.get(p, {}).get(k)
+            if isinstance(value, torch.Tensor):
+                rehome(value, home)
+            homes[f"scalar:{k}"].append(home)
+    log.info("flat storage for group %d on %s/%s: %d tensors, %d elements, state keys %s, scalar keys %s",
+             key.group, key.device, key.dtype, len(params), total, tensor_keys, scalar_keys)
+    return FlatGroup(key, params, indices, offsets, total, flats, scalars, grad_homes, homes)
+
+
+def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, FlatGroup]:
+    """Re-home the tensors of every bucket of ``step`` into flat storage (reusing what exists)."""
+    return {bucket.key: prepared.flat_group(bucket.key) for bucket in step.buckets}

@@ -1,0 +1,88 @@
+"""What optcapture remembers between compiles: prepared optimizers and capture reports.
+
+Invariant: everything is keyed weakly by the optimizer, so nothing here keeps a model, an
+optimizer or their tensors alive; :func:`reset` empties every cache the package holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from optcapture import errors
+from optcapture.config import CaptureConfig
+from optcapture.discovery import InputRole, StepGraph
+from optcapture.preparation import PreparedOptimizer
+from optcapture.replay import COUNTERS, Counters
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureReport:
+    """One compile of one optimizer step, as :func:`optcapture.explain` returns it."""
+
+    optimizer: str
+    path: str  # "bucketed", "per-tensor" or "eager"
+    reasons: tuple[str, ...]
+    roles: tuple[InputRole, ...]
+    buckets: tuple[str, ...]
+    runs: int
+    tensor_hyperparameters: tuple[str, ...]
+    kernels: int
+
+    def describe(self) -> str:
+        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} run(s))"]
+        lines += [f"  bucket {b}" for b in self.buckets]
+        lines += [f"  device hyperparameter {h}" for h in self.tensor_hyperparameters]
+        lines += [f"  not bucketed: {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+_prepared: weakref.WeakKeyDictionary[torch.optim.Optimizer, PreparedOptimizer] = weakref.WeakKeyDictionary()
+_reports: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[CaptureReport]] = weakref.WeakKeyDictionary()
+
+
+def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> PreparedOptimizer:
+    prepared = _prepared.get(optimizer)
+    if prepared is None or prepared.config != config:
+        prepared = PreparedOptimizer(optimizer, config)
+        _prepared[optimizer] = prepared
+    return prepared
+
+
+def record(step: StepGraph, path: str, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
+           kernels: int = 0) -> CaptureReport:
+    report = CaptureReport(
+        optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
+        path=path, reasons=tuple(reasons), roles=tuple(step.roles),
+        buckets=tuple(f"group {b.key.group} {b.key.device} {b.key.dtype}: {len(b.members)} tensors, {b.numel} elements"
+                      for b in step.buckets),
+        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels)
+    if step.optimizer is not None:
+        _reports.setdefault(step.optimizer, []).append(report)
+    return report
+
+
+def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
+    """Every capture of ``optimizer``'s step so far, oldest first (empty if none)."""
+    return list(_reports.get(optimizer, []))
+
+
+def stats() -> dict[str, int]:
+    """Process-wide counts: captures, bucketed/per-tensor/eager paths, steps, grads copied, rebuilds."""
+    return COUNTERS.as_dict()
+
+
+def reset() -> None:
+    """Forget every prepared optimizer, report, counter and warned reason.
+
+    Dynamo's own cache of compiled frames is not touched (``torch._dynamo.reset()`` does that);
+    steps compiled before keep working, they just rebuild what they need.
+    """
+    _prepared.clear()
+    _reports.clear()
+    errors.clear_warnings()
+    fresh = Counters()
+    for field in dataclasses.fields(Counters):
+        setattr(COUNTERS, field.name, getattr(fresh, field.name))

@@ -1,0 +1,120 @@
+"""Stage 5, replay: the callable Dynamo calls for every step of a captured optimizer.
+
+Per call it (1) checks that the captured storage is still the one the tensors live in, (2) moves
+grads that autograd allocated anew into their flat slots (the only per-step copy, and only for
+grads that are not already there), (3) writes changed hyperparameters into their device tensors,
+and (4) runs the compiled bucketed step, which on CUDA replays one CUDA graph.
+
+Invariant: the compiled step only ever runs on storage that every param, grad and state tensor of
+the capture currently uses; when that stops being true the capture is rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from optcapture.bucketing import Run
+from optcapture.discovery import BucketKey
+from optcapture.preparation import FlatGroup, PreparedOptimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Counters:
+    """Process-wide counts; :func:`optcapture.stats` returns a copy."""
+
+    captures: int = 0
+    bucketed: int = 0
+    per_tensor: int = 0
+    eager: int = 0
+    steps: int = 0
+    grads_copied: int = 0
+    rebuilds: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+COUNTERS = Counters()
+
+
+@dataclasses.dataclass
+class GradBinding:
+    arg_index: int
+    flat: FlatGroup
+    position: int
+
+
+class CapturedStep:
+    """What the backend returns for a bucketed capture. Called by Dynamo with the graph's inputs."""
+
+    def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
+                 compiled: Callable[[], None], grad_bindings: Sequence[GradBinding],
+                 rebuild: Callable[[], CapturedStep], output: Any) -> None:
+        self.prepared = prepared
+        self.flats = flats
+        self.runs = runs
+        self.compiled = compiled
+        self.grad_bindings = list(grad_bindings)
+        self.rebuild = rebuild
+        self.output = output
+        self.members = [(flats[run.key], j) for run in runs for j in run.positions]
+        self._replacement: CapturedStep | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._replacement is not None:
+            return self._replacement(*args)
+        if not self._storage_is_current():
+            COUNTERS.rebuilds += 1
+            log.info("captured storage was replaced (load_state_dict, new state or p.data=...): rebuilding")
+            self._replacement = self.rebuild()
+            return self._replacement(*args)
+        self._bind_grads(args)
+        self.prepared.refresh_hypers()
+        self.compiled()
+        self.prepared.last_runner = self
+        COUNTERS.steps += 1
+        return self.output
+
+    def _storage_is_current(self) -> bool:
+        groups = self.prepared.groups
+        if any(groups.get(key) is not flat for key, flat in self.flats.items()):
+            return False
+        for flat, j in self.members:
+            if flat.params[j].data_ptr() != flat.homes["param"][j].data_ptr():
+                return False
+        if self.prepared.last_runner is not self and not self._scalar_runs_hold():
+            return False
+        return True
+
+    def _scalar_runs_hold(self) -> bool:
+        # Another capture (another grad pattern) ran since ours: members of one of our runs may have
+        # been stepped a different number of times. Reading the counters syncs, but only here.
+        for run in self.runs:
+            flat = self.flats[run.key]
+            for vector in flat.scalars.values():
+                values = vector[run.positions[0]:run.positions[-1] + 1]
+                if bool((values != values[0]).any()):
+                    return False
+        return True
+
+    def _bind_grads(self, args: Sequence[Any]) -> None:
+        homes: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for binding in self.grad_bindings:
+            grad = args[binding.arg_index]
+            home = binding.flat.grad_homes[binding.position]
+            if grad.data_ptr() != home.data_ptr():
+                homes.append(home)
+                grads.append(grad)
+                binding.flat.params[binding.position].grad = home
+        if homes:
+            with torch.no_grad():
+                torch._foreach_copy_(homes, grads)
+            COUNTERS.grads_copied += len(homes)
