@@ -47,17 +47,23 @@ def drop_guards(tracer: Any, should_drop: Callable[[str], bool]) -> list[str]:
     """Remove the guards whose source name satisfies ``should_drop`` from the frame being compiled.
 
     Called from the backend, i.e. before Dynamo turns its collected guards into the guard function.
-    Returns the names of the sources whose guards were removed.
+    Returns the names of the sources whose guards were removed. One pass over the guard set
+    (``GuardsSet.remove_guards_with_source`` rebuilds it once per source).
     """
     guards = tracer.output.guards
-    dropped: dict[str, Any] = {}
-    for guard in list(guards.inner):
-        source = guard.originating_source
-        name = source_name(source)
+    keep, dropped = [], set()
+    for guard in guards.inner:
+        name = source_name(guard.originating_source)
         if should_drop(name):
-            dropped[name] = source
-    for source in dropped.values():
-        guards.remove_guards_with_source(source)
+            dropped.add(name)
+        else:
+            keep.append(guard)
+    if dropped:
+        guards.inner = type(guards.inner)(keep)
+        if hasattr(guards, "source_to_guards"):
+            guards.source_to_guards.clear()
+            for guard in keep:
+                guards.track_guard_by_source(guard)
     return sorted(dropped)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from optcapture import _compat, bucketing, lowering, preparation, registry
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import BucketKey, StepGraph, discover
 from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
-from optcapture.replay import COUNTERS, CapturedStep, GradBinding
+from optcapture.replay import COUNTERS, CapturedStep, GradBinding, _Live
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         step.blockers.append("bucketing=False")
     if step.optimizer is not None and not step.blockers:
         try:
-            return _capture(step, gm, example_inputs, config, tracer)
+            return _capture(step, gm, config, tracer)
         except CaptureError as error:
             step.blockers.append(str(error))
     return _fallback(step, gm, example_inputs, config)
@@ -71,8 +72,7 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     return compiled  # type: ignore[no-any-return]
 
 
-def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any], config: CaptureConfig,
-             tracer: Any, required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
+def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
     before = _compat.generated_kernel_count()
@@ -110,10 +110,10 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
             bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
 
     def rebuild() -> CapturedStep:
-        return _capture(step, gm, example_inputs, config, None, frozenset(tensor_hypers))
+        return _capture(step, gm, config, None, frozenset(tensor_hypers))
 
-    captured = CapturedStep(prepared, flats, runs, _guarded(compiled, optimizer, config), bindings, rebuild,
-                            _empty_output(gm))
+    live = _Live(prepared, flats, runs, _guarded(compiled, weakref.ref(optimizer), config), bindings, rebuild)
+    captured = CapturedStep(optimizer, live, _empty_output(gm))
     registry.record(step, "bucketed", [], runs=len(runs),
                     tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                     kernels=_compat.generated_kernel_count() - before)
@@ -134,16 +134,22 @@ def _empty_output(gm: torch.fx.GraphModule) -> Any:
     return type(value)() if isinstance(value, (list, tuple)) else None
 
 
-def _guarded(compiled: Callable[[], None], optimizer: torch.optim.Optimizer,
+def _guarded(compiled: Callable[[], None], optimizer_ref: weakref.ref[torch.optim.Optimizer],
              config: CaptureConfig) -> Callable[[], None]:
     """Run ``compiled``; if its first call (the Inductor compile) fails, step eagerly from then on."""
     state = {"first": True, "eager": False}
+    optimizer = optimizer_ref()
+    assert optimizer is not None
     inner = bucketing.unwrapped_step(optimizer)
+    name = type(optimizer).__name__
+    del optimizer
 
     @torch._dynamo.disable  # type: ignore[misc]
     def eager_step() -> None:
+        live_optimizer = optimizer_ref()
+        assert live_optimizer is not None
         with torch.no_grad():
-            inner(optimizer)
+            inner(live_optimizer)
 
     def run() -> None:
         if state["eager"]:
@@ -157,7 +163,7 @@ def _guarded(compiled: Callable[[], None], optimizer: torch.optim.Optimizer,
         except Exception as error:
             if config.fallback == "raise":
                 raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error
-            warn_once(f"compiling the bucketed step of {type(optimizer).__name__} failed "
+            warn_once(f"compiling the bucketed step of {name} failed "
                       f"({type(error).__name__}: {error}); stepping eagerly")
             state["eager"] = True
             COUNTERS.eager += 1

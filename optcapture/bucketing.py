@@ -180,16 +180,22 @@ def trace_only(fn: Callable[[], None]) -> TracedGraph | None:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         raise _Traced(gm, list(example_inputs))
 
+    traced: TracedGraph | None = None
     try:
         torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)()
     except Exception as error:  # noqa: BLE001 - any failure means "not traceable"; the cause is logged
         cause: BaseException | None = error
-        while cause is not None:
+        while cause is not None and traced is None:
             if isinstance(cause, _Traced):
-                return cause.gm, cause.example_inputs
+                traced = (cause.gm, cause.example_inputs)
             cause = cause.__cause__ or cause.__context__
-        log.debug("shadow does not trace as one graph: %s", str(error).splitlines()[0] if str(error) else error)
-    return None
+        if traced is None:
+            log.debug("shadow does not trace as one graph: %s", str(error).splitlines()[0] if str(error) else error)
+        # NB: the traceback holds this frame and, through f_back, the backend's frames; drop it so the
+        # optimizer is freed by reference counting, not only by the cycle collector.
+        error.__traceback__ = None
+        cause = None
+    return traced
 
 
 def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -63,15 +64,19 @@ class Bucket:
 
 @dataclasses.dataclass
 class StepGraph:
-    """Everything discovery learned about one captured graph."""
+    """Everything discovery learned about one captured graph (it holds the optimizer weakly)."""
 
-    optimizer: torch.optim.Optimizer | None
+    optimizer_ref: weakref.ref[torch.optim.Optimizer] | None
     frame_is_step: bool
     roles: list[InputRole]
     buckets: list[Bucket]
     lane_report: lanes.LaneReport | None
     blockers: list[str]
     """Why this graph cannot take the bucketed path; empty when it can."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.optimizer_ref() if self.optimizer_ref is not None else None
 
     @property
     def lanes_of_bucket(self) -> dict[BucketKey, list[lanes.LaneId]]:
@@ -229,7 +234,8 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     if _graph_outputs(gm):
         blockers.append("the step creates tensors its frame keeps (lazy state initialisation); "
                         "this call runs the traced graph and the next one is captured")
-    step = StepGraph(optimizer, frame_is_step, roles, buckets, report, blockers)
+    step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
+                     buckets, report, blockers)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

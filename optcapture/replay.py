@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,63 +52,96 @@ class GradBinding:
     position: int
 
 
-class CapturedStep:
-    """What the backend returns for a bucketed capture. Called by Dynamo with the graph's inputs."""
+class _Live:
+    """The heavy part of a capture; emptied when the optimizer dies so no storage outlives it."""
 
     def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
                  compiled: Callable[[], None], grad_bindings: Sequence[GradBinding],
-                 rebuild: Callable[[], CapturedStep], output: Any) -> None:
+                 rebuild: Callable[[], CapturedStep]) -> None:
         self.prepared = prepared
         self.flats = flats
         self.runs = runs
         self.compiled = compiled
         self.grad_bindings = list(grad_bindings)
         self.rebuild = rebuild
-        self.output = output
         self.members = [(flats[run.key], j) for run in runs for j in run.positions]
-        self._replacement: CapturedStep | None = None
+
+
+class _Cell:
+    def __init__(self, live: _Live) -> None:
+        self.live: _Live | None = live
+        self.replacement: CapturedStep | None = None
+
+    def release(self) -> None:
+        self.live = None
+        self.replacement = None
+
+
+class CapturedStep:
+    """What the backend returns for a bucketed capture. Called by Dynamo with the graph's inputs.
+
+    Lifecycle:
+      - built by the backend over the flat storage of one optimizer;
+      - each call checks its storage, binds grads, refreshes hyperparameters and runs the step;
+      - when its storage is replaced it builds a successor and forwards to it from then on;
+      - when the optimizer is garbage collected it drops every tensor it referenced.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, live: _Live, output: Any) -> None:
+        self.output = output
+        # NB: Dynamo wraps this object with functools.wraps, which copies __dict__ into the wrapper;
+        # a shared holder is what lets release() drop the storage for both.
+        self._cell = _Cell(live)
+        weakref.finalize(optimizer, self._cell.release)
+
+    def release(self) -> None:
+        self._cell.release()
 
     def __call__(self, *args: Any) -> Any:
-        if self._replacement is not None:
-            return self._replacement(*args)
-        if not self._storage_is_current():
+        cell = self._cell
+        if cell.replacement is not None:
+            return cell.replacement(*args)
+        live = cell.live
+        if live is None:
+            raise RuntimeError("optcapture: this captured step belongs to an optimizer that no longer exists")
+        if not self._storage_is_current(live):
             COUNTERS.rebuilds += 1
             log.info("captured storage was replaced (load_state_dict, new state or p.data=...): rebuilding")
-            self._replacement = self.rebuild()
-            return self._replacement(*args)
-        self._bind_grads(args)
-        self.prepared.refresh_hypers()
-        self.compiled()
-        self.prepared.last_runner = self
+            cell.replacement = live.rebuild()
+            return cell.replacement(*args)
+        self._bind_grads(live, args)
+        live.prepared.refresh_hypers()
+        live.compiled()
+        live.prepared.last_runner = self
         COUNTERS.steps += 1
         return self.output
 
-    def _storage_is_current(self) -> bool:
-        groups = self.prepared.groups
-        if any(groups.get(key) is not flat for key, flat in self.flats.items()):
+    def _storage_is_current(self, live: _Live) -> bool:
+        groups = live.prepared.groups
+        if any(groups.get(key) is not flat for key, flat in live.flats.items()):
             return False
-        for flat, j in self.members:
+        for flat, j in live.members:
             if flat.params[j].data_ptr() != flat.homes["param"][j].data_ptr():
                 return False
-        if self.prepared.last_runner is not self and not self._scalar_runs_hold():
-            return False
-        return True
+        return live.prepared.last_runner is self or self._scalar_runs_hold(live)
 
-    def _scalar_runs_hold(self) -> bool:
+    @staticmethod
+    def _scalar_runs_hold(live: _Live) -> bool:
         # Another capture (another grad pattern) ran since ours: members of one of our runs may have
         # been stepped a different number of times. Reading the counters syncs, but only here.
-        for run in self.runs:
-            flat = self.flats[run.key]
+        for run in live.runs:
+            flat = live.flats[run.key]
             for vector in flat.scalars.values():
                 values = vector[run.positions[0]:run.positions[-1] + 1]
                 if bool((values != values[0]).any()):
                     return False
         return True
 
-    def _bind_grads(self, args: Sequence[Any]) -> None:
+    @staticmethod
+    def _bind_grads(live: _Live, args: Sequence[Any]) -> None:
         homes: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
-        for binding in self.grad_bindings:
+        for binding in live.grad_bindings:
             grad = args[binding.arg_index]
             home = binding.flat.grad_homes[binding.position]
             if grad.data_ptr() != home.data_ptr():
