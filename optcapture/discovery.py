@@ -116,9 +116,15 @@ def _step_codes(optimizer: torch.optim.Optimizer) -> set[Any]:
     return codes
 
 
-def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, int, int, str | None]]:
-    roles: dict[int, tuple[str, int, int, str | None]] = {}
+def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, int, int | None, str | None]]:
+    roles: dict[int, tuple[str, int, int | None, str | None]] = {}
     for g, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            items = value if isinstance(value, tuple) else (value,)
+            for index, item in enumerate(items):
+                if isinstance(item, torch.Tensor):
+                    roles[id(item)] = ("hyper", g, None, key if len(items) == 1 and not isinstance(value, tuple)
+                                       else f"{key}[{index}]")
         for i, p in enumerate(group["params"]):
             roles[id(p)] = ("param", g, i, None)
             if p.grad is not None:
@@ -182,8 +188,13 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         source = _compat.placeholder_source(n) if n.op == "placeholder" else None
         value = values.get(n)
         hit = identity.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if hit is not None:
+        if hit is not None and hit[0] == "hyper":
+            _, g, _, key = hit
+            roles.append(InputRole(n.name, source, "hyper", g, None, key))
+            lane_inputs[n] = (None, f"hyper:{key}")
+        elif hit is not None:
             kind, g, i, key = hit
+            assert i is not None
             roles.append(InputRole(n.name, source, kind, g, i, key))
             lane_inputs[n] = ((g, i), kind if key is None else f"{kind}:{key}")
             if kind == "grad":
@@ -193,7 +204,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         if match is not None:
             key = match.group(2) + ("" if match.group(3) is None else f"[{match.group(3)}]")
             roles.append(InputRole(n.name, source, "hyper", int(match.group(1)), None, key))
-            lane_inputs[n] = (None, f"hyper:{match.group(1)}:{key}")
+            lane_inputs[n] = (None, f"hyper:{key}")
         else:
             roles.append(InputRole(n.name, source, "other"))
 

@@ -1,0 +1,88 @@
+"""Test helpers: run an optimizer eagerly and through optcapture on the same grads, and compare."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import optcapture
+
+MakeOptimizer = Callable[[Any], torch.optim.Optimizer]
+
+
+def make_model(device: str = "cpu", bias: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """PyTorch's compiled-optimizer suite model: 2 x Linear(10, 10) (4 params with bias)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 10, bias=bias), nn.Linear(10, 10, bias=bias)).to(device=device, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Pair:
+    eager_model: nn.Module
+    eager: torch.optim.Optimizer
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: Callable[[], Any]
+    eager_scheduler: Any = None
+    scheduler: Any = None
+
+
+def make_pair(make_opt: MakeOptimizer, device: str = "cpu", bias: bool = True, options: dict[str, Any] | None = None,
+              scheduler: Callable[[torch.optim.Optimizer], Any] | None = None, model: nn.Module | None = None) -> Pair:
+    eager_model = model if model is not None else make_model(device, bias)
+    captured_model = copy.deepcopy(eager_model)
+    eager, optimizer = make_opt(eager_model.parameters()), make_opt(captured_model.parameters())
+    step = torch.compile(optimizer.step, backend="optcapture", options=options or {})
+    pair = Pair(eager_model, eager, captured_model, optimizer, step)
+    if scheduler is not None:
+        pair.eager_scheduler, pair.scheduler = scheduler(eager), scheduler(optimizer)
+    return pair
+
+
+def set_grads(pair: Pair, seed: int, present: Callable[[int], bool] = lambda i: True) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for i, (p, q) in enumerate(zip(pair.eager_model.parameters(), pair.model.parameters(), strict=True)):
+        if present(i):
+            grad = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        else:
+            p.grad, q.grad = None, None
+
+
+def step_both(pair: Pair, seed: int, present: Callable[[int], bool] = lambda i: True) -> None:
+    set_grads(pair, seed, present)
+    pair.eager.step()
+    pair.step()
+    for scheduler in (pair.eager_scheduler, pair.scheduler):
+        if scheduler is None:
+            continue
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(1.0)
+        else:
+            scheduler.step()
+
+
+def assert_matches_eager(pair: Pair, atol: float | None = None, rtol: float | None = None) -> None:
+    """Params and the whole optimizer state equal eager's (float32 tolerances unless given)."""
+    eager_params = list(pair.eager_model.parameters())
+    params = list(pair.model.parameters())
+    torch.testing.assert_close(params, eager_params, atol=atol, rtol=rtol)
+    for p_eager, p in zip(eager_params, params, strict=True):
+        state_eager, state = pair.eager.state.get(p_eager, {}), pair.optimizer.state.get(p, {})
+        assert set(state) == set(state_eager), f"state keys {sorted(state)} != eager's {sorted(state_eager)}"
+        for key, value in state_eager.items():
+            other = state[key]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(other.to(value.device, value.dtype), value, atol=atol, rtol=rtol,
+                                           msg=lambda m, key=key: f"state[{key!r}]: {m}")
+            else:
+                assert other == value, f"state[{key!r}] = {other!r}, eager {value!r}"
+
+
+def paths(optimizer: torch.optim.Optimizer) -> list[str]:
+    return [report.path for report in optcapture.explain(optimizer)]
