@@ -103,6 +103,11 @@ def unwrapped_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def _static(tensor: torch.Tensor) -> torch.Tensor:
+    _compat.mark_static(tensor)
+    return tensor
+
+
 def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
                  flats: dict[BucketKey, FlatGroup], tensor_hypers: set[HyperKey],
                  broadcast: bool = True) -> ShadowStep:
@@ -137,19 +142,20 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
             if "differentiable" in group:
                 group["differentiable"] = False
             groups[g] = group
-        param = flat.flats["param"][run.start:run.end]
-        param.grad = flat.flats["grad"][run.start:run.end]
-        _compat.mark_static(param.grad)
+        # Every tensor the shadow step reads or writes keeps its address for the life of the capture;
+        # marking them static is what lets CUDA graph trees replay a step that mutates them in place.
+        param = _static(flat.flats["param"][run.start:run.end])
+        param.grad = _static(flat.flats["grad"][run.start:run.end])
         groups[g]["params"].append(param)
         state = shadow.state[param]
         for role, buffer in flat.flats.items():
             if role.startswith("state:"):
-                state[role[len("state:"):]] = buffer[run.start:run.end]
+                state[role[len("state:"):]] = _static(buffer[run.start:run.end])
         first = run.positions[0]
         for key, vector in flat.scalars.items():
-            state[key] = vector[first]
+            state[key] = _static(vector[first])
             if broadcast and len(run.positions) > 1:
-                broadcasts.append((vector[first + 1:run.positions[-1] + 1], vector[first]))
+                broadcasts.append((_static(vector[first + 1:run.positions[-1] + 1]), state[key]))
     shadow.param_groups = [groups[g] for g in sorted(groups)]
     inner = unwrapped_step(optimizer)
 
