@@ -79,7 +79,7 @@ def generated_kernel_count() -> int:
 
 
 def _tree_nodes(manager: Any) -> Iterator[Any]:
-    stack = [node for nodes in manager.roots.values() for node in nodes]
+    stack = [node for nodes in (manager.roots or {}).values() for node in nodes]
     while stack:
         node = stack.pop()
         yield node

@@ -112,7 +112,8 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     def rebuild() -> CapturedStep:
         return _capture(step, gm, config, None, frozenset(tensor_hypers))
 
-    live = _Live(prepared, flats, runs, _guarded(compiled, weakref.ref(optimizer), config), bindings, rebuild)
+    live = _Live(prepared, flats, runs, _guarded(compiled, weakref.ref(optimizer), config), bindings, rebuild,
+                 shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers))
     captured = CapturedStep(optimizer, live, _empty_output(gm))
     registry.record(step, "bucketed", [], runs=len(runs),
                     tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),

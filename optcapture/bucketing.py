@@ -52,6 +52,13 @@ class ShadowStep:
     shadow: torch.optim.Optimizer
     runs: list[Run]
     tensor_hypers: set[HyperKey]
+    run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]]
+    """(member vector, first member, the run's own scalar): the scalar state the shadow steps."""
+
+    @property
+    def aliased(self) -> bool:
+        """True when two runs are views of one flat buffer (the compiled graph then has aliased inputs)."""
+        return len({run.key for run in self.runs}) != len(self.runs)
 
 
 def plan_runs(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[Run]:
@@ -123,7 +130,8 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
         setattr(shadow, name, collections.OrderedDict())
     shadow.state = collections.defaultdict(dict)
     groups: dict[int, dict[str, Any]] = {}
-    broadcasts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    broadcasts: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
+    run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for run in runs:
         flat = flats[run.key]
         g = run.key.group
@@ -151,24 +159,28 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
         for role, buffer in flat.flats.items():
             if role.startswith("state:"):
                 state[role[len("state:"):]] = _static(buffer[run.start:run.end])
-        first = run.positions[0]
+        # A run steps its own copy of the scalar state, then writes it to every member's slot. A view
+        # of the member vector would alias the vector itself, and aliased inputs cannot be CUDA-graphed.
+        first, stop = run.positions[0], run.positions[-1] + 1
         for key, vector in flat.scalars.items():
-            state[key] = _static(vector[first])
-            if broadcast and len(run.positions) > 1:
-                broadcasts.append((_static(vector[first + 1:run.positions[-1] + 1]), state[key]))
+            scalar = _static(vector[first].clone())
+            state[key] = scalar
+            run_scalars.append((vector, first, scalar))
+            if broadcast:
+                broadcasts.append((vector, first, stop, scalar))
     shadow.param_groups = [groups[g] for g in sorted(groups)]
     inner = unwrapped_step(optimizer)
 
     def step_runs() -> None:
         with torch.no_grad():
             inner(shadow)
-            for rest, first in broadcasts:
-                rest.copy_(first.expand_as(rest))
+            for vector, start, stop, scalar in broadcasts:
+                vector[start:stop].copy_(scalar.expand(stop - start))
 
     # A code object of its own per shadow, so Dynamo's per-code cache never mixes two captures.
     code = step_runs.__code__.replace(co_name=f"optcapture_step_{next(_shadow_ids)}")
     call = types.FunctionType(code, step_runs.__globals__, code.co_name, None, step_runs.__closure__)
-    return ShadowStep(call, shadow, runs, set(tensor_hypers))
+    return ShadowStep(call, shadow, runs, set(tensor_hypers), run_scalars)
 
 
 class _Traced(Exception):
@@ -215,7 +227,8 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
     candidates = hyper_candidates(optimizer, runs)
 
     def traces(keys: set[HyperKey]) -> bool:
-        return trace_only(build_shadow(optimizer, prepared, runs, flats, keys).call) is not None
+        traced = trace_only(build_shadow(optimizer, prepared, runs, flats, keys).call)
+        return traced is not None and _keeps_tensors(*traced)
 
     if not candidates or traces(candidates):
         return candidates
@@ -236,6 +249,22 @@ def _wildcard_floats(program: tuple[Hashable, ...]) -> Hashable:
         return item
 
     return strip(program)
+
+
+def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
+    """True when the graph reads every hyperparameter as a tensor: no Python-number inputs, no ``.item()``.
+
+    Some optimizers turn a tensor hyperparameter back into a number (foreach Adam's ``eps``); such a
+    graph could not replay under a CUDA graph with the value changing, so that key stays a float.
+    """
+    if not all(isinstance(value, torch.Tensor) for value in example_inputs):
+        return False
+    return not any(node.op == "call_method" and node.target == "item" for node in gm.graph.nodes)
+
+
+def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hypers: set[HyperKey]) -> dict[HyperKey, Any]:
+    """The float hyperparameters the shadow reads as constants, with the values it was built with."""
+    return {key: optimizer.param_groups[key[0]][key[1]] for key in hyper_candidates(optimizer, runs) - tensor_hypers}
 
 
 def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.optim.Optimizer,

@@ -28,9 +28,16 @@ def inductor_patches(config: CaptureConfig, device: torch.device, cudagraphs: bo
 
 def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device) -> Callable[[], None]:
     """The shadow step compiled by Inductor; replays under CUDA graph trees on CUDA when enabled."""
-    patches = inductor_patches(config, device, cudagraphs=True)
+    patches = inductor_patches(config, device, cudagraphs=not shadow.aliased)
+    if shadow.aliased and patches != inductor_patches(config, device, cudagraphs=True):
+        log.info("%d runs share flat buffers (grads that come and go, or diverged step counts): "
+                 "this capture replays without CUDA graphs", len(shadow.runs))
 
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False):
+                log.debug("  shadow input %s: %s", node.name, type(value).__name__ if not isinstance(value, torch.Tensor)
+                          else f"{tuple(value.shape)} {value.dtype} {value.device}")
         before = _compat.generated_kernel_count()
         compiled = _compat.compile_with_inductor(gm, example_inputs, patches)
         log.info("lowered %s: %d graph nodes -> %d kernel(s), %s", gm.__class__.__name__, len(gm.graph.nodes),

@@ -57,8 +57,12 @@ class _Live:
 
     def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
                  compiled: Callable[[], None], grad_bindings: Sequence[GradBinding],
-                 rebuild: Callable[[], CapturedStep]) -> None:
+                 rebuild: Callable[[], CapturedStep],
+                 run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
+                 frozen_hypers: dict[tuple[int, str], Any]) -> None:
         self.prepared = prepared
+        self.frozen_hypers = frozen_hypers
+        self.run_scalars = list(run_scalars)
         self.flats = flats
         self.runs = runs
         self.compiled = compiled
@@ -117,16 +121,22 @@ class CapturedStep:
         return self.output
 
     def _storage_is_current(self, live: _Live) -> bool:
+        optimizer = live.prepared.optimizer_ref()
+        if optimizer is None:
+            return False
+        # Float hyperparameters the compiled step holds as constants. Dynamo usually guards them, but
+        # once it has made one dynamic it stops, so a change is caught here and rebuilds the capture.
+        for (group, key), value in live.frozen_hypers.items():
+            if optimizer.param_groups[group][key] != value:
+                return False
         groups = live.prepared.groups
         if any(groups.get(key) is not flat for key, flat in live.flats.items()):
             return False
         for flat, j in live.members:
             if flat.params[j].data_ptr() != flat.homes["param"][j].data_ptr():
                 return False
-        return live.prepared.last_runner is self or self._scalar_runs_hold(live)
-
-    @staticmethod
-    def _scalar_runs_hold(live: _Live) -> bool:
+        if live.prepared.last_runner is self:
+            return True
         # Another capture (another grad pattern) ran since ours: members of one of our runs may have
         # been stepped a different number of times. Reading the counters syncs, but only here.
         for run in live.runs:
@@ -135,6 +145,9 @@ class CapturedStep:
                 values = vector[run.positions[0]:run.positions[-1] + 1]
                 if bool((values != values[0]).any()):
                     return False
+        with torch.no_grad():
+            for vector, first, scalar in live.run_scalars:
+                scalar.copy_(vector[first])
         return True
 
     @staticmethod
