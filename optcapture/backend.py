@@ -84,10 +84,9 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     proof_graph = bucketing.trace_only(proof_shadow.call)
     if proof_graph is None:
         raise CaptureError("the step does not trace as one graph over flat storage")
-    mismatch = bucketing.prove_equivalent(step, proof_graph, proof_shadow.shadow, prepared.proven)
+    mismatch = bucketing.prove_equivalent(step, proof_graph, proof_shadow.shadow)
     if mismatch is not None:
         raise CaptureError(mismatch)
-    prepared.proven.update(bucket.key for bucket in step.buckets)
 
     tensor_hypers = bucketing.probe_tensor_hypers(optimizer, prepared, runs, flats)
     if not required_hypers <= tensor_hypers:

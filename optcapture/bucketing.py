@@ -238,19 +238,6 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
     return accepted
 
 
-def _wildcard_floats(program: tuple[Hashable, ...]) -> Hashable:
-    def strip(item: Any) -> Any:
-        if isinstance(item, tuple):
-            if len(item) == 3 and item[0] == "c" and item[1] == "float":
-                return ("c", "float")
-            if len(item) == 2 and item[0] == "in" and isinstance(item[1], str) and item[1].startswith("hyper:"):
-                return ("c", "float")
-            return tuple(strip(i) for i in item)
-        return item
-
-    return strip(program)
-
-
 def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
     """True when the graph reads every hyperparameter as a tensor: no Python-number inputs, no ``.item()``.
 
@@ -267,20 +254,30 @@ def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hype
     return {key: optimizer.param_groups[key[0]][key[1]] for key in hyper_candidates(optimizer, runs) - tensor_hypers}
 
 
-def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.optim.Optimizer,
-                     proven_before: set[BucketKey]) -> str | None:
-    """None when every run of the shadow runs the same program as the real members; else why not.
+def _same_program(real: Hashable, shadow: Hashable) -> bool:
+    """Event-for-event equality, except where the real graph reads a hyperparameter Dynamo made dynamic.
 
-    The comparison is exact. Only where the real graph reads a hyperparameter as an input (Dynamo
-    made it dynamic after it changed) and the same bucket was proven exactly before, float
-    constants are compared as "some float": the structure must still match event for event.
+    There the real event holds a shared value computed from a hyperparameter input and the shadow
+    (which specializes floats) holds a float constant; that position matches. Float constants of the
+    real graph (e.g. anything derived from a tensor's shape) are still compared exactly.
     """
+    if real == shadow:
+        return True
+    if isinstance(shadow, tuple) and len(shadow) == 3 and shadow[:2] == ("c", "float") and \
+            isinstance(real, tuple) and len(real) == 2 and real[0] in ("in", "op"):
+        return real[0] == "op" or str(real[1]).startswith("hyper:")
+    if isinstance(real, tuple) and isinstance(shadow, tuple) and len(real) == len(shadow):
+        return all(_same_program(r, t) for r, t in zip(real, shadow, strict=True))
+    return False
+
+
+def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.optim.Optimizer) -> str | None:
+    """None when every run of the shadow runs the same program as the real members; else why not."""
     assert step.lane_report is not None
     shadow_gm, examples = traced_shadow
     traced = discover(shadow_gm, examples, tracer=_ShadowTracer(shadow), require_step_frame=False)
     if traced.lane_report is None or not traced.lane_report.elementwise:
         return f"the shadow step is not elementwise: {traced.blockers}"
-    has_hyper_inputs = any(role.kind == "hyper" for role in step.roles)
     real_groups = sorted({b.key.group for b in step.buckets})
     for shadow_bucket in traced.buckets:
         g = real_groups[shadow_bucket.key.group]
@@ -288,13 +285,8 @@ def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.
                            and b.key.dtype == shadow_bucket.key.dtype)
         program = step.lane_report.programs[(g, real_bucket.members[0])]
         for i in shadow_bucket.members:
-            candidate = traced.lane_report.programs[(shadow_bucket.key.group, i)]
-            if candidate == program:
-                continue
-            if has_hyper_inputs and real_bucket.key in proven_before and \
-                    _wildcard_floats(candidate) == _wildcard_floats(program):
-                continue
-            return f"a run of bucket {real_bucket.key} would not run the members' program"
+            if not _same_program(program, traced.lane_report.programs[(shadow_bucket.key.group, i)]):
+                return f"a run of bucket {real_bucket.key} would not run the members' program"
     return None
 
 

@@ -104,7 +104,6 @@ class PreparedOptimizer:
         self.config = config
         self.groups: dict[BucketKey, FlatGroup] = {}
         self.hypers = HyperSlots({}, {})
-        self.proven: set[BucketKey] = set()  # buckets whose shadow was proven equal to the real program exactly
         self.last_runner: object | None = None  # the capture that stepped this optimizer last
 
     def flat_group(self, key: BucketKey) -> FlatGroup:

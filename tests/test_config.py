@@ -1,0 +1,53 @@
+"""CaptureConfig and the parsing of torch.compile options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from optcapture import CaptureConfig
+from optcapture.config import parse_options
+
+
+def test_defaults() -> None:
+    config = parse_options(None)
+    assert config == CaptureConfig(fallback="eager", bucketing=True, cudagraphs=True, align_elements=64)
+
+
+def test_known_options_are_parsed() -> None:
+    assert parse_options({"fallback": "raise", "bucketing": False}).fallback == "raise"
+    assert parse_options({"cudagraphs": False}).cudagraphs is False
+    assert parse_options(None, mode="max-autotune-no-cudagraphs").cudagraphs is False
+
+
+def test_unknown_option_is_an_error_naming_it() -> None:
+    with pytest.raises(TypeError, match=r"unknown optcapture option\(s\) \['fallbak'\]"):
+        parse_options({"fallbak": "raise"})
+
+
+@pytest.mark.parametrize(("options", "error"), [({"fallback": "ignore"}, ValueError), ({"bucketing": 1}, TypeError),
+                                                ({"align_elements": 0}, ValueError)])
+def test_bad_values_are_errors(options: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse_options(options)
+
+
+def test_unknown_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        parse_options(None, mode="fast")
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CaptureConfig().fallback = "raise"  # type: ignore[misc]
+
+
+def test_unknown_option_through_torch_compile_fails_loudly() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p], lr=0.1)
+    step = torch.compile(opt.step, backend="optcapture", options={"no_such_option": 1})
+    with pytest.raises(Exception, match="no_such_option"):
+        step()

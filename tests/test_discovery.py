@@ -1,0 +1,93 @@
+"""Discovery: roles, buckets, and the lane proof that decides what may be flattened."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from optcapture.discovery import StepGraph, discover
+
+
+def _discovered(optimizer: torch.optim.Optimizer) -> list[StepGraph]:
+    found: list[StepGraph] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        found.append(discover(gm, example_inputs))
+        return gm.forward
+
+    torch.compile(optimizer.step, backend=backend)()
+    return found
+
+
+def _params(*shapes: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
+def test_adam_roles_and_one_bucket() -> None:
+    (step,) = _discovered(torch.optim.Adam(_params((4, 4), (4,), (2, 4)), lr=0.1))
+    kinds = sorted(r.kind for r in step.roles)
+    assert kinds == ["grad"] * 3 + ["param"] * 3 + ["scalar_state"] * 3 + ["state"] * 6
+    assert {(r.group, r.param_index) for r in step.roles if r.kind == "grad"} == {(0, 0), (0, 1), (0, 2)}
+    assert {r.key for r in step.roles if r.kind == "state"} == {"exp_avg", "exp_avg_sq"}
+    assert [(b.key.group, b.members, b.numel) for b in step.buckets] == [(0, (0, 1, 2), 28)]
+    assert step.frame_is_step and step.blockers == []
+
+
+def test_mixed_dtypes_and_groups_make_separate_buckets() -> None:
+    groups = [{"params": _params((3,), (5,)) + _params((2,), dtype=torch.float64)}, {"params": _params((7,))}]
+    (step,) = _discovered(torch.optim.SGD(groups, lr=0.1))
+    keys = sorted((b.key.group, str(b.key.dtype), b.members) for b in step.buckets)
+    assert keys == [(0, "torch.float32", (0, 1)), (0, "torch.float64", (2,)), (1, "torch.float32", (0,))]
+
+
+def test_params_without_grad_are_not_bucketed() -> None:
+    params = _params((3,), (3,), (3,))
+    params[1].grad = None
+    (step,) = _discovered(torch.optim.SGD(params, lr=0.1))
+    assert step.buckets[0].members == (0, 2)
+
+
+class NormalizedSGD(torch.optim.Optimizer):
+    """Divides each update by the tensor's norm: not elementwise."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad / (p.grad.norm() + 1e-8), alpha=-group["lr"])
+
+
+class ShapeDependentSGD(torch.optim.Optimizer):
+    """Elementwise ops, but matrices get a different update than vectors."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                scale = 2.0 if p.dim() > 1 else 1.0
+                p.add_(p.grad * scale, alpha=-group["lr"])
+
+
+def test_reductions_are_not_elementwise() -> None:
+    (step,) = _discovered(NormalizedSGD(_params((4, 4), (4,))))
+    assert any("not provably elementwise" in b and "norm" in b for b in step.blockers), step.blockers
+
+
+def test_shape_dependent_programs_are_not_flattened() -> None:
+    (step,) = _discovered(ShapeDependentSGD(_params((4, 4), (4,))))
+    assert any("run different update programs" in b for b in step.blockers), step.blockers
+
+
+def test_differentiable_and_complex_are_blocked() -> None:
+    (step,) = _discovered(torch.optim.SGD(_params((3,), dtype=torch.complex64), lr=0.1))
+    assert any("complex64" in b for b in step.blockers), step.blockers

@@ -1,0 +1,98 @@
+"""Float lr under every LR scheduler of PyTorch's suite: exactly one compile; structural changes: one more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_matches_eager, make_pair, paths, step_both
+from torch.optim import lr_scheduler
+
+import optcapture
+
+# PyTorch's test_compiled_optimizers.py LR_SCHEDULER_TO_KWARGS (values deliberately unusual).
+SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "LambdaLR": (lr_scheduler.LambdaLR, {"lr_lambda": lambda _: 10}),
+    "MultiplicativeLR": (lr_scheduler.MultiplicativeLR, {"lr_lambda": lambda _: 10}),
+    "StepLR": (lr_scheduler.StepLR, {"step_size": 1, "gamma": 100}),
+    "MultiStepLR": (lr_scheduler.MultiStepLR, {"milestones": [1, 2], "gamma": 100}),
+    "ExponentialLR": (lr_scheduler.ExponentialLR, {"gamma": 100}),
+    "CosineAnnealingLR": (lr_scheduler.CosineAnnealingLR, {"T_max": 7}),
+    "CyclicLR": (lr_scheduler.CyclicLR, {"base_lr": 0.001, "max_lr": 0.02, "cycle_momentum": False}),
+    "CosineAnnealingWarmRestarts": (lr_scheduler.CosineAnnealingWarmRestarts, {"T_0": 1}),
+    "OneCycleLR": (lr_scheduler.OneCycleLR, {"max_lr": 0.02, "cycle_momentum": False, "steps_per_epoch": 1,
+                                             "epochs": 10}),
+    "ConstantLR": (lr_scheduler.ConstantLR, {"factor": 0.001}),
+    "LinearLR": (lr_scheduler.LinearLR, {}),
+    "ReduceLROnPlateau": (lr_scheduler.ReduceLROnPlateau, {"factor": 0.99, "patience": 1}),
+    "PolynomialLR": (lr_scheduler.PolynomialLR, {}),
+}
+OPTIMIZERS = {
+    "Adam": (lambda p: torch.optim.Adam(p, lr=0.01), ["bucketed"]),
+    "AdamW": (lambda p: torch.optim.AdamW(p, lr=0.01), ["bucketed"]),
+    # SGD creates its momentum buffers inside the first step: that step runs as traced, then one capture.
+    "SGD-momentum": (lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), ["eager", "bucketed"]),
+}
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_float_lr_scheduler_compiles_once(optimizer: str, scheduler: str) -> None:
+    make, expected = OPTIMIZERS[optimizer]
+    cls, kwargs = SCHEDULERS[scheduler]
+    pair = make_pair(make, scheduler=lambda o: cls(o, **kwargs))
+    for seed in range(3):  # PyTorch's suite steps twice: its gamma=100 schedulers reach lr 1e4 at step 3
+        step_both(pair, seed)
+    assert paths(pair.optimizer) == expected
+    # Eager does its lr arithmetic in Python doubles; the captured step reads lr from a float32 tensor (as
+    # PyTorch's own tensor-lr path does). With lr up to 1e4 the measured max relative difference is
+    # 4.5e-5 (MultiStepLR, params of magnitude ~8), hence 1e-4.
+    assert_matches_eager(pair, rtol=1e-4, atol=1e-5)
+
+
+def test_lr_actually_changes_under_the_matrix_schedulers() -> None:
+    # Guards the matrix above against testing nothing: most schedulers change lr every step.
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01), scheduler=lambda o: lr_scheduler.StepLR(o, 1, 100))
+    seen = set()
+    for seed in range(4):
+        step_both(pair, seed)
+        seen.add(pair.optimizer.param_groups[0]["lr"])
+    assert len(seen) == 4 and paths(pair.optimizer) == ["bucketed"]
+
+
+def test_onecycle_cycling_adam_betas_does_not_recompile() -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01, foreach=False),
+                     scheduler=lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=20))
+    betas = set()
+    for seed in range(6):
+        step_both(pair, seed)
+        betas.add(pair.optimizer.param_groups[0]["betas"][0])
+    assert len(betas) == 6
+    assert paths(pair.optimizer) == ["bucketed"]
+    assert_matches_eager(pair)
+
+
+def test_state_cleared_recompiles_exactly_once() -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(4):
+        step_both(pair, seed)
+    pair.optimizer.state.clear()
+    pair.eager.state.clear()
+    for seed in range(4, 7):
+        step_both(pair, seed)
+    assert paths(pair.optimizer) == ["bucketed", "bucketed"]
+    assert_matches_eager(pair)
+
+
+def test_replaced_state_tensor_recompiles_exactly_once() -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(4):
+        step_both(pair, seed)
+    for opt, p in ((pair.optimizer, next(pair.model.parameters())), (pair.eager, next(pair.eager_model.parameters()))):
+        opt.state[p]["exp_avg"] = torch.zeros_like(p)
+    for seed in range(4, 7):
+        step_both(pair, seed)
+    assert paths(pair.optimizer) == ["bucketed", "bucketed"]
+    assert_matches_eager(pair)
+    assert optcapture.stats()["captures"] == 2

@@ -1,0 +1,120 @@
+"""Replay: checkpoints mid-run, the default zero_grad loop, new param groups, replaced tensors, lifetime."""
+
+from __future__ import annotations
+
+import gc
+import io
+import weakref
+
+import torch
+from helpers import assert_matches_eager, make_model, make_pair, paths, step_both
+
+import optcapture
+
+
+def _roundtrip(obj: object) -> object:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()))
+
+
+def test_checkpoint_saved_and_loaded_mid_run_continues_like_eager() -> None:
+    pair = make_pair(lambda p: torch.optim.AdamW(p, lr=0.01))
+    for seed in range(3):
+        step_both(pair, seed)
+    saved_opt, saved_model = _roundtrip(pair.optimizer.state_dict()), _roundtrip(pair.model.state_dict())
+    for seed in range(3, 5):
+        step_both(pair, seed)  # diverge, then go back to the checkpoint on both sides
+    eager_opt, eager_model = _roundtrip(pair.eager.state_dict()), _roundtrip(pair.eager_model.state_dict())
+    del eager_opt, eager_model
+    pair.model.load_state_dict(saved_model)
+    pair.optimizer.load_state_dict(saved_opt)
+    fresh = make_pair(lambda p: torch.optim.AdamW(p, lr=0.01))
+    for seed in range(3):
+        step_both(fresh, seed)
+    pair.eager_model.load_state_dict(fresh.eager_model.state_dict())
+    pair.eager.load_state_dict(fresh.eager.state_dict())
+    for seed in range(3, 6):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer)[0] == "bucketed"
+
+
+def test_state_dict_holds_plain_tensors_at_their_own_size() -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    state = pair.optimizer.state_dict()["state"]
+    for index, p in enumerate(pair.model.parameters()):
+        assert state[index]["exp_avg"].untyped_storage().nbytes() == p.numel() * 4
+        assert state[index]["step"].untyped_storage().nbytes() == 4
+
+
+def test_default_zero_grad_backward_loop_matches_eager() -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    eager_model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    eager = torch.optim.Adam(eager_model.parameters(), lr=0.01)
+    step = torch.compile(opt.step, backend="optcapture")
+    data = torch.randn(8, 10)
+    for _ in range(5):
+        for m, o, s in ((model, opt, step), (eager_model, eager, eager.step)):
+            o.zero_grad()
+            m(data).square().mean().backward()
+            s()
+    torch.testing.assert_close(list(model.parameters()), list(eager_model.parameters()))
+    assert [r.path for r in optcapture.explain(opt)] == ["bucketed"]
+
+
+def test_add_param_group_after_capture() -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    extra, extra_eager = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))
+    pair.optimizer.add_param_group({"params": [extra], "lr": 0.1})
+    pair.eager.add_param_group({"params": [extra_eager], "lr": 0.1})
+    for seed in range(2, 5):
+        extra.grad = torch.full((5,), float(seed))
+        extra_eager.grad = torch.full((5,), float(seed))
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    torch.testing.assert_close(extra, extra_eager)
+    assert paths(pair.optimizer)[-1] == "bucketed"
+
+
+def test_param_data_replaced_by_the_user_is_noticed() -> None:
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.1))
+    for seed in range(2):
+        step_both(pair, seed)
+    with torch.no_grad():
+        for m in (pair.model, pair.eager_model):
+            m[0].weight.data = torch.full((10, 10), 0.5)
+    for seed in range(2, 4):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    assert optcapture.stats()["rebuilds"] >= 1
+
+
+def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
+    def train_once() -> tuple[weakref.ref[torch.Tensor], weakref.ref[torch.optim.Optimizer]]:
+        model = torch.nn.Linear(10, 10)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+
+        @torch.compile(backend="optcapture")
+        def fn() -> None:
+            opt.step()
+
+        fn()
+        fn()
+        assert [r.path for r in optcapture.explain(opt)] == ["bucketed"]
+        return weakref.ref(model.weight), weakref.ref(opt)
+
+    gc.disable()
+    try:
+        weight, opt = train_once()
+        assert weight() is None and opt() is None
+    finally:
+        gc.enable()
