@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ _HYPER_GUARD = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\]")
 
 def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     """Dynamo backend entry point (``torch.compile(opt.step, backend="optcapture")``)."""
+    began = time.perf_counter()
     config = parse_options(kwargs.pop("options", None), kwargs.pop("mode", None))
     if kwargs:
         raise TypeError(f"optcapture backend got unexpected arguments {sorted(kwargs)}")
@@ -40,7 +42,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         step.blockers.append("bucketing=False")
     if step.optimizer is not None and not step.blockers:
         try:
-            return _capture(step, gm, config, tracer)
+            return _capture(step, gm, config, tracer, began)
         except CaptureError as error:
             step.blockers.append(str(error))
     return _fallback(step, gm, example_inputs, config)
@@ -72,10 +74,10 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     return compiled  # type: ignore[no-any-return]
 
 
-def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
+def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, began: float,
+             required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
-    before = _compat.generated_kernel_count()
     prepared = registry.prepared_for(optimizer, config)
     flats = preparation.prepare(step, prepared)
     runs = bucketing.plan_runs(step, flats)
@@ -109,14 +111,14 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
             bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
 
     def rebuild() -> CapturedStep:
-        return _capture(step, gm, config, None, frozenset(tensor_hypers))
+        return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
 
-    live = _Live(prepared, flats, runs, _guarded(compiled, weakref.ref(optimizer), config), bindings, rebuild,
-                 shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers))
+    report = registry.record(step, "bucketed", [], runs=len(runs),
+                             tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
+                             seconds=time.perf_counter() - began)
+    live = _Live(prepared, flats, runs, _guarded(compiled, weakref.ref(optimizer), config, report), bindings,
+                 rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers))
     captured = CapturedStep(optimizer, live, _empty_output(gm))
-    registry.record(step, "bucketed", [], runs=len(runs),
-                    tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
-                    kernels=_compat.generated_kernel_count() - before)
     COUNTERS.bucketed += 1
     log.info("captured %s: %d bucket(s), %d run(s), device hyperparameters %s", type(optimizer).__name__,
              len(step.buckets), len(runs), sorted(tensor_hypers))
@@ -135,8 +137,11 @@ def _empty_output(gm: torch.fx.GraphModule) -> Any:
 
 
 def _guarded(compiled: Callable[[], None], optimizer_ref: weakref.ref[torch.optim.Optimizer],
-             config: CaptureConfig) -> Callable[[], None]:
-    """Run ``compiled``; if its first call (the Inductor compile) fails, step eagerly from then on."""
+             config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], None]:
+    """Run ``compiled``; if its first call (the Inductor compile) fails, step eagerly from then on.
+
+    The first call is also where Inductor compiles: its kernels and time complete ``report``.
+    """
     state = {"first": True, "eager": False}
     optimizer = optimizer_ref()
     assert optimizer is not None
@@ -158,8 +163,11 @@ def _guarded(compiled: Callable[[], None], optimizer_ref: weakref.ref[torch.opti
         if not state["first"]:
             compiled()
             return
+        kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
         try:
             compiled()
+            registry.amend(optimizer_ref(), report, kernels=_compat.generated_kernel_count() - kernels_before,
+                           seconds=report.seconds + time.perf_counter() - began)
         except Exception as error:
             if config.fallback == "raise":
                 raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error

@@ -30,6 +30,8 @@ class CaptureReport:
     runs: int
     tensor_hyperparameters: tuple[str, ...]
     kernels: int
+    seconds: float = 0.0
+    """Time optcapture spent after Dynamo handed over the graph: the backend plus the first compile."""
 
     def describe(self) -> str:
         lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} run(s))"]
@@ -52,16 +54,25 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
 
 
 def record(step: StepGraph, path: str, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
-           kernels: int = 0) -> CaptureReport:
+           kernels: int = 0, seconds: float = 0.0) -> CaptureReport:
     report = CaptureReport(
         optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
         path=path, reasons=tuple(reasons), roles=tuple(step.roles),
         buckets=tuple(f"group {b.key.group} {b.key.device} {b.key.dtype}: {len(b.members)} tensors, {b.numel} elements"
                       for b in step.buckets),
-        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels)
+        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels, seconds=seconds)
     if step.optimizer is not None:
         _reports.setdefault(step.optimizer, []).append(report)
     return report
+
+
+def amend(optimizer: torch.optim.Optimizer | None, report: CaptureReport, **changes: object) -> CaptureReport:
+    """Replace ``report`` (frozen) by a copy with ``changes``, e.g. the kernel count known after the first call."""
+    updated = dataclasses.replace(report, **changes)  # type: ignore[arg-type]
+    reports = _reports.get(optimizer) if optimizer is not None else None
+    if reports is not None:
+        reports[:] = [updated if r is report else r for r in reports]
+    return updated
 
 
 def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:

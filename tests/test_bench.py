@@ -1,0 +1,26 @@
+"""Smoke test of ``python -m optcapture.bench --device cpu --quick`` (the GPU run is in the README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from optcapture.bench import methods
+from optcapture.bench.__main__ import main
+
+
+def test_quick_cpu_run_prints_every_method_and_agrees_with_eager(tmp_path: Path, capsys: object) -> None:
+    assert main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out  # type: ignore[attr-defined]
+    for method in methods.METHODS:
+        assert f"| small | {method} |" in table, table
+    assert "NO (" not in table
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method"] for r in payload["results"]} == set(methods.METHODS)
+    assert all(r["max_abs_diff"] is None or r["max_abs_diff"] <= 1e-4 for r in payload["results"])
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+    assert (tmp_path / "results.md").read_text().startswith("optcapture.bench: adamw on CPU")
+
+
+def test_bandwidth_floor_bytes() -> None:
+    assert methods.BYTES_PER_PARAM["adamw"] == 28 and methods.BYTES_PER_PARAM["sgd"] == 20
