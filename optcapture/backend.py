@@ -55,7 +55,8 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         # once; the state it creates changes the guards and the next call is captured.
         registry.record(step, "eager", step.blockers)
         COUNTERS.eager += 1
-        return gm.forward
+        forward: Callable[..., Any] = gm.forward
+        return forward
     reason = "; ".join(step.blockers) or "unknown"
     if config.fallback == "raise":
         raise UnsupportedStepError(f"cannot capture this step: {reason}")
@@ -68,7 +69,8 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         warn_once(f"Inductor could not compile the per-tensor step ({type(error).__name__}: {error}); running eagerly")
         registry.record(step, "eager", [*step.blockers, str(error)])
         COUNTERS.eager += 1
-        return gm.forward
+        traced: Callable[..., Any] = gm.forward
+        return traced
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled  # type: ignore[no-any-return]
@@ -82,7 +84,7 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     flats = preparation.prepare(step, prepared)
     runs = bucketing.plan_runs(step, flats)
 
-    proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), broadcast=False)
+    proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False)
     proof_graph = bucketing.trace_only(proof_shadow.call)
     if proof_graph is None:
         raise CaptureError("the step does not trace as one graph over flat storage")
@@ -149,7 +151,7 @@ def _guarded(compiled: Callable[[], None], optimizer_ref: weakref.ref[torch.opti
     name = type(optimizer).__name__
     del optimizer
 
-    @torch._dynamo.disable  # type: ignore[misc]
+    @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
     def eager_step() -> None:
         live_optimizer = optimizer_ref()
         assert live_optimizer is not None

@@ -117,13 +117,18 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 
 def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
                  flats: dict[BucketKey, FlatGroup], tensor_hypers: set[HyperKey],
-                 broadcast: bool = True) -> ShadowStep:
+                 execution: bool = True) -> ShadowStep:
     """A shadow of ``optimizer`` whose params are the runs, and a function that steps it.
 
-    With ``broadcast``, the function also copies each run's scalar state (stepped in its first
-    member's slot) to the other members, so every ``state[p]["step"]`` stays right.
+    ``execution=False`` builds the shadow that is proven against the real graph: the user's own
+    implementation, nothing added. ``execution=True`` builds the one that runs: it also copies each
+    run's scalar state to every member's slot, and a stock ``torch.optim`` class runs its single-tensor
+    implementation. A bucket is one tensor, so foreach gains nothing, and its foreach form turns tensor
+    hyperparameters back into numbers inside AOT (seen on torch 2.11), which CUDA graphs cannot replay;
+    PyTorch's test suite checks that the two implementations of each stock optimizer agree.
     """
-    cls = type(optimizer)
+    stock = type(optimizer).__module__.startswith("torch.optim.")
+    cls: Any = type(optimizer)
     shadow = cls.__new__(cls)
     shadow.__dict__.update(optimizer.__dict__)
     for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
@@ -147,6 +152,8 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
                         group[key] = prepared.hyper(g, key, None, run.key.device, value)
             if "capturable" in group:
                 group["capturable"] = True
+            if execution and stock and "foreach" in group:
+                group["foreach"] = False
             if "differentiable" in group:
                 group["differentiable"] = False
             groups[g] = group
@@ -166,7 +173,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
             scalar = _static(vector[first].clone())
             state[key] = scalar
             run_scalars.append((vector, first, scalar))
-            if broadcast:
+            if execution:
                 broadcasts.append((vector, first, stop, scalar))
     shadow.param_groups = [groups[g] for g in sorted(groups)]
     inner = unwrapped_step(optimizer)
@@ -249,7 +256,8 @@ def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
     return not any(node.op == "call_method" and node.target == "item" for node in gm.graph.nodes)
 
 
-def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hypers: set[HyperKey]) -> dict[HyperKey, Any]:
+def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run],
+                  tensor_hypers: set[HyperKey]) -> dict[HyperKey, Any]:
     """The float hyperparameters the shadow reads as constants, with the values it was built with."""
     return {key: optimizer.param_groups[key[0]][key[1]] for key in hyper_candidates(optimizer, runs) - tensor_hypers}
 

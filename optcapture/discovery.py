@@ -87,8 +87,9 @@ class StepGraph:
         for role in self.roles:
             kinds[role.kind] = kinds.get(role.kind, 0) + 1
         name = type(self.optimizer).__name__ if self.optimizer is not None else "no optimizer"
-        return (f"{name}: {len(self.roles)} inputs {kinds}, {len(self.buckets)} bucket(s) "
-                f"[{', '.join(f'g{b.key.group}/{b.key.device}/{b.key.dtype}: {len(b.members)} tensors' for b in self.buckets)}]")
+        buckets = ", ".join(f"g{b.key.group}/{b.key.device}/{b.key.dtype}: {len(b.members)} tensors"
+                            for b in self.buckets)
+        return f"{name}: {len(self.roles)} inputs {kinds}, {len(self.buckets)} bucket(s) [{buckets}]"
 
 
 def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
@@ -220,15 +221,16 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                 p = group["params"][i]
                 assert p.grad is not None
                 if p.is_complex() or not p.is_floating_point():
-                    blockers.append(f"param {i} of group {g} has dtype {p.dtype}; only real floating params are bucketed")
+                    blockers.append(f"param {i} of group {g} has dtype {p.dtype}; "
+                                    "only real floating params are bucketed")
                 if p.grad.is_sparse or p.layout != torch.strided:
                     blockers.append(f"param {i} of group {g} has a sparse grad or layout")
                 if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
                     blockers.append(f"grad of param {i} of group {g} differs from its param in dtype, device or shape")
                 by_key.setdefault(BucketKey(g, p.device, p.dtype), []).append(i)
-            for key, members in by_key.items():
+            for bucket_key, members in by_key.items():
                 numel = sum(group["params"][i].numel() for i in members)
-                buckets.append(Bucket(key, tuple(members), numel))
+                buckets.append(Bucket(bucket_key, tuple(members), numel))
 
     report = None
     if optimizer is not None and not blockers:

@@ -68,7 +68,7 @@ def _op_name(node: Node) -> str:
     if node.op == "call_method":
         return str(target)
     if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
+        return str(target.overloadpacket.__name__)
     if target is operator.getitem:
         return "getitem"
     return str(getattr(target, "__name__", target))
@@ -132,7 +132,8 @@ class _Analyzer:
             return value.key
         if isinstance(value, _List):
             return ("list", tuple(_Analyzer._canon(v, lane) for v in value.items))
-        return value
+        constant: Hashable = value
+        return constant
 
     def _check_shape(self, lane: LaneId, example: Any) -> None:
         if isinstance(example, torch.Tensor) and example.dim() != 0 and example.shape != self.shapes[lane]:

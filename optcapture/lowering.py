@@ -36,8 +36,9 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         if log.isEnabledFor(logging.DEBUG):
             for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False):
-                log.debug("  shadow input %s: %s", node.name, type(value).__name__ if not isinstance(value, torch.Tensor)
-                          else f"{tuple(value.shape)} {value.dtype} {value.device}")
+                what = (f"{tuple(value.shape)} {value.dtype} {value.device}" if isinstance(value, torch.Tensor)
+                        else type(value).__name__)
+                log.debug("  shadow input %s: %s", node.name, what)
         before = _compat.generated_kernel_count()
         compiled = _compat.compile_with_inductor(gm, example_inputs, patches)
         log.info("lowered %s: %d graph nodes -> %d kernel(s), %s", gm.__class__.__name__, len(gm.graph.nodes),

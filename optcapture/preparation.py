@@ -20,7 +20,6 @@ import logging
 import math
 import weakref
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 

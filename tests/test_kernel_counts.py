@@ -44,7 +44,29 @@ def test_kernel_counts_cpu() -> None:
             count, taken = _kernels(lambda p, make=make, fe=foreach: make(p, fe))
             assert taken == ["bucketed"], (name, foreach, taken)
             counts[f"{name}{'-foreach' if foreach else ''}"] = count
-    assert_expected_inline(str(counts), """{'Adadelta': 3, 'Adadelta-foreach': 5, 'Adagrad': 3, 'Adagrad-foreach': 3, 'Adam': 3, 'Adam-foreach': 3, 'AdamW': 3, 'AdamW-foreach': 3, 'Adamax': 3, 'Adamax-foreach': 3, 'ASGD': 5, 'ASGD-foreach': 5, 'NAdam': 4, 'NAdam-foreach': 4, 'RAdam': 3, 'RAdam-foreach': 3, 'RMSprop': 3, 'RMSprop-foreach': 4, 'Rprop': 3, 'Rprop-foreach': 3, 'SGD': 1, 'SGD-foreach': 1}""")
+    assert_expected_inline("\n".join(f"{k}: {v}" for k, v in counts.items()), """\
+Adadelta: 3
+Adadelta-foreach: 3
+Adagrad: 3
+Adagrad-foreach: 3
+Adam: 3
+Adam-foreach: 3
+AdamW: 3
+AdamW-foreach: 3
+Adamax: 3
+Adamax-foreach: 3
+ASGD: 5
+ASGD-foreach: 5
+NAdam: 4
+NAdam-foreach: 4
+RAdam: 3
+RAdam-foreach: 3
+RMSprop: 3
+RMSprop-foreach: 3
+Rprop: 3
+Rprop-foreach: 3
+SGD: 1
+SGD-foreach: 1""")
 
 
 def _capture(n: int) -> optcapture.CaptureReport:

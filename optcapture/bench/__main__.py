@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = None
         for method in chosen:
             result, final = measure.run(method, args.optimizer, preset, shapes, device, steps, floor_ms, reference)
+            measure.release(device)
             if result is None:
                 continue
             if method == "eager":

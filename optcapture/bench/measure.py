@@ -41,7 +41,7 @@ def copy_bandwidth(device: torch.device) -> float:
     times = []
     for _ in range(10):
         times.append(_timed(device, lambda: dst.copy_(src)))
-    return 2 * src.numel() * src.element_size() / (statistics.median(times) / 1e3)
+    return float(2 * src.numel() * src.element_size() / (statistics.median(times) / 1e3))
 
 
 def _sync(device: torch.device) -> None:
@@ -140,9 +140,12 @@ def run(method: str, optimizer_name: str, preset: str, shapes: list[tuple[int, .
         diff = max(float((a - b).abs().max()) for a, b in zip(final, reference, strict=True))
     result = Result(preset, method, statistics.median(device_ms), statistics.median(host_ms), first_call, kernels,
                     peak, floor_ms, diff)
-    del built, params, spare
+    return result, final
+
+
+def release(device: torch.device) -> None:
+    """Free what the last method held before the next one allocates."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result, final

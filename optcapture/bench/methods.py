@@ -14,14 +14,14 @@ HAS_FUSED = {"adamw", "adam", "sgd"}
 BYTES_PER_PARAM = {"adamw": 28, "adam": 28, "sgd": 20, "lion": 20}
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(torch.optim.Optimizer):  # type: ignore[misc]
     """Lion (Chen et al. 2023), written as a user would: a plain loop over ``group["params"]``."""
 
     def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
-    @torch.no_grad()
+    @torch.no_grad()  # type: ignore[untyped-decorator]
     def step(self, closure: Callable[[], Any] | None = None) -> None:
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

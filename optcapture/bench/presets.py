@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 Shapes = list[tuple[int, ...]]
+ShapesFactory = Callable[[], Shapes]
 
 
 def gpt2_shapes(layers: int = 12, width: int = 768, vocab: int = 50257, positions: int = 1024) -> Shapes:
@@ -23,11 +25,12 @@ def small_shapes(count: int = 300, numel: int = 4096) -> Shapes:
 
 def big_shapes(count: int = 96, rows: int = 4096, cols: int = 2304, tail: tuple[int, int] = (1800, 1024)) -> Shapes:
     """About 0.9B params in 97 tensors: bandwidth-bound."""
-    return [(rows, cols)] * count + [tail]
+    shapes: Shapes = [(rows, cols)] * count
+    return [*shapes, tail]
 
 
-PRESETS = {"gpt2": gpt2_shapes, "small": small_shapes, "big": big_shapes}
-QUICK = {
+PRESETS: dict[str, ShapesFactory] = {"gpt2": gpt2_shapes, "small": small_shapes, "big": big_shapes}
+QUICK: dict[str, ShapesFactory] = {
     "gpt2": lambda: gpt2_shapes(layers=2, width=64, vocab=512, positions=64),
     "small": lambda: small_shapes(count=30, numel=1024),
     "big": lambda: big_shapes(count=4, rows=256, cols=256, tail=(64, 64)),
