@@ -68,7 +68,12 @@ class _Live:
         self.compiled = compiled
         self.grad_bindings = list(grad_bindings)
         self.rebuild = rebuild
-        self.members = [(flats[run.key], j) for run in runs for j in run.positions]
+        members = [(flats[run.key], j) for run in runs for j in run.positions]
+        # Per-call checks read precomputed addresses; they are the host cost of every step.
+        self.params = [flat.params[j] for flat, j in members]
+        self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
+        self.grad_slots = [(b.arg_index, b.flat.grad_homes[b.position], b.flat.grad_homes[b.position].data_ptr(),
+                            b.flat.params[b.position]) for b in self.grad_bindings]
 
 
 class _Cell:
@@ -132,9 +137,8 @@ class CapturedStep:
         groups = live.prepared.groups
         if any(groups.get(key) is not flat for key, flat in live.flats.items()):
             return False
-        for flat, j in live.members:
-            if flat.params[j].data_ptr() != flat.homes["param"][j].data_ptr():
-                return False
+        if [p.data_ptr() for p in live.params] != live.param_ptrs:
+            return False
         if live.prepared.last_runner is self:
             return True
         # Another capture (another grad pattern) ran since ours: members of one of our runs may have
@@ -154,13 +158,14 @@ class CapturedStep:
     def _bind_grads(live: _Live, args: Sequence[Any]) -> None:
         homes: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
-        for binding in live.grad_bindings:
-            grad = args[binding.arg_index]
-            home = binding.flat.grad_homes[binding.position]
-            if grad.data_ptr() != home.data_ptr():
+        for index, home, home_ptr, param in live.grad_slots:
+            grad = args[index]
+            if grad is home:  # the steady state: p.grad is the slot optcapture gave it last step
+                continue
+            if grad.data_ptr() != home_ptr:
                 homes.append(home)
                 grads.append(grad)
-                binding.flat.params[binding.position].grad = home
+            param.grad = home
         if homes:
             with torch.no_grad():
                 torch._foreach_copy_(homes, grads)

@@ -161,3 +161,53 @@ def test_mixed_devices_in_one_group_is_exact_or_a_clear_error() -> None:
     torch.compile(opt.step, backend="optcapture")()
     assert optcapture.explain(opt)[0].path == "bucketed"
     assert len(optcapture.explain(opt)[0].buckets) == 2
+
+
+def test_a_failing_compile_falls_back_to_a_correct_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optcapture import _compat
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise torch.cuda.OutOfMemoryError("simulated: out of memory while recording")
+
+    monkeypatch.setattr(_compat, "compile_with_inductor", broken)
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3)])
+    assert any("failed" in w and "stepping eagerly" in w for w in caught), caught
+    assert_matches_eager(pair)
+    assert optcapture.stats()["eager"] == 1
+
+
+def test_step_with_closure_matches_eager() -> None:
+    torch.manual_seed(0)
+    model, eager_model = make_model(), make_model()
+    data = torch.randn(4, 10)
+    opt, eager = torch.optim.Adam(model.parameters(), lr=0.01), torch.optim.Adam(eager_model.parameters(), lr=0.01)
+    step = torch.compile(opt.step, backend="optcapture")
+
+    def closure_for(m: torch.nn.Module, o: torch.optim.Optimizer):  # type: ignore[no-untyped-def]
+        def closure() -> torch.Tensor:
+            o.zero_grad()
+            loss = m(data).square().mean()
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(3):
+        step(closure_for(model, opt))
+        eager.step(closure_for(eager_model, eager))
+    torch.testing.assert_close(list(model.parameters()), list(eager_model.parameters()))
+
+
+def test_complex_params_match_eager() -> None:
+    torch.manual_seed(0)
+    init = torch.randn(4, dtype=torch.complex64)
+    params = [torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())]
+    opts = [torch.optim.Adam([p], lr=0.1) for p in params]
+    step = torch.compile(opts[1].step, backend="optcapture")
+    for seed in range(3):
+        grad = torch.randn(4, dtype=torch.complex64, generator=torch.Generator().manual_seed(seed))
+        for p in params:
+            p.grad = grad.clone()
+        opts[0].step()
+        step()
+    torch.testing.assert_close(params[1], params[0])

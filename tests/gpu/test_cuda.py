@@ -90,8 +90,11 @@ def test_no_grad_copy_and_no_host_sync_in_steady_state() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert optcapture.stats()["grads_copied"] == grads_copied
+    # A steady step launches the bucket's Triton kernels and nothing else: no grad copy
+    # (multi_tensor_apply / Memcpy), no per-tensor kernels. Inductor names a fused update after its ops,
+    # including the in-place write-backs ("copy_"), so kernels are matched by origin, not by name.
     kernels = _kernels_in_one_step(pair.step)
-    assert not [k for k in kernels if "copy" in k.lower() or "memcpy" in k.lower()], kernels
+    assert len(kernels) == 3 and all(k.startswith("triton_") for k in kernels), kernels
 
 
 def test_default_zero_grad_loop_copies_each_fresh_grad_once() -> None:
