@@ -86,3 +86,28 @@ def assert_matches_eager(pair: Pair, atol: float | None = None, rtol: float | No
 
 def paths(optimizer: torch.optim.Optimizer) -> list[str]:
     return [report.path for report in optcapture.explain(optimizer)]
+
+
+class NormalizedSGD(torch.optim.Optimizer):
+    """Divides each update by the tensor's norm: a per-tensor reduction, so never bucketed."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad / (p.grad.norm() + 1e-8), alpha=-group["lr"])
+
+
+def squared_loss_closure(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> Callable[[], Any]:
+    """The closure users pass to ``step(closure)``: zero_grad, forward, backward, return the loss."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model(data).square().mean()
+        loss.backward()
+        return loss
+
+    return closure

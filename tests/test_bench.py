@@ -24,3 +24,18 @@ def test_quick_cpu_run_prints_every_method_and_agrees_with_eager(tmp_path: Path,
 
 def test_bandwidth_floor_bytes() -> None:
     assert methods.BYTES_PER_PARAM["adamw"] == 28 and methods.BYTES_PER_PARAM["sgd"] == 20
+
+
+def test_merge_combines_earlier_runs(tmp_path: Path, capsys: object) -> None:
+    from optcapture.bench.measure import Result
+    from optcapture.bench.report import write
+
+    header = {"optimizer": "adamw", "device_name": "X", "torch": "t", "date": "d", "bandwidth_gbs": 1.0}
+    for preset, step in (("gpt2", 2.0), ("small", 0.5)):
+        row = Result(preset, "optcapture", step, 0.1, 1.0, 3, 0.0, 1.0, 0.0)
+        write(tmp_path / preset, [row], header, "t")
+    capsys.readouterr()  # type: ignore[attr-defined]
+    assert main(["--merge", str(tmp_path / "gpt2"), str(tmp_path / "small"), "--out", str(tmp_path / "all")]) == 0
+    table = capsys.readouterr().out  # type: ignore[attr-defined]
+    assert "| gpt2 | optcapture | 2.000 | 0.50 |" in table and "| small | optcapture | 0.500 | 2.00 |" in table
+    assert (tmp_path / "all" / "chart.png").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from helpers import NormalizedSGD
 
 from optcapture.discovery import StepGraph, discover
 
@@ -49,19 +50,6 @@ def test_params_without_grad_are_not_bucketed() -> None:
     params[1].grad = None
     (step,) = _discovered(torch.optim.SGD(params, lr=0.1))
     assert step.buckets[0].members == (0, 2)
-
-
-class NormalizedSGD(torch.optim.Optimizer):
-    """Divides each update by the tensor's norm: not elementwise."""
-
-    def __init__(self, params: Any, lr: float = 0.1) -> None:
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(p.grad / (p.grad.norm() + 1e-8), alpha=-group["lr"])
 
 
 class ShapeDependentSGD(torch.optim.Optimizer):

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_model, make_pair, paths, step_both
+from helpers import NormalizedSGD, assert_matches_eager, make_model, make_pair, paths, squared_loss_closure, step_both
 
 import optcapture
 
@@ -48,19 +48,6 @@ def test_differentiable_runs_as_traced_and_matches_eager() -> None:
     torch.testing.assert_close(params, eager_params)
 
 
-class NormalizedSGD(torch.optim.Optimizer):
-    """Divides each update by the tensor's norm: a per-tensor reduction, so never bucketed."""
-
-    def __init__(self, params: object, lr: float = 0.1) -> None:
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure: object = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(p.grad / (p.grad.norm() + 1e-8), alpha=-group["lr"])
-
-
 def test_fallback_is_warned_once_per_reason() -> None:
     pair = make_pair(lambda p: NormalizedSGD(p))
     first = _warnings_of(lambda: step_both(pair, 0))
@@ -82,19 +69,11 @@ def test_lbfgs_with_closure_runs_eagerly_and_matches() -> None:
     model, eager_model = make_model(), make_model()
     data = torch.randn(4, 10)
 
-    def closure_for(m: torch.nn.Module, o: torch.optim.Optimizer):  # type: ignore[no-untyped-def]
-        def closure() -> torch.Tensor:
-            o.zero_grad()
-            loss = m(data).square().mean()
-            loss.backward()
-            return loss
-        return closure
-
     opt, eager = torch.optim.LBFGS(model.parameters()), torch.optim.LBFGS(eager_model.parameters())
     step = torch.compile(opt.step, backend="optcapture")
     for _ in range(2):
-        step(closure_for(model, opt))
-        eager.step(closure_for(eager_model, eager))
+        step(squared_loss_closure(model, opt, data))
+        eager.step(squared_loss_closure(eager_model, eager, data))
     torch.testing.assert_close(list(model.parameters()), list(eager_model.parameters()))
 
 
@@ -183,18 +162,9 @@ def test_step_with_closure_matches_eager() -> None:
     data = torch.randn(4, 10)
     opt, eager = torch.optim.Adam(model.parameters(), lr=0.01), torch.optim.Adam(eager_model.parameters(), lr=0.01)
     step = torch.compile(opt.step, backend="optcapture")
-
-    def closure_for(m: torch.nn.Module, o: torch.optim.Optimizer):  # type: ignore[no-untyped-def]
-        def closure() -> torch.Tensor:
-            o.zero_grad()
-            loss = m(data).square().mean()
-            loss.backward()
-            return loss
-        return closure
-
     for _ in range(3):
-        step(closure_for(model, opt))
-        eager.step(closure_for(eager_model, eager))
+        step(squared_loss_closure(model, opt, data))
+        eager.step(squared_loss_closure(eager_model, eager, data))
     torch.testing.assert_close(list(model.parameters()), list(eager_model.parameters()))
 
 

@@ -22,7 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run takes well under a minute")
     parser.add_argument("--steps", type=int, default=None, help="timed steady steps (default 30, quick 5)")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json, results.md and chart.png")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="combine the results.json of earlier runs (e.g. one per preset) instead of running")
     args = parser.parse_args(argv)
+    if args.merge:
+        header, merged = report.load(args.merge)
+        table = report.markdown(merged, header)
+        print(table)
+        if args.out is not None:
+            report.write(args.out, merged, header, table)
+        return 0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -31,6 +31,19 @@ def markdown(results: list[Result], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load(folders: list[Path]) -> tuple[dict[str, Any], list[Result]]:
+    """Results of earlier runs (their results.json), in order; the header of the first, with its bandwidth."""
+    header: dict[str, Any] = {}
+    results: list[Result] = []
+    for folder in folders:
+        payload = json.loads((folder / "results.json").read_text())
+        header = header or payload["header"]
+        for row in payload["results"]:
+            row.pop("of_floor", None)
+            results.append(Result(**row))
+    return header, results
+
+
 def write(out: Path, results: list[Result], header: dict[str, Any], table: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"header": header, "results": [dataclasses.asdict(r) | {"of_floor": r.of_floor} for r in results]}
