@@ -49,7 +49,10 @@ def write(out: Path, results: list[Result], header: dict[str, Any], table: str) 
     payload = {"header": header, "results": [dataclasses.asdict(r) | {"of_floor": r.of_floor} for r in results]}
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     (out / "results.md").write_text(table + "\n")
-    chart(out / "chart.png", results, header)
+    try:
+        chart(out / "chart.png", results, header)
+    except ImportError:
+        print("matplotlib is not installed (pip install 'optcapture[bench]'): chart.png not written")
 
 
 def chart(path: Path, results: list[Result], header: dict[str, Any]) -> None:
