@@ -92,6 +92,11 @@ class StepGraph:
         return f"{name}: {len(self.roles)} inputs {kinds}, {len(self.buckets)} bucket(s) [{buckets}]"
 
 
+def bucketable(p: torch.Tensor) -> bool:
+    """A param whose elements can live in a flat buffer in its own element order."""
+    return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()
+
+
 def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
     found: dict[int, torch.optim.Optimizer] = {}
     for value in values:
@@ -223,6 +228,8 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                 if p.is_complex() or not p.is_floating_point():
                     blockers.append(f"param {i} of group {g} has dtype {p.dtype}; "
                                     "only real floating params are bucketed")
+                elif not bucketable(p):
+                    blockers.append(f"param {i} of group {g} is not a contiguous strided tensor")
                 if p.grad.is_sparse or p.layout != torch.strided:
                     blockers.append(f"param {i} of group {g} has a sparse grad or layout")
                 if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:

@@ -25,7 +25,7 @@ import torch
 
 from optcapture import _compat
 from optcapture.config import CaptureConfig
-from optcapture.discovery import BucketKey, StepGraph
+from optcapture.discovery import BucketKey, StepGraph, bucketable
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +176,9 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
     return list(tensor_keys), list(scalar_keys)
 
 
-def eligible(p: torch.Tensor) -> bool:
-    return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()
-
-
 def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: int) -> FlatGroup:
     group = optimizer.param_groups[key.group]["params"]
-    indices = [i for i, p in enumerate(group) if p.device == key.device and p.dtype == key.dtype and eligible(p)]
+    indices = [i for i, p in enumerate(group) if p.device == key.device and p.dtype == key.dtype and bucketable(p)]
     params = [group[i] for i in indices]
     offsets, total = [], 0
     for p in params:
@@ -212,7 +208,8 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     scalars: dict[str, torch.Tensor] = {}
     for k in scalar_keys:
         sample = next(optimizer.state[p][k] for p in params if k in optimizer.state.get(p, {}))
-        vector = torch.zeros(len(params), dtype=sample.dtype, device=sample.device)
+        # On the param's device even where eager kept step counters on the CPU (as Dynamo's move_step_if_cpu does).
+        vector = torch.zeros(len(params), dtype=sample.dtype, device=key.device)
         _compat.mark_static(vector)
         scalars[k] = vector
         homes[f"scalar:{k}"] = []

@@ -181,3 +181,19 @@ def test_complex_params_match_eager() -> None:
         opts[0].step()
         step()
     torch.testing.assert_close(params[1], params[0])
+
+
+def test_non_contiguous_params_take_the_stock_path_and_match_eager() -> None:
+    init = torch.randn(4, 6)
+    weights = [torch.nn.Parameter(init.clone().t()) for _ in range(2)]  # transposed: not contiguous
+    opts = [torch.optim.Adam([w], lr=0.1) for w in weights]
+    step = torch.compile(opts[1].step, backend="optcapture")
+    for seed in range(3):
+        grad = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed))
+        for w in weights:
+            w.grad = grad.clone()
+        opts[0].step()
+        step()
+    torch.testing.assert_close(weights[1], weights[0])
+    (report,) = optcapture.explain(opts[1])
+    assert report.path == "per-tensor" and any("not a contiguous" in r for r in report.reasons), report
