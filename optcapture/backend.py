@@ -53,10 +53,7 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     if any(_LAZY_STATE in reason for reason in step.blockers):
         # The first step of an optimizer that creates its state inside step(): run the traced graph
         # once; the state it creates changes the guards and the next call is captured.
-        registry.record(step, "eager", step.blockers)
-        COUNTERS.eager += 1
-        forward: Callable[..., Any] = gm.forward
-        return forward
+        return _as_traced(step, gm, step.blockers)
     reason = "; ".join(step.blockers) or "unknown"
     if config.fallback == "raise":
         raise UnsupportedStepError(f"cannot capture this step: {reason}")
@@ -67,13 +64,18 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         compiled = lowering.lower_graph(gm, example_inputs, config)
     except Exception as error:  # noqa: BLE001 - any Inductor failure: run the graph as traced instead
         warn_once(f"Inductor could not compile the per-tensor step ({type(error).__name__}: {error}); running eagerly")
-        registry.record(step, "eager", [*step.blockers, str(error)])
-        COUNTERS.eager += 1
-        traced: Callable[..., Any] = gm.forward
-        return traced
+        return _as_traced(step, gm, [*step.blockers, str(error)])
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled  # type: ignore[no-any-return]
+
+
+def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str]) -> Callable[..., Any]:
+    """Run the graph as Dynamo traced it (eagerly), and report that."""
+    registry.record(step, "eager", reasons)
+    COUNTERS.eager += 1
+    traced: Callable[..., Any] = gm.forward
+    return traced
 
 
 def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, began: float,

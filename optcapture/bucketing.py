@@ -246,10 +246,12 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
 
 
 def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
-    """True when the graph reads every hyperparameter as a tensor: no Python-number inputs, no ``.item()``.
+    """True when Dynamo's graph reads every hyperparameter as a tensor: no Python-number inputs, no ``.item()``.
 
-    Some optimizers turn a tensor hyperparameter back into a number (foreach Adam's ``eps``); such a
-    graph could not replay under a CUDA graph with the value changing, so that key stays a float.
+    A graph that turns a tensor hyperparameter back into a number could not replay under a CUDA graph
+    with the value changing, so that key stays a float. NB: this sees Dynamo's graph only; stock foreach
+    optimizers do the conversion later, inside AOT (torch 2.11), which is why the executed shadow of a stock
+    class runs its single-tensor implementation (see :func:`build_shadow`).
     """
     if not all(isinstance(value, torch.Tensor) for value in example_inputs):
         return False

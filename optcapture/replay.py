@@ -66,14 +66,13 @@ class _Live:
         self.flats = flats
         self.runs = runs
         self.compiled = compiled
-        self.grad_bindings = list(grad_bindings)
         self.rebuild = rebuild
         members = [(flats[run.key], j) for run in runs for j in run.positions]
         # Per-call checks read precomputed addresses; they are the host cost of every step.
         self.params = [flat.params[j] for flat, j in members]
         self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
         self.grad_slots = [(b.arg_index, b.flat.grad_homes[b.position], b.flat.grad_homes[b.position].data_ptr(),
-                            b.flat.params[b.position]) for b in self.grad_bindings]
+                            b.flat.params[b.position]) for b in grad_bindings]
 
 
 class _Cell:
@@ -102,9 +101,6 @@ class CapturedStep:
         # a shared holder is what lets release() drop the storage for both.
         self._cell = _Cell(live)
         weakref.finalize(optimizer, self._cell.release)
-
-    def release(self) -> None:
-        self._cell.release()
 
     def __call__(self, *args: Any) -> Any:
         cell = self._cell
