@@ -6,6 +6,7 @@ directly; each helper here is covered by ``tests/test_compat.py`` on the install
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -108,3 +109,71 @@ def compile_with_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], p
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+KernelInputs = Callable[[int], "str | None"]
+"""For the kernel being generated: a graph input's data pointer -> the kernel's argument name for it (or None)."""
+
+
+@contextlib.contextmanager
+def rewriting_triton_kernels(rewrite: Callable[[KernelInputs, str], str],
+                             example_inputs: list[Any]) -> Iterator[dict[int, str]]:
+    """While active, every Triton kernel Inductor generates passes through ``rewrite(inputs, source)``.
+
+    Patches ``TritonKernel.codegen_kernel`` (torch 2.11 and 2.13 both generate a pointwise kernel's whole
+    source there), restoring it on exit. Inductor's graph inputs are the tensors AOT lifted from the graph's
+    attributes (``TracingContext.params_flat``) followed by ``example_inputs``; the yielded dict ends up
+    mapping each one's data pointer to Inductor's name for it. Callers must also disable the FX graph cache,
+    whose hits would skip code generation.
+    """
+    from torch._guards import TracingContext
+    from torch._inductor.codegen.triton import TritonKernel
+    from torch._inductor.virtualized import V
+
+    original = TritonKernel.codegen_kernel
+    names_by_pointer: dict[int, str] = {}
+    inputs_now = list(example_inputs)
+
+    def codegen_kernel(self: Any, *args: Any, **kwargs: Any) -> str:
+        source: str = original(self, *args, **kwargs)
+        if not names_by_pointer:
+            context = TracingContext.try_get()
+            lifted = list(getattr(context, "params_flat", None) or []) if context is not None else []
+            names = list(V.graph.graph_input_names)
+            tensors = lifted + inputs_now
+            if len(tensors) == len(names):
+                for name, tensor in zip(names, tensors, strict=True):
+                    if isinstance(tensor, torch.Tensor):
+                        names_by_pointer.setdefault(tensor.data_ptr(), name)
+        buffers = self.args.input_buffers
+
+        def inputs(pointer: int) -> str | None:
+            name = names_by_pointer.get(pointer)
+            inner = buffers.get(name) if name is not None else None
+            return inner if isinstance(inner, str) else None
+
+        return rewrite(inputs, source)
+
+    TritonKernel.codegen_kernel = codegen_kernel  # type: ignore[method-assign]
+    try:
+        yield names_by_pointer
+    finally:
+        TritonKernel.codegen_kernel = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def generated_modules() -> Iterator[list[str]]:
+    """Collects the source of every Python module Inductor generates (wrappers embed their kernels' source)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    sources: list[str] = []
+    before = len(PyCodeCache.modules)
+    try:
+        yield sources
+    finally:
+        for module in PyCodeCache.modules[before:]:
+            path = getattr(module, "__file__", None)
+            if path:
+                with open(path, encoding="utf-8") as file:
+                    sources.append(file.read())
+

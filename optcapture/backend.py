@@ -22,6 +22,7 @@ from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import BucketKey, StepGraph, discover
 from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
 from optcapture.replay import COUNTERS, CapturedStep, GradBinding, _Live
+from optcapture.rewrites.indirect_grad_loads import triton_type
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +86,58 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     prepared = registry.prepared_for(optimizer, config)
     flats = preparation.prepare(step, prepared)
     runs = bucketing.plan_runs(step, flats)
+    tables = _grad_tables(runs, flats, config)
+    if tables:
+        try:
+            return _capture_runs(step, gm, config, tracer, began, required_hypers, flats, runs, tables)
+        except Exception as error:  # noqa: BLE001 - any failure of the in-place form: capture with grad copies
+            log.info("grads are copied into flat storage for this capture: in-place grads failed (%s: %s)",
+                     type(error).__name__, error)
+    return _capture_runs(step, gm, config, tracer, began, required_hypers, flats, runs, [])
 
-    proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False)
-    proof_graph = bucketing.trace_only(proof_shadow.call)
-    if proof_graph is None:
-        raise CaptureError("the step does not trace as one graph over flat storage")
-    mismatch = bucketing.prove_equivalent(step, proof_graph, proof_shadow.shadow)
-    if mismatch is not None:
-        raise CaptureError(mismatch)
 
-    tensor_hypers = bucketing.probe_tensor_hypers(optimizer, prepared, runs, flats)
-    if not required_hypers <= tensor_hypers:
-        raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
-    shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers)
-    compiled = lowering.lower_shadow(shadow, config, runs[0].key.device)
+def _grad_tables(runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
+                 config: CaptureConfig) -> list[preparation.GradTable]:
+    """One grad table per run when every run's grads can be read where autograd leaves them; else none."""
+    if not config.grads_in_place:
+        return []
+    for run in runs:
+        reason = preparation.grads_fit_table(flats[run.key], run.positions)
+        if reason is None and triton_type(run.key.dtype) is None:
+            reason = f"no in-place grad loads for {run.key.dtype}"
+        if reason is not None:
+            log.info("grads are copied into flat storage: %s", reason)
+            return []
+    return [preparation.GradTable(flats[run.key], run.positions, config.align_elements) for run in runs]
+
+
+def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, began: float,
+                  required_hypers: frozenset[tuple[int, str]], flats: dict[BucketKey, preparation.FlatGroup],
+                  runs: list[bucketing.Run], tables: list[preparation.GradTable]) -> CapturedStep:
+    optimizer = step.optimizer
+    assert optimizer is not None
+    prepared = registry.prepared_for(optimizer, config)
+    run_grads = [table.virtual for table in tables] or None
+    with preparation.backed_by_memory(tables):
+        proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False,
+                                              run_grads=run_grads)
+        proof_graph = bucketing.trace_only(proof_shadow.call)
+        if proof_graph is None:
+            raise CaptureError("the step does not trace as one graph over flat storage")
+        mismatch = bucketing.prove_equivalent(step, proof_graph, proof_shadow.shadow)
+        if mismatch is not None:
+            raise CaptureError(mismatch)
+
+        tensor_hypers = bucketing.probe_tensor_hypers(optimizer, prepared, runs, flats, run_grads)
+        if not required_hypers <= tensor_hypers:
+            raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
+        shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
+        try:
+            lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables)
+        except Exception as error:
+            if tables:
+                raise
+            lowered = lowering.LoweredShadow(_raising(error), None)
     if tracer is not None:
         dropped = _compat.drop_guards(tracer, lambda name: _is_tensor_hyper(name, tensor_hypers))
         log.info("no recompile on changes of %s", dropped)
@@ -113,20 +152,32 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
             p = optimizer.param_groups[role.group]["params"][role.param_index]
             flat = flats[BucketKey(role.group, p.device, p.dtype)]
             bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
+    arg_of = {(b.flat.key, b.position): b.arg_index for b in bindings}
+    grad_tables = [(table, [arg_of[(run.key, j)] for j in run.positions])
+                   for table, run in zip(tables, runs if tables else [], strict=True)]
 
     def rebuild() -> CapturedStep:
         return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
-                             seconds=time.perf_counter() - began)
-    live = _Live(prepared, flats, runs, _guarded(compiled, weakref.ref(optimizer), config, report), bindings,
-                 rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers))
+                             seconds=time.perf_counter() - began, kernels=lowered.kernels,
+                             grads="in place" if tables else "copied")
+    live = _Live(prepared, flats, runs, _guarded(lowered, weakref.ref(optimizer), config, report), bindings,
+                 rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers), grad_tables)
     captured = CapturedStep(optimizer, live, _empty_output(gm))
     COUNTERS.bucketed += 1
-    log.info("captured %s: %d bucket(s), %d run(s), device hyperparameters %s", type(optimizer).__name__,
-             len(step.buckets), len(runs), sorted(tensor_hypers))
+    log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",
+             type(optimizer).__name__, len(step.buckets), len(runs), "read in place" if tables else "copied",
+             sorted(tensor_hypers))
     return captured
+
+
+def _raising(error: Exception) -> Callable[[], None]:
+    def compile_failed() -> None:
+        raise error
+
+    return compile_failed
 
 
 def _is_tensor_hyper(source: str, tensor_hypers: set[tuple[int, str]]) -> bool:
@@ -140,12 +191,12 @@ def _empty_output(gm: torch.fx.GraphModule) -> Any:
     return type(value)() if isinstance(value, (list, tuple)) else None
 
 
-def _guarded(compiled: Callable[[], None], optimizer_ref: weakref.ref[torch.optim.Optimizer],
+def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.optim.Optimizer],
              config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], None]:
-    """Run ``compiled``; if its first call (the Inductor compile) fails, step eagerly from then on.
-
-    The first call is also where Inductor compiles: its kernels and time complete ``report``.
+    """Run the lowered step; if its first call fails (a lazy compile, recording the CUDA graph, running out
+    of memory), step eagerly from then on. A lazy compile's kernels and time complete ``report``.
     """
+    compiled = lowered.call
     state = {"first": True, "eager": False}
     optimizer = optimizer_ref()
     assert optimizer is not None
@@ -170,8 +221,9 @@ def _guarded(compiled: Callable[[], None], optimizer_ref: weakref.ref[torch.opti
         kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
         try:
             compiled()
-            registry.amend(optimizer_ref(), report, kernels=_compat.generated_kernel_count() - kernels_before,
-                           seconds=report.seconds + time.perf_counter() - began)
+            if lowered.kernels is None:
+                registry.amend(optimizer_ref(), report, kernels=_compat.generated_kernel_count() - kernels_before,
+                               seconds=report.seconds + time.perf_counter() - began)
         except Exception as error:
             if config.fallback == "raise":
                 raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error

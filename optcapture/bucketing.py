@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import logging
 import types
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -117,7 +117,7 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 
 def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
                  flats: dict[BucketKey, FlatGroup], tensor_hypers: set[HyperKey],
-                 execution: bool = True) -> ShadowStep:
+                 execution: bool = True, run_grads: Sequence[torch.Tensor] | None = None) -> ShadowStep:
     """A shadow of ``optimizer`` whose params are the runs, and a function that steps it.
 
     ``execution=False`` builds the shadow that is proven against the real graph: the user's own
@@ -126,6 +126,9 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     implementation. A bucket is one tensor, so foreach gains nothing, and its foreach form turns tensor
     hyperparameters back into numbers inside AOT (seen on torch 2.11), which CUDA graphs cannot replay;
     PyTorch's test suite checks that the two implementations of each stock optimizer agree.
+
+    ``run_grads``: each run's grad (a :class:`~optcapture.preparation.GradTable`'s virtual tensor); by
+    default, the run's slice of the flat grad storage.
     """
     stock = type(optimizer).__module__.startswith("torch.optim.")
     cls: Any = type(optimizer)
@@ -137,7 +140,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     groups: dict[int, dict[str, Any]] = {}
     broadcasts: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
     run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-    for run in runs:
+    for index, run in enumerate(runs):
         flat = flats[run.key]
         g = run.key.group
         if g not in groups:
@@ -160,7 +163,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
         # Every tensor the shadow step reads or writes keeps its address for the life of the capture;
         # marking them static is what lets CUDA graph trees replay a step that mutates them in place.
         param = _static(flat.flats["param"][run.start:run.end])
-        param.grad = _static(flat.flats["grad"][run.start:run.end])
+        param.grad = _static(run_grads[index] if run_grads is not None else flat.grad_flat()[run.start:run.end])
         groups[g]["params"].append(param)
         state = shadow.state[param]
         for role, buffer in flat.flats.items():
@@ -224,7 +227,8 @@ def trace_only(fn: Callable[[], None]) -> TracedGraph | None:
 
 
 def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
-                        flats: dict[BucketKey, FlatGroup]) -> set[HyperKey]:
+                        flats: dict[BucketKey, FlatGroup],
+                        run_grads: Sequence[torch.Tensor] | None = None) -> set[HyperKey]:
     """The hyperparameters the step tolerates as tensors: those only feed tensor arithmetic.
 
     A key that steers Python control flow (``if momentum != 0``) or needs a Python number
@@ -234,7 +238,7 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
     candidates = hyper_candidates(optimizer, runs)
 
     def traces(keys: set[HyperKey]) -> bool:
-        traced = trace_only(build_shadow(optimizer, prepared, runs, flats, keys).call)
+        traced = trace_only(build_shadow(optimizer, prepared, runs, flats, keys, run_grads=run_grads).call)
         return traced is not None and _keeps_tensors(*traced)
 
     if not candidates or traces(candidates):

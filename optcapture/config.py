@@ -15,6 +15,7 @@ FallbackPolicy = Literal["eager", "raise"]
 DEFAULT_FALLBACK: FallbackPolicy = "eager"
 DEFAULT_BUCKETING = True
 DEFAULT_CUDAGRAPHS = True
+DEFAULT_GRADS_IN_PLACE = True
 DEFAULT_ALIGN_ELEMENTS = 64  # 256 B for fp32: keeps every tensor's slot 16-byte aligned for vector loads
 
 
@@ -27,18 +28,22 @@ class CaptureConfig:
     bucketing: compile elementwise updates once per bucket over flat storage (issue #4).
         ``False`` keeps the per-tensor Inductor graph.
     cudagraphs: replay the step under Inductor's CUDA graph trees on CUDA devices.
+    grads_in_place: on CUDA, the bucket kernel reads each grad where autograd allocated it, through a
+        table of addresses, so a default ``zero_grad()`` loop costs no grad copy. ``False`` copies fresh
+        grads into flat storage before each step (the CPU path always does).
     align_elements: each tensor's slot in a flat bucket starts at a multiple of this many elements.
     """
 
     fallback: FallbackPolicy = DEFAULT_FALLBACK
     bucketing: bool = DEFAULT_BUCKETING
     cudagraphs: bool = DEFAULT_CUDAGRAPHS
+    grads_in_place: bool = DEFAULT_GRADS_IN_PLACE
     align_elements: int = DEFAULT_ALIGN_ELEMENTS
 
     def __post_init__(self) -> None:
         if self.fallback not in ("eager", "raise"):
             raise ValueError(f"optcapture option 'fallback' must be 'eager' or 'raise', got {self.fallback!r}")
-        for name in ("bucketing", "cudagraphs"):
+        for name in ("bucketing", "cudagraphs", "grads_in_place"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"optcapture option {name!r} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.align_elements, int) or self.align_elements < 1:

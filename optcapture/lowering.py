@@ -4,13 +4,23 @@ Two programs are lowered here: the bucketed shadow step (one graph over flat sto
 Dynamo with ``fullgraph=True``) and, where bucketing does not apply, the per-tensor graph Dynamo
 gave us. Inductor configuration is patched per compile only (``compile_fx(config_patches=...)``).
 
-Invariant: lowering never runs a step; the callables it returns do, when called.
+The shadow step is compiled when it is captured, not when it first runs: Dynamo traces it and Inductor
+compiles the graph behind a gate that stays shut for that trace call, so nothing steps until the capture
+is armed, and a failed check (e.g. of the grad-table rewrite) costs nothing but the compile. A shadow
+whose step has Python side effects (which Dynamo replays after the graph) is compiled by its first real
+call instead.
+
+Invariant: lowering never runs a step; the callables it returns do, when called. A compile that reads
+grads through a table is returned only after every read of a grad was verified to be rewritten.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +28,9 @@ import torch
 from optcapture import _compat
 from optcapture.bucketing import ShadowStep
 from optcapture.config import CaptureConfig
+from optcapture.errors import CaptureError
+from optcapture.preparation import GradTable
+from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +39,134 @@ def inductor_patches(config: CaptureConfig, device: torch.device, cudagraphs: bo
     return {"triton.cudagraphs": bool(cudagraphs and config.cudagraphs and device.type == "cuda")}
 
 
-def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device) -> Callable[[], None]:
-    """The shadow step compiled by Inductor; replays under CUDA graph trees on CUDA when enabled."""
+# A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms
+# the rewrite does not know.
+_TABLE_PATCHES = {"fx_graph_cache": False, "triton.use_block_ptr": False, "combo_kernels": False}
+
+
+@dataclasses.dataclass
+class LoweredShadow:
+    call: Callable[[], None]
+    kernels: int | None  # None: compiled lazily, by the first call
+
+
+def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device,
+                 tables: Sequence[GradTable] = ()) -> LoweredShadow:
+    """The shadow step compiled by Inductor; replays under CUDA graph trees on CUDA when enabled.
+
+    ``tables``: the grad tables the shadow's runs read their grads through (empty: real flat grads).
+    Raises :class:`CaptureError` when a table capture cannot be proven to read every grad through its table.
+    """
     patches = inductor_patches(config, device, cudagraphs=not shadow.aliased)
     if shadow.aliased and inductor_patches(config, device, cudagraphs=True)["triton.cudagraphs"]:
         log.info("%d runs share flat buffers (grads that come and go, or diverged step counts): "
                  "this capture replays without CUDA graphs", len(shadow.runs))
+    if tables:
+        patches.update(_TABLE_PATCHES)
+    armed = [False]
+    kernels: list[int] = []
+
+    def capture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        _log_inputs(gm, example_inputs)
+        if not armed[0] and _has_outputs(gm):
+            # Dynamo would rebuild Python state from the graph's outputs: only a real step may run this frame.
+            # (Side effects without outputs, like SGD re-storing its momentum buffers into the shadow's state,
+            # are replayed on the shadow once by the trace call; the shadow's state is its own.)
+            if tables:
+                raise CaptureError("the shadow step returns tensors to Python; grads are copied instead")
+            raise _Deferred("the shadow step returns tensors to Python")
+        loads = _indirect_loads(tables, example_inputs) if tables else None
+        compiled, count = _compile(gm, example_inputs, patches, loads)
+        kernels.append(count)
+
+        def gate(*args: Any) -> Any:
+            # The capture's own trace call must not step: the graph runs only once the capture is armed.
+            return compiled(*args) if armed[0] else ()
+
+        return gate
+
+    shadow_step: Callable[[], None] = torch.compile(shadow.call, backend=capture_backend, fullgraph=True,
+                                                    dynamic=False)
+    deferred = _run_trace(shadow_step)
+    armed[0] = True
+    if not deferred:
+        return LoweredShadow(shadow_step, kernels[0] if kernels else None)
 
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        if log.isEnabledFor(logging.DEBUG):
-            for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False):
-                what = (f"{tuple(value.shape)} {value.dtype} {value.device}" if isinstance(value, torch.Tensor)
-                        else type(value).__name__)
-                log.debug("  shadow input %s: %s", node.name, what)
-        before = _compat.generated_kernel_count()
-        compiled = _compat.compile_with_inductor(gm, example_inputs, patches)
-        log.info("lowered %s: %d graph nodes -> %d kernel(s), %s", gm.__class__.__name__, len(gm.graph.nodes),
-                 _compat.generated_kernel_count() - before, patches)
-        return compiled
+        # A failed grad-table check here fails the first step's compile, which then steps eagerly.
+        return _compile(gm, example_inputs, patches, _indirect_loads(tables, example_inputs) if tables else None)[0]
 
-    compiled: Callable[[], None] = torch.compile(shadow.call, backend=inductor_backend, fullgraph=True,
-                                                 dynamic=False)
-    return compiled
+    # Compiled by its first real call, through a code object of its own.
+    code = shadow.call.__code__
+    fresh = types.FunctionType(code.replace(co_name=code.co_name + "_stepped"), shadow.call.__globals__,
+                               None, None, shadow.call.__closure__)
+    return LoweredShadow(torch.compile(fresh, backend=inductor_backend, fullgraph=True, dynamic=False), None)
+
+
+class _Deferred(CaptureError):
+    """The shadow must be compiled by its first real call."""
+
+
+def _run_trace(shadow_step: Callable[[], None]) -> bool:
+    """Trace and compile without stepping. True when compiling was deferred to the first real call; a
+    :class:`CaptureError` raised inside comes out as itself."""
+    try:
+        shadow_step()
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, CaptureError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        found = cause
+        # NB: the tracebacks hold the capture's frames and, through them, the optimizer.
+        error.__traceback__ = found.__traceback__ = None
+        if isinstance(found, _Deferred):
+            return True
+        raise CaptureError(str(found)) from None
+    return False
+
+
+def _has_outputs(gm: torch.fx.GraphModule) -> bool:
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = output.args[0]
+    return bool(value) if isinstance(value, (list, tuple)) else value is not None
+
+
+def _indirect_loads(tables: Sequence[GradTable], example_inputs: list[Any]) -> IndirectGradLoads:
+    grads = []
+    for table in tables:
+        pointer = table.virtual.data_ptr()
+        if not any(isinstance(value, torch.Tensor) and value.data_ptr() == pointer for value in example_inputs):
+            raise CaptureError("a run's grad is not an input of the traced shadow step")
+        grads.append(IndirectGrad(pointer, table.virtual.dtype, table.chunk, table.addresses_at, table.limits_at))
+    return IndirectGradLoads(grads)
+
+
+def _compile(gm: torch.fx.GraphModule, example_inputs: list[Any], patches: dict[str, Any],
+             loads: IndirectGradLoads | None) -> tuple[Any, int]:
+    before = _compat.generated_kernel_count()
+    with contextlib.ExitStack() as stack:
+        if loads is not None:
+            input_names = stack.enter_context(_compat.rewriting_triton_kernels(loads, list(example_inputs)))
+            sources = stack.enter_context(_compat.generated_modules())
+        compiled = _compat.compile_with_inductor(gm, example_inputs, patches)
+    if loads is not None:
+        problem = loads.verify(sources, input_names)
+        if problem is not None:
+            raise CaptureError(problem)
+    kernels = _compat.generated_kernel_count() - before
+    log.info("lowered %s: %d graph nodes -> %d kernel(s)%s, %s", gm.__class__.__name__, len(gm.graph.nodes),
+             kernels, f", {loads.rewritten_loads} grad load(s) through a table" if loads else "", patches)
+    return compiled, kernels
+
+
+def _log_inputs(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs, strict=False):
+            what = (f"{tuple(value.shape)} {value.dtype} {value.device}" if isinstance(value, torch.Tensor)
+                    else type(value).__name__)
+            log.debug("  shadow input %s: %s", node.name, what)
 
 
 def lower_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CaptureConfig) -> Callable[..., Any]:

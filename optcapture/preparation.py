@@ -14,12 +14,13 @@ kernel per step; the per-step work is in :mod:`optcapture.replay`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
 import math
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -77,14 +78,107 @@ class FlatGroup:
     param_indices: list[int]
     offsets: list[int]
     numel: int
-    flats: dict[str, torch.Tensor]  # role ("param", "grad", "state:<key>") -> flat buffer
+    flats: dict[str, torch.Tensor]  # role ("param", "state:<key>", and "grad" once made) -> flat buffer
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
-    grad_homes: list[torch.Tensor]  # per member: a re-homed-style alias of its grad slot
     homes: dict[str, list[torch.Tensor]]  # role -> per member: the alias the user's tensor was re-homed to
+    grad_homes: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per member: its grad slot
 
     def slot(self, member: int) -> slice:
         start = self.offsets[member]
         return slice(start, start + self.params[member].numel())
+
+    def grad_flat(self) -> torch.Tensor:
+        """Flat grad storage, made on first use: only captures that copy grads need it (a grad-table capture
+        reads grads where they are, so it costs no grad-sized buffer)."""
+        flat = self.flats.get("grad")
+        if flat is None:
+            flat = torch.zeros(self.numel, dtype=self.key.dtype, device=self.key.device)
+            _compat.mark_static(flat)
+            self.flats["grad"] = flat
+            self.grad_homes = [alias(flat, offset, p.shape) for p, offset in zip(self.params, self.offsets,
+                                                                                   strict=True)]
+        return flat
+
+
+class GradTable:
+    """What a bucket kernel reads a run's grads through, wherever autograd allocated them (issue #2).
+
+    ``descriptor`` holds, in this order: an int32 per chunk of ``chunk`` elements naming the member that owns
+    it; per member, an int64 address (its grad's ``data_ptr`` minus its offset in bytes); per member, an
+    int64 end offset. ``virtual`` is the run-length tensor the step is traced with: its data pointer is the
+    descriptor's, which is all the rewritten kernel uses (:mod:`optcapture.rewrites.indirect_grad_loads`).
+
+    Invariant: ``virtual``'s elements are never read: while Dynamo traces a step over it (which may read
+    its operands, as foreach SGD does on torch 2.11), :func:`backed_by_memory` gives it real memory. The
+    addresses are rewritten before a step whenever a grad moved, on the step's stream, so the kernel never
+    reads a grad that is gone.
+    """
+
+    def __init__(self, flat: FlatGroup, positions: tuple[int, ...], chunk: int) -> None:
+        start = flat.offsets[positions[0]]
+        offsets = [flat.offsets[j] - start for j in positions]
+        numels = [flat.params[j].numel() for j in positions]
+        length = offsets[-1] + numels[-1]
+        chunks = -(-length // chunk)
+        member_of_chunk = torch.empty(chunks, dtype=torch.int32)
+        for member, (offset, numel) in enumerate(zip(offsets, numels, strict=True)):
+            member_of_chunk[offset // chunk:-(-(offset + numel) // chunk)] = member
+        self.chunk = chunk
+        self.addresses_at = -(-chunks * 4 // 8)
+        self.limits_at = self.addresses_at + len(positions)
+        host = torch.zeros((self.limits_at + len(positions)) * 8, dtype=torch.uint8)
+        host[:chunks * 4] = member_of_chunk.view(torch.uint8)
+        limits = torch.tensor([o + n for o, n in zip(offsets, numels, strict=True)], dtype=torch.int64)
+        host[self.limits_at * 8:] = limits.view(torch.uint8)
+        self.descriptor = host.to(flat.key.device)
+        _compat.mark_static(self.descriptor)
+        itemsize = flat.key.dtype.itemsize
+
+        def claim() -> torch.Tensor:
+            return torch.as_tensor(_CudaArrayInterface(self.descriptor, self.descriptor.data_ptr(), length * itemsize),
+                                   device=flat.key.device).view(flat.key.dtype)
+
+        self._claim = claim()
+        self.virtual = claim()
+        self.addresses = self.descriptor[self.addresses_at * 8:self.limits_at * 8].view(torch.int64)
+        self._offset_bytes = [o * itemsize for o in offsets]
+        self._bound: list[int] = []
+
+    def bind(self, grads: list[torch.Tensor]) -> bool:
+        """Point the table at ``grads`` (one per member); True when an address changed and was written."""
+        pointers = [g.data_ptr() for g in grads]
+        if pointers == self._bound:
+            return False
+        values = torch.tensor([p - o for p, o in zip(pointers, self._offset_bytes, strict=True)], dtype=torch.int64)
+        self.addresses.copy_(values.pin_memory(), non_blocking=True)
+        self._bound = pointers
+        return True
+
+
+@contextlib.contextmanager
+def backed_by_memory(tables: Sequence[GradTable]) -> Iterator[None]:
+    """While active, each table's virtual grad has real memory of its own length (zeros), so tracing code that
+    reads its operands reads memory it owns; afterwards the virtual grads are the descriptors again."""
+    for table in tables:
+        table.virtual.data = torch.zeros(table.virtual.shape, dtype=table.virtual.dtype, device=table.virtual.device)
+    try:
+        yield
+    finally:
+        for table in tables:
+            table.virtual.data = table._claim
+
+
+def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
+    """None when every member's grad can be read in place through a :class:`GradTable`; else why not."""
+    if flat.key.device.type != "cuda":
+        return "grads are read in place only on CUDA"
+    for j in positions:
+        p = flat.params[j]
+        grad = p.grad
+        if grad is None or grad.dtype != p.dtype or grad.device != p.device or grad.layout != torch.strided \
+                or not grad.is_contiguous() or grad.shape != p.shape:
+            return f"the grad of member {j} is not a contiguous tensor like its param"
+    return None
 
 
 @dataclasses.dataclass
@@ -203,8 +297,6 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
             if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape:
                 rehome(tensor, home)
             homes[role].append(home)
-    grad_flat = make_flat("grad")
-    grad_homes = [alias(grad_flat, offset, p.shape) for p, offset in zip(params, offsets, strict=True)]
     scalars: dict[str, torch.Tensor] = {}
     for k in scalar_keys:
         sample = next(optimizer.state[p][k] for p in params if k in optimizer.state.get(p, {}))
@@ -221,7 +313,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
             homes[f"scalar:{k}"].append(home)
     log.info("flat storage for group %d on %s/%s: %d tensors, %d elements, state keys %s, scalar keys %s",
              key.group, key.device, key.dtype, len(params), total, tensor_keys, scalar_keys)
-    return FlatGroup(key, params, indices, offsets, total, flats, scalars, grad_homes, homes)
+    return FlatGroup(key, params, indices, offsets, total, flats, scalars, homes)
 
 
 def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, FlatGroup]:

@@ -32,9 +32,12 @@ class CaptureReport:
     kernels: int
     seconds: float = 0.0
     """Time optcapture spent after Dynamo handed over the graph: the backend plus the first compile."""
+    grads: str = ""
+    """Bucketed captures: "in place" (read through a grad table, no copy) or "copied" (into flat storage)."""
 
     def describe(self) -> str:
-        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} run(s))"]
+        grads = f", grads {self.grads}" if self.grads else ""
+        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} run(s){grads})"]
         lines += [f"  bucket {b}" for b in self.buckets]
         lines += [f"  device hyperparameter {h}" for h in self.tensor_hyperparameters]
         lines += [f"  not bucketed: {r}" for r in self.reasons]
@@ -54,13 +57,13 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
 
 
 def record(step: StepGraph, path: str, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
-           kernels: int = 0, seconds: float = 0.0) -> CaptureReport:
+           kernels: int | None = 0, seconds: float = 0.0, grads: str = "") -> CaptureReport:
     report = CaptureReport(
         optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
         path=path, reasons=tuple(reasons), roles=tuple(step.roles),
         buckets=tuple(f"group {b.key.group} {b.key.device} {b.key.dtype}: {len(b.members)} tensors, {b.numel} elements"
                       for b in step.buckets),
-        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels, seconds=seconds)
+        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels or 0, seconds=seconds, grads=grads)
     if step.optimizer is not None:
         _reports.setdefault(step.optimizer, []).append(report)
     return report

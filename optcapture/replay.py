@@ -1,9 +1,10 @@
 """Stage 5, replay: the callable Dynamo calls for every step of a captured optimizer.
 
-Per call it (1) checks that the captured storage is still the one the tensors live in, (2) moves
-grads that autograd allocated anew into their flat slots (the only per-step copy, and only for
-grads that are not already there), (3) writes changed hyperparameters into their device tensors,
-and (4) runs the compiled bucketed step, which on CUDA replays one CUDA graph.
+Per call it (1) checks that the captured storage is still the one the tensors live in, (2) binds
+the grads: on CUDA it points each run's grad table at the grads autograd left (a few bytes, only when
+a grad moved); otherwise it moves grads that autograd allocated anew into their flat slots (a copy,
+only for grads not already there), (3) writes changed hyperparameters into their device tensors, and
+(4) runs the compiled bucketed step, which on CUDA replays one CUDA graph.
 
 Invariant: the compiled step only ever runs on storage that every param, grad and state tensor of
 the capture currently uses; when that stops being true the capture is rebuilt, never reused.
@@ -21,7 +22,7 @@ import torch
 
 from optcapture.bucketing import Run
 from optcapture.discovery import BucketKey
-from optcapture.preparation import FlatGroup, PreparedOptimizer
+from optcapture.preparation import FlatGroup, GradTable, PreparedOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Counters:
     eager: int = 0
     steps: int = 0
     grads_copied: int = 0
+    grad_tables_written: int = 0
     rebuilds: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -59,7 +61,8 @@ class _Live:
                  compiled: Callable[[], None], grad_bindings: Sequence[GradBinding],
                  rebuild: Callable[[], CapturedStep],
                  run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
-                 frozen_hypers: dict[tuple[int, str], Any]) -> None:
+                 frozen_hypers: dict[tuple[int, str], Any],
+                 grad_tables: Sequence[tuple[GradTable, list[int]]] = ()) -> None:
         self.prepared = prepared
         self.frozen_hypers = frozen_hypers
         self.run_scalars = list(run_scalars)
@@ -71,8 +74,11 @@ class _Live:
         # Per-call checks read precomputed addresses; they are the host cost of every step.
         self.params = [flat.params[j] for flat, j in members]
         self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
-        self.grad_slots = [(b.arg_index, b.flat.grad_homes[b.position], b.flat.grad_homes[b.position].data_ptr(),
-                            b.flat.params[b.position]) for b in grad_bindings]
+        # (table, graph input index of each member's grad): set when grads are read in place.
+        self.grad_tables = list(grad_tables)
+        self.grad_slots = [] if self.grad_tables else [
+            (b.arg_index, b.flat.grad_homes[b.position], b.flat.grad_homes[b.position].data_ptr(),
+             b.flat.params[b.position]) for b in grad_bindings]
 
 
 class _Cell:
@@ -133,7 +139,7 @@ class CapturedStep:
         groups = live.prepared.groups
         if any(groups.get(key) is not flat for key, flat in live.flats.items()):
             return False
-        if [p.data_ptr() for p in live.params] != live.param_ptrs:
+        if list(map(torch.Tensor.data_ptr, live.params)) != live.param_ptrs:
             return False
         if live.prepared.last_runner is self:
             return True
@@ -152,6 +158,11 @@ class CapturedStep:
 
     @staticmethod
     def _bind_grads(live: _Live, args: Sequence[Any]) -> None:
+        if live.grad_tables:
+            for table, indices in live.grad_tables:
+                if table.bind([args[i] for i in indices]):
+                    COUNTERS.grad_tables_written += 1
+            return
         homes: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for index, home, home_ptr, param in live.grad_slots:

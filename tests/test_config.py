@@ -13,13 +13,15 @@ from optcapture.config import parse_options
 
 def test_defaults() -> None:
     config = parse_options(None)
-    assert config == CaptureConfig(fallback="eager", bucketing=True, cudagraphs=True, align_elements=64)
+    assert config == CaptureConfig(fallback="eager", bucketing=True, cudagraphs=True, grads_in_place=True,
+                                   align_elements=64)
 
 
 def test_known_options_are_parsed() -> None:
     assert parse_options({"fallback": "raise", "bucketing": False}).fallback == "raise"
     assert parse_options({"cudagraphs": False}).cudagraphs is False
     assert parse_options(None, mode="max-autotune-no-cudagraphs").cudagraphs is False
+    assert parse_options({"grads_in_place": False}).grads_in_place is False
 
 
 def test_unknown_option_is_an_error_naming_it() -> None:
@@ -28,6 +30,7 @@ def test_unknown_option_is_an_error_naming_it() -> None:
 
 
 @pytest.mark.parametrize(("options", "error"), [({"fallback": "ignore"}, ValueError), ({"bucketing": 1}, TypeError),
+                                                ({"grads_in_place": "yes"}, TypeError),
                                                 ({"align_elements": 0}, ValueError)])
 def test_bad_values_are_errors(options: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):

@@ -97,15 +97,116 @@ def test_no_grad_copy_and_no_host_sync_in_steady_state() -> None:
     assert len(kernels) == 3 and all(k.startswith("triton_") for k in kernels), kernels
 
 
-def test_default_zero_grad_loop_copies_each_fresh_grad_once() -> None:
-    # zero_grad() (set_to_none=True) + backward: autograd allocates new grads, which are moved into their
-    # flat slots once per step (a foreach copy); documented cost, and the result stays exact.
+def test_fresh_grads_are_read_in_place_with_no_copy_and_no_host_sync() -> None:
+    # zero_grad() (set_to_none=True) + backward: autograd allocates new grads every step. The bucket kernel
+    # reads them through its grad table: no grad copy kernel, no host sync, one CUDA graph.
     _compat.reset_cudagraph_trees()
     pair = _adamw_pair()
     for seed in range(4):
         step_both(pair, seed)
+    assert optcapture.explain(pair.optimizer)[-1].grads == "in place"
+    fresh = [[torch.randn_like(p) for p in pair.model.parameters()] for _ in range(4)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for grads in fresh[:3]:
+            for p, grad in zip(pair.model.parameters(), grads, strict=True):
+                p.grad = grad.clone()
+            pair.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert optcapture.stats()["grads_copied"] == 0
+    for p, grad in zip(pair.model.parameters(), fresh[3], strict=True):
+        p.grad = grad.clone()
+    kernels = _kernels_in_one_step(pair.step)
+    copies = [k for k in kernels if not k.startswith("triton_")]
+    assert all("HtoD" in k for k in copies), kernels  # at most the table's few bytes, host to device
+    assert sum(k.startswith("triton_") for k in kernels) == 3, kernels
+    assert _compat.cudagraphs_recorded() == 1
+    for grads in fresh:  # eager takes the same four steps
+        for p, grad in zip(pair.eager_model.parameters(), grads, strict=True):
+            p.grad = grad.clone()
+        pair.eager.step()
+    for seed in range(4, 6):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+
+
+def test_grads_in_place_false_copies_each_fresh_grad_once() -> None:
+    _compat.reset_cudagraph_trees()
+    pair = _adamw_pair(grads_in_place=False)
+    for seed in range(4):
+        step_both(pair, seed)
+    assert optcapture.explain(pair.optimizer)[-1].grads == "copied"
     assert optcapture.stats()["grads_copied"] == 4 * 4
     assert_matches_eager(pair)
+
+
+def _mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda().to(dtype)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "RMSprop", "Adagrad"])
+def test_training_loop_with_default_zero_grad_matches_eager(name: str) -> None:
+    _compat.reset_cudagraph_trees()
+    kwargs: dict[str, Any] = {"lr": 1e-2}
+    if name in ("SGD", "RMSprop"):
+        kwargs["momentum"] = 0.9
+    models = [_mlp(), _mlp()]
+    opts = [getattr(torch.optim, name)(m.parameters(), **kwargs) for m in models]
+    step = torch.compile(opts[1].step, backend="optcapture")
+    data = torch.randn(16, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    for i in range(6):
+        # Autograd allocates every grad anew (zero_grad() sets them to None), as in any training loop. The
+        # loss is linear in the params, so both sides get the same grads and rounding cannot feed back.
+        generator = torch.Generator("cuda").manual_seed(i)
+        weights = [torch.randn(p.shape, device="cuda", generator=generator) for p in models[0].parameters()]
+        for model, opt, run in zip(models, opts, (opts[0].step, step), strict=True):
+            opt.zero_grad()
+            loss = (model(data) * 0).sum() + sum((p * w).sum() for p, w in zip(model.parameters(), weights,
+                                                                               strict=True))
+            loss.backward()
+            run()
+    torch.testing.assert_close(list(models[1].parameters()), list(models[0].parameters()))
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        for key, value in opts[0].state[p0].items():
+            torch.testing.assert_close(opts[1].state[p1][key].to(value.device), value)
+    assert optcapture.explain(opts[1])[-1].grads == "in place"
+    assert optcapture.stats()["grads_copied"] == 0
+    assert _compat.cudagraphs_recorded() == 1
+
+
+def test_mixed_dtypes_and_grads_that_come_and_go_read_in_place() -> None:
+    _compat.reset_cudagraph_trees()
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)).cuda()
+    model[1].to(torch.bfloat16)
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=1e-2), device="cuda", model=model)
+    for seed in range(6):
+        step_both(pair, seed, present=lambda i, seed=seed: i != 1 or seed % 3 != 0)
+    assert_matches_eager(pair, atol=1e-2, rtol=1e-2)  # bf16 params: eager's own rounding, per element
+    assert {r.grads for r in optcapture.explain(pair.optimizer) if r.path == "bucketed"} == {"in place"}
+    assert optcapture.stats()["grads_copied"] == 0
+
+
+def test_grad_table_layout_and_binding() -> None:
+    from optcapture import preparation
+    from optcapture.discovery import BucketKey
+
+    params = [torch.nn.Parameter(torch.zeros(n, device="cuda")) for n in (100, 64, 5)]
+    opt = torch.optim.SGD(params, lr=0.1)
+    flat = preparation._build_flat_group(opt, BucketKey(0, params[0].device, torch.float32), 64)
+    table = preparation.GradTable(flat, (0, 1, 2), chunk=64)
+    # members at offsets 0, 128, 192 (slots rounded up to 64 elements); 197 elements: 4 chunks
+    descriptor = table.descriptor.cpu()
+    assert descriptor[:16].view(torch.int32).tolist() == [0, 0, 1, 2]
+    assert (table.addresses_at, table.limits_at) == (2, 5)
+    assert descriptor[40:64].view(torch.int64).tolist() == [100, 192, 197]
+    assert table.virtual.shape == (197,) and table.virtual.data_ptr() == table.descriptor.data_ptr()
+    grads = [torch.randn(n, device="cuda") for n in (100, 64, 5)]
+    assert table.bind(grads) and not table.bind(grads)
+    torch.cuda.synchronize()
+    expected = [grads[0].data_ptr(), grads[1].data_ptr() - 128 * 4, grads[2].data_ptr() - 192 * 4]
+    assert table.descriptor.cpu()[16:40].view(torch.int64).tolist() == expected
 
 
 def test_float_lr_scheduler_never_recompiles_cuda() -> None:
