@@ -1,0 +1,58 @@
+"""Lane analysis on small hand-traced graphs: what it accepts as elementwise and what it refuses."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from optcapture import lanes
+
+
+def _analyze(fn: object, roles: list[tuple[tuple[int, int] | None, str]]) -> lanes.LaneReport:
+    gm = fx.symbolic_trace(fn)  # type: ignore[arg-type]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, roles, strict=True))
+    shapes = {lane: torch.Size([4]) for lane, _ in roles if lane is not None}
+    return lanes.analyze(gm, inputs, shapes)
+
+
+SGD_ROLES = [((0, 0), "param"), ((0, 0), "grad"), ((0, 1), "param"), ((0, 1), "grad"), (None, "hyper:lr")]
+
+
+def test_the_same_elementwise_update_on_two_params_gives_two_equal_programs() -> None:
+    def step(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        p0.add_(g0 * lr)
+        p1.add_(g1 * lr)
+
+    report = _analyze(step, SGD_ROLES)
+    assert report.elementwise, report.reason
+    assert set(report.programs) == {(0, 0), (0, 1)}
+    assert report.programs[(0, 0)] == report.programs[(0, 1)]
+
+
+def test_different_updates_give_different_programs() -> None:
+    def step(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        p0.add_(g0 * lr)
+        p1.sub_(g1 * lr)
+
+    report = _analyze(step, SGD_ROLES)
+    assert report.elementwise, report.reason
+    assert report.programs[(0, 0)] != report.programs[(0, 1)]
+
+
+def test_a_reduction_is_not_elementwise() -> None:
+    def step(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        p0.add_(g0 / g0.norm())
+        p1.add_(g1 / g1.norm())
+
+    report = _analyze(step, SGD_ROLES)
+    assert not report.elementwise and "norm" in report.reason
+
+
+def test_an_op_mixing_two_params_is_not_elementwise() -> None:
+    def step(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        p0.add_(g1 * lr)
+        p1.add_(g0 * lr)
+
+    report = _analyze(step, SGD_ROLES)
+    assert not report.elementwise

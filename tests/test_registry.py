@@ -1,0 +1,48 @@
+"""Reports and caches: explain, stats, reset, and reports that never keep an optimizer alive."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+from helpers import make_pair, step_both
+
+import optcapture
+
+
+def _captured_pair() -> object:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.1))
+    for seed in range(3):
+        step_both(pair, seed)
+    return pair
+
+
+def test_explain_describes_each_capture() -> None:
+    pair = _captured_pair()
+    reports = optcapture.explain(pair.optimizer)  # type: ignore[attr-defined]
+    assert [r.path for r in reports] == ["bucketed"]  # Dynamo creates Adam's state before tracing the step
+    bucketed = reports[0]
+    assert bucketed.kernels == 3 and bucketed.runs == 1 and bucketed.grads == "copied"
+    text = bucketed.describe()
+    assert text.startswith("Adam: bucketed (3 kernel(s) generated, 1 run(s), grads copied)")
+    assert "bucket group 0 cpu torch.float32: 4 tensors, 220 elements" in text
+    reports.clear()  # explain returns a copy
+    assert len(optcapture.explain(pair.optimizer)) == 1  # type: ignore[attr-defined]
+
+
+def test_stats_count_steps_and_reset_clears_everything() -> None:
+    pair = _captured_pair()
+    stats = optcapture.stats()
+    assert (stats["captures"], stats["bucketed"], stats["eager"], stats["steps"]) == (1, 1, 0, 3)
+    optcapture.reset()
+    assert set(optcapture.stats().values()) == {0}
+    assert optcapture.explain(pair.optimizer) == []  # type: ignore[attr-defined]
+
+
+def test_reports_do_not_keep_the_optimizer_alive() -> None:
+    pair = _captured_pair()
+    optimizer = weakref.ref(pair.optimizer)  # type: ignore[attr-defined]
+    del pair
+    gc.collect()
+    assert optimizer() is None
