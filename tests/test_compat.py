@@ -43,3 +43,22 @@ def test_tracer_sources_and_guard_drop_inside_a_backend() -> None:
 
 def test_kernel_counter_is_an_int() -> None:
     assert isinstance(_compat.generated_kernel_count(), int)
+
+
+def test_generated_modules_collects_the_wrapper_inductor_writes() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x.sin() + 1
+
+    with torch._inductor.config.patch(fx_graph_cache=False), _compat.generated_modules() as sources:
+        torch.compile(fn, backend="inductor")(torch.ones(8))
+    assert any("def call(" in source for source in sources), [s[:80] for s in sources]
+
+
+def test_rewriting_triton_kernels_patches_codegen_only_while_active() -> None:
+    from torch._inductor.codegen.triton import TritonKernel
+
+    original = TritonKernel.codegen_kernel
+    with _compat.rewriting_triton_kernels(lambda inputs, source: source, []) as names:
+        assert TritonKernel.codegen_kernel is not original
+        assert names == {}
+    assert TritonKernel.codegen_kernel is original
