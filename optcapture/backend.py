@@ -163,8 +163,10 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                              seconds=time.perf_counter() - began, kernels=lowered.kernels,
                              grads="in place" if tables else "copied")
+    followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
     live = _Live(prepared, flats, runs, _guarded(lowered, weakref.ref(optimizer), config, report), bindings,
-                 rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers), grad_tables)
+                 rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
+                 grad_tables, [(shadow.groups[g], key, g) for g, key in sorted(followed)])
     captured = CapturedStep(optimizer, live, _empty_output(gm))
     COUNTERS.bucketed += 1
     log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",

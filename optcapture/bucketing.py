@@ -20,6 +20,7 @@ import itertools
 import logging
 import types
 from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -54,6 +55,8 @@ class ShadowStep:
     tensor_hypers: set[HyperKey]
     run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]]
     """(member vector, first member, the run's own scalar): the scalar state the shadow steps."""
+    groups: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """The shadow's param groups by the real group index (their float values can be refreshed)."""
 
     @property
     def aliased(self) -> bool:
@@ -190,7 +193,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     # A code object of its own per shadow, so Dynamo's per-code cache never mixes two captures.
     code = step_runs.__code__.replace(co_name=f"optcapture_step_{next(_shadow_ids)}")
     call = types.FunctionType(code, step_runs.__globals__, code.co_name, None, step_runs.__closure__)
-    return ShadowStep(call, shadow, runs, set(tensor_hypers), run_scalars)
+    return ShadowStep(call, shadow, runs, set(tensor_hypers), run_scalars, groups)
 
 
 class _Traced(Exception):
@@ -262,10 +265,27 @@ def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
     return not any(node.op == "call_method" and node.target == "item" for node in gm.graph.nodes)
 
 
-def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run],
-                  tensor_hypers: set[HyperKey]) -> dict[HyperKey, Any]:
+def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hypers: set[HyperKey],
+                  followed: AbstractSet[HyperKey] = frozenset()) -> dict[HyperKey, Any]:
     """The float hyperparameters the shadow reads as constants, with the values it was built with."""
-    return {key: optimizer.param_groups[key[0]][key[1]] for key in hyper_candidates(optimizer, runs) - tensor_hypers}
+    keys = hyper_candidates(optimizer, runs) - tensor_hypers - followed
+    return {key: optimizer.param_groups[key[0]][key[1]] for key in keys}
+
+
+def followed_hypers(step: StepGraph, optimizer: torch.optim.Optimizer, runs: list[Run],
+                    tensor_hypers: set[HyperKey]) -> set[HyperKey]:
+    """Float hyperparameters that must stay Python numbers (they steer control flow, like SGD's ``momentum``)
+    but that the real step already reads as a graph input, i.e. Dynamo made them dynamic after a change.
+
+    The shadow follows them: their live value is written into its param group before each step, and
+    Dynamo recompiles the shadow's frame once, to read them as inputs too, instead of optcapture
+    rebuilding the capture at every change (a scheduler cycling ``momentum`` changes it every step).
+    A change that flips the control flow fails the real step's own guard, which recaptures.
+    """
+    read_as_input = {(role.group, role.key) for role in step.roles if role.kind == "hyper" and role.group is not None}
+    candidates = hyper_candidates(optimizer, runs) - tensor_hypers
+    return {key for key in candidates if key in read_as_input
+            and type(optimizer.param_groups[key[0]][key[1]]) is float}
 
 
 def _same_program(real: Hashable, shadow: Hashable) -> bool:

@@ -62,9 +62,12 @@ class _Live:
                  rebuild: Callable[[], CapturedStep],
                  run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
                  frozen_hypers: dict[tuple[int, str], Any],
-                 grad_tables: Sequence[tuple[GradTable, list[int]]] = ()) -> None:
+                 grad_tables: Sequence[tuple[GradTable, list[int]]] = (),
+                 followed: Sequence[tuple[dict[str, Any], str, int]] = ()) -> None:
         self.prepared = prepared
         self.frozen_hypers = frozen_hypers
+        # (shadow param group, key, real group index): floats written into the shadow before each step.
+        self.followed = list(followed)
         self.run_scalars = list(run_scalars)
         self.flats = flats
         self.runs = runs
@@ -122,6 +125,10 @@ class CapturedStep:
             return cell.replacement(*args)
         self._bind_grads(live, args)
         live.prepared.refresh_hypers()
+        if live.followed:
+            groups = live.prepared.optimizer_ref().param_groups  # type: ignore[union-attr]
+            for shadow_group, key, g in live.followed:
+                shadow_group[key] = groups[g][key]
         live.compiled()
         live.prepared.last_runner = self
         COUNTERS.steps += 1

@@ -73,6 +73,27 @@ def test_onecycle_cycling_adam_betas_does_not_recompile() -> None:
     assert_matches_eager(pair)
 
 
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+@pytest.mark.parametrize("schedule", ["OneCycleLR", "CyclicLR"])
+def test_cycling_momentum_never_rebuilds_the_capture(name: str, schedule: str) -> None:
+    # momentum steers control flow (``if momentum != 0``), so it cannot be a device tensor. Dynamo makes it
+    # a graph input after its first change (one recompile, as stock torch.compile does); from then on the
+    # shadow follows the live value, with no rebuild and no further compile, however often it changes.
+    make_scheduler = {
+        "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=20),
+        "CyclicLR": lambda o: lr_scheduler.CyclicLR(o, base_lr=0.001, max_lr=0.02, step_size_up=3),
+    }[schedule]
+    pair = make_pair(lambda p: getattr(torch.optim, name)(p, lr=0.01, momentum=0.9), scheduler=make_scheduler)
+    momenta = set()
+    for seed in range(8):
+        step_both(pair, seed)
+        momenta.add(pair.optimizer.param_groups[0]["momentum"])
+    assert len(momenta) >= 6
+    assert optcapture.stats()["rebuilds"] == 0
+    assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
+    assert_matches_eager(pair)
+
+
 def test_state_cleared_recompiles_exactly_once() -> None:
     pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
     for seed in range(4):

@@ -234,3 +234,14 @@ def test_kernel_counts_cuda() -> None:
             _steady(pair, 0, 3)
             counts[name] = _compat.generated_kernel_count() - before
     assert_expected_inline(str(counts), """{'adamw_foreach': 3, 'adamw_single': 3, 'sgd_momentum': 1}""")
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding(name: str) -> None:
+    _compat.reset_cudagraph_trees()
+    pair = make_pair(lambda p: getattr(torch.optim, name)(p, lr=1e-2, momentum=0.9), device="cuda",
+                     scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=20))
+    _steady(pair, 0, 8)
+    assert optcapture.stats()["rebuilds"] == 0
+    assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
+    assert_matches_eager(pair)
