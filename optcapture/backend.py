@@ -86,7 +86,7 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     prepared = registry.prepared_for(optimizer, config)
     flats = preparation.prepare(step, prepared)
     runs = bucketing.plan_runs(step, flats)
-    tables = _grad_tables(runs, flats, config)
+    tables = _grad_tables(step, runs, flats, config)
     if tables:
         try:
             return _capture_runs(step, gm, config, tracer, began, required_hypers, flats, runs, tables)
@@ -96,10 +96,18 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     return _capture_runs(step, gm, config, tracer, began, required_hypers, flats, runs, [])
 
 
-def _grad_tables(runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
+def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
                  config: CaptureConfig) -> list[preparation.GradTable]:
     """One grad table per run when every run's grads can be read where autograd leaves them; else none."""
     if not config.grads_in_place:
+        return []
+    optimizer = step.optimizer
+    assert optimizer is not None
+    if not type(optimizer).__module__.startswith("torch.optim.") and \
+            bucketing.followed_hypers(step, optimizer, runs, set()):
+        # A followed hyperparameter recompiles the shadow's frame during a step, when the virtual grads cannot
+        # be backed by memory, and a user's foreach code may read its operands while Dynamo traces it.
+        log.info("grads are copied into flat storage: the step reads a float hyperparameter as an input")
         return []
     for run in runs:
         reason = preparation.grads_fit_table(flats[run.key], run.positions)
