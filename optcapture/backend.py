@@ -103,8 +103,7 @@ def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketK
         return []
     optimizer = step.optimizer
     assert optimizer is not None
-    if not type(optimizer).__module__.startswith("torch.optim.") and \
-            bucketing.followed_hypers(step, optimizer, runs, set()):
+    if not bucketing.is_stock(optimizer) and bucketing.followed_hypers(step, optimizer, runs, set()):
         # A followed hyperparameter recompiles the shadow's frame during a step, when the virtual grads cannot
         # be backed by memory, and a user's foreach code may read its operands while Dynamo traces it.
         log.info("grads are copied into flat storage: the step reads a float hyperparameter as an input")

@@ -113,6 +113,11 @@ def unwrapped_step(optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def is_stock(optimizer: torch.optim.Optimizer) -> bool:
+    """A ``torch.optim`` class (whose foreach and single-tensor forms PyTorch's own tests prove equal)."""
+    return type(optimizer).__module__.startswith("torch.optim.")
+
+
 def _static(tensor: torch.Tensor) -> torch.Tensor:
     _compat.mark_static(tensor)
     return tensor
@@ -133,7 +138,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     ``run_grads``: each run's grad (a :class:`~optcapture.preparation.GradTable`'s virtual tensor); by
     default, the run's slice of the flat grad storage.
     """
-    stock = type(optimizer).__module__.startswith("torch.optim.")
+    stock = is_stock(optimizer)
     cls: Any = type(optimizer)
     shadow = cls.__new__(cls)
     shadow.__dict__.update(optimizer.__dict__)

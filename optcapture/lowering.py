@@ -7,7 +7,7 @@ gave us. Inductor configuration is patched per compile only (``compile_fx(config
 The shadow step is compiled when it is captured, not when it first runs: Dynamo traces it and Inductor
 compiles the graph behind a gate that stays shut for that trace call, so nothing steps until the capture
 is armed, and a failed check (e.g. of the grad-table rewrite) costs nothing but the compile. A shadow
-whose step has Python side effects (which Dynamo replays after the graph) is compiled by its first real
+whose graph returns tensors to Python (to rebuild Python state after it) is compiled by its first real
 call instead.
 
 Invariant: lowering never runs a step; the callables it returns do, when called. A compile that reads

@@ -92,9 +92,7 @@ class FlatGroup:
         reads grads where they are, so it costs no grad-sized buffer)."""
         flat = self.flats.get("grad")
         if flat is None:
-            flat = torch.zeros(self.numel, dtype=self.key.dtype, device=self.key.device)
-            _compat.mark_static(flat)
-            self.flats["grad"] = flat
+            flat = self.flats["grad"] = _flat_buffer(self.numel, self.key)
             self.grad_homes = [alias(flat, offset, p.shape) for p, offset in zip(self.params, self.offsets,
                                                                                    strict=True)]
         return flat
@@ -256,6 +254,13 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def _flat_buffer(numel: int, key: BucketKey) -> torch.Tensor:
+    """A zeroed flat buffer of one role of a bucket, at a stable address."""
+    flat = torch.zeros(numel, dtype=key.dtype, device=key.device)
+    _compat.mark_static(flat)
+    return flat
+
+
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
@@ -283,9 +288,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     homes: dict[str, list[torch.Tensor]] = {}
 
     def make_flat(role: str) -> torch.Tensor:
-        flat = torch.zeros(total, dtype=key.dtype, device=key.device)
-        _compat.mark_static(flat)
-        flats[role] = flat
+        flat = flats[role] = _flat_buffer(total, key)
         return flat
 
     for role in ["param", *(f"state:{k}" for k in tensor_keys)]:
