@@ -31,6 +31,15 @@ def current_tracer() -> Any | None:
         return None
 
 
+def frame_has_no_side_effects(tracer: Any) -> bool:
+    """True when Dynamo replays no Python side effect after the graph of the frame being compiled
+    (False when that cannot be told)."""
+    try:
+        return bool(tracer.output.side_effects.is_empty())
+    except AttributeError:
+        return False
+
+
 def source_name(source: Any) -> str:
     """``Source.name`` is a method in some torch versions and a property in others."""
     name = source.name

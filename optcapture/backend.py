@@ -139,8 +139,9 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
         if not required_hypers <= tensor_hypers:
             raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
         shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
+        followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
         try:
-            lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables)
+            lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables, bool(followed))
         except Exception as error:
             if tables:
                 raise
@@ -170,7 +171,6 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                              seconds=time.perf_counter() - began, kernels=lowered.kernels,
                              grads="in place" if tables else "copied")
-    followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
     live = _Live(prepared, flats, runs, _guarded(lowered, weakref.ref(optimizer), config, report), bindings,
                  rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
                  grad_tables, [(shadow.groups[g], key, g) for g, key in sorted(followed)])

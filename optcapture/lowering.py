@@ -8,7 +8,8 @@ The shadow step is compiled when it is captured, not when it first runs: Dynamo 
 compiles the graph behind a gate that stays shut for that trace call, so nothing steps until the capture
 is armed, and a failed check (e.g. of the grad-table rewrite) costs nothing but the compile. A shadow
 whose graph returns tensors to Python (to rebuild Python state after it) is compiled by its first real
-call instead.
+call instead. Once two steps show the shadow's frame to be the same call of the same compiled graph on the
+same inputs, leaving Python state as it was, steps call that graph directly (:class:`_ShadowRunner`).
 
 Invariant: lowering never runs a step; the callables it returns do, when called. A compile that reads
 grads through a table is returned only after every read of a grad was verified to be rewritten.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from optcapture import _compat
-from optcapture.bucketing import ShadowStep
+from optcapture.bucketing import ShadowStep, is_stock
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError
 from optcapture.preparation import GradTable
@@ -50,11 +52,80 @@ class LoweredShadow:
     kernels: int | None  # None: compiled lazily, by the first call
 
 
+class _ShadowRunner:
+    """Runs the compiled shadow step: through Dynamo's frame until two steps in a row show that frame to be one
+    call of the same compiled graph with the same input objects and no change to the shadow's Python state;
+    from then on it makes that call itself.
+
+    Why: the shadow's frame costs tens of microseconds a step (entering Dynamo, guards, fetching inputs), a
+    large share of a launch-bound step (issue #4). What the frame guards is the capture's own: flat storage,
+    device hyperparameters written in place, a shadow optimizer no user code sees; what can still change
+    (the real optimizer's float hyperparameters, its storage) is checked by the replay stage every step and
+    rebuilds the capture. Never skipped: a frame that reads a Python value the replay stage rewrites each step
+    (``follows_python_values``), and a user optimizer's frame with Python side effects.
+    """
+
+    def __init__(self, through_dynamo: Callable[[], None], shadow: torch.optim.Optimizer, may_skip: bool) -> None:
+        self._through_dynamo = through_dynamo
+        self._shadow = shadow
+        self._may_skip = may_skip
+        self._called: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+        self._previous: tuple[Callable[..., Any], tuple[Any, ...], Any] | None = None
+        self.direct: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
+
+    def record(self, compiled: Callable[..., Any], args: tuple[Any, ...], pure: bool) -> None:
+        """Called by the gate, inside Dynamo's frame: what the frame called. ``pure``: no Python side effects."""
+        self._called = (compiled, args) if pure else None
+
+    def __call__(self) -> None:
+        direct = self.direct
+        if direct is not None:
+            direct[0](*direct[1])
+            return
+        if not self._may_skip:
+            self._through_dynamo()
+            return
+        before = python_state(self._shadow)
+        self._called = None
+        self._through_dynamo()
+        called, self._called = self._called, None
+        after = python_state(self._shadow)
+        if called is None or before != after:
+            self._previous = None
+            return
+        previous = self._previous
+        if (previous is not None and previous[0] is called[0] and previous[2] == after
+                and len(previous[1]) == len(called[1]) and all(map(operator.is_, previous[1], called[1]))):
+            self.direct = called
+            self._previous = None
+            log.info("the shadow step's frame is steady: calling its compiled graph directly from now on")
+            return
+        self._previous = (*called, after)
+
+
+def python_state(optimizer: torch.optim.Optimizer) -> Any:
+    """What of an optimizer's Python state a step could change: object identity for tensors, values otherwise."""
+    return ([(id(p), _fingerprint(s)) for p, s in optimizer.state.items()],
+            [_fingerprint(g) for g in optimizer.param_groups], _fingerprint(vars(optimizer)))
+
+
+def _fingerprint(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple((key, _fingerprint(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_fingerprint(item) for item in value))
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    return (type(value), id(value))
+
+
 def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device,
-                 tables: Sequence[GradTable] = ()) -> LoweredShadow:
+                 tables: Sequence[GradTable] = (), follows_python_values: bool = False) -> LoweredShadow:
     """The shadow step compiled by Inductor; replays under CUDA graph trees on CUDA when enabled.
 
     ``tables``: the grad tables the shadow's runs read their grads through (empty: real flat grads).
+    ``follows_python_values``: the replay stage writes Python values the shadow's frame reads before each step,
+    so every step must go through Dynamo's frame.
     Raises :class:`CaptureError` when a table capture cannot be proven to read every grad through its table.
     """
     patches = inductor_patches(config, device, cudagraphs=not shadow.aliased)
@@ -65,6 +136,9 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
         patches.update(_TABLE_PATCHES)
     armed = [False]
     kernels: list[int] = []
+    runner: list[_ShadowRunner] = []
+    # Stock optimizers touch no Python state outside the optimizer, which the runner compares around a step.
+    known_effects = is_stock(shadow.shadow)
 
     def capture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         _log_inputs(gm, example_inputs)
@@ -76,12 +150,17 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
                 raise CaptureError("the shadow step returns tensors to Python; grads are copied instead")
             raise _Deferred("the shadow step returns tensors to Python")
         loads = _indirect_loads(tables, example_inputs) if tables else None
+        pure = known_effects or _compat.frame_has_no_side_effects(_compat.current_tracer())
         compiled, count = _compile(gm, example_inputs, patches, loads)
         kernels.append(count)
 
         def gate(*args: Any) -> Any:
             # The capture's own trace call must not step: the graph runs only once the capture is armed.
-            return compiled(*args) if armed[0] else ()
+            if not armed[0]:
+                return ()
+            if runner:
+                runner[0].record(compiled, args, pure)
+            return compiled(*args)
 
         return gate
 
@@ -90,7 +169,8 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     deferred = _run_trace(shadow_step)
     armed[0] = True
     if not deferred:
-        return LoweredShadow(shadow_step, kernels[0] if kernels else None)
+        runner.append(_ShadowRunner(shadow_step, shadow.shadow, may_skip=not follows_python_values))
+        return LoweredShadow(runner[0], kernels[0] if kernels else None)
 
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         # A failed grad-table check here fails the first step's compile, which then steps eagerly.

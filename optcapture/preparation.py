@@ -142,9 +142,9 @@ class GradTable:
         self._offset_bytes = [o * itemsize for o in offsets]
         self._bound: list[int] = []
 
-    def bind(self, grads: list[torch.Tensor]) -> bool:
+    def bind(self, grads: Sequence[torch.Tensor]) -> bool:
         """Point the table at ``grads`` (one per member); True when an address changed and was written."""
-        pointers = [g.data_ptr() for g in grads]
+        pointers = list(map(torch.Tensor.data_ptr, grads))
         if pointers == self._bound:
             return False
         values = torch.tensor([p - o for p, o in zip(pointers, self._offset_bytes, strict=True)], dtype=torch.int64)

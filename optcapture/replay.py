@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,11 +78,24 @@ class _Live:
         # Per-call checks read precomputed addresses; they are the host cost of every step.
         self.params = [flat.params[j] for flat, j in members]
         self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
-        # (table, graph input index of each member's grad): set when grads are read in place.
-        self.grad_tables = list(grad_tables)
+        # (table, picker of each member's grad from the graph inputs): set when grads are read in place.
+        self.grad_tables = [(table, _picker(indices)) for table, indices in grad_tables]
         self.grad_slots = [] if self.grad_tables else [
             (b.arg_index, b.flat.grad_homes[b.position], b.flat.grad_homes[b.position].data_ptr(),
              b.flat.params[b.position]) for b in grad_bindings]
+        # The steady state of copied grads: every p.grad is the slot optcapture gave it last step.
+        self.pick_grads = _picker([slot[0] for slot in self.grad_slots])
+        self.grad_homes = tuple(slot[1] for slot in self.grad_slots)
+
+
+def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``args -> tuple(args[i] for i in indices)``, in C (the per-step host cost scales with the tensor count)."""
+    if len(indices) == 1:
+        (index,) = indices
+        return lambda args: (args[index],)
+    if not indices:
+        return lambda args: ()
+    return operator.itemgetter(*indices)
 
 
 class _Cell:
@@ -166,15 +180,17 @@ class CapturedStep:
     @staticmethod
     def _bind_grads(live: _Live, args: Sequence[Any]) -> None:
         if live.grad_tables:
-            for table, indices in live.grad_tables:
-                if table.bind([args[i] for i in indices]):
+            for table, pick in live.grad_tables:
+                if table.bind(pick(args)):
                     COUNTERS.grad_tables_written += 1
+            return
+        if all(map(operator.is_, live.pick_grads(args), live.grad_homes)):
             return
         homes: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         for index, home, home_ptr, param in live.grad_slots:
             grad = args[index]
-            if grad is home:  # the steady state: p.grad is the slot optcapture gave it last step
+            if grad is home:
                 continue
             if grad.data_ptr() != home_ptr:
                 homes.append(home)

@@ -67,3 +67,125 @@ def test_a_shadow_with_python_side_effects_is_compiled_by_its_first_real_step() 
     # (Dynamo guards the list's length, so each step recompiles; every compile is bucketed.)
     assert {r.path for r in optcapture.explain(pair.optimizer)} == {"bucketed"}
     assert len(STEPS_TAKEN) == 4 + 4, STEPS_TAKEN
+
+
+class FakeFrame:
+    """Stands in for the shadow's Dynamo frame: reports what it called to the runner, as the gate does."""
+
+    def __init__(self, shadow: torch.optim.Optimizer) -> None:
+        self.runner: lowering._ShadowRunner | None = None
+        self.calls = 0
+        self.args: tuple[object, ...] = (torch.zeros(2),)
+        self.pure = True
+        self.graph_calls = 0
+
+        def graph(*args: object) -> None:
+            self.graph_calls += 1
+
+        self.graph = graph
+
+    def __call__(self) -> None:
+        self.calls += 1
+        assert self.runner is not None
+        self.runner.record(self.graph, self.args, self.pure)
+        self.graph(*self.args)
+
+
+def fake_runner(may_skip: bool = True) -> tuple[lowering._ShadowRunner, FakeFrame, torch.optim.Optimizer]:
+    shadow = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    frame = FakeFrame(shadow)
+    frame.runner = lowering._ShadowRunner(frame, shadow, may_skip)
+    return frame.runner, frame, shadow
+
+
+def test_runner_calls_the_graph_directly_once_two_steps_agree() -> None:
+    runner, frame, _ = fake_runner()
+    for _ in range(5):
+        runner()
+    assert frame.calls == 2 and frame.graph_calls == 5
+    assert runner.direct is not None
+
+
+def test_runner_stays_in_dynamo_when_python_state_changes_between_steps() -> None:
+    runner, frame, shadow = fake_runner()
+    for i in range(5):
+        shadow.param_groups[0]["lr"] = 0.1 * (i + 1)  # what the replay stage does with a followed value
+        runner()
+    assert frame.calls == 5 and runner.direct is None
+
+
+def test_runner_stays_in_dynamo_when_the_frame_changes_python_state() -> None:
+    runner, frame, shadow = fake_runner()
+    original = frame.graph
+
+    def counting(*args: object) -> None:
+        original(*args)
+        shadow.param_groups[0]["steps"] = frame.graph_calls
+
+    frame.graph = counting
+    for _ in range(5):
+        runner()
+    assert frame.calls == 5 and runner.direct is None
+
+
+def test_runner_stays_in_dynamo_for_new_inputs_side_effects_or_when_told() -> None:
+    runner, frame, _ = fake_runner()
+    for _ in range(4):
+        frame.args = (torch.zeros(2),)
+        runner()
+    assert frame.calls == 4 and runner.direct is None
+
+    runner, frame, _ = fake_runner()
+    frame.pure = False
+    for _ in range(4):
+        runner()
+    assert frame.calls == 4 and runner.direct is None
+
+    runner, frame, _ = fake_runner(may_skip=False)
+    for _ in range(4):
+        runner()
+    assert frame.calls == 4 and runner.direct is None
+
+
+def lowered_runners(make_opt: object, steps: int, **pair_args: object) -> tuple[list[object], object]:
+    import pytest
+
+    lowered: list[lowering.LoweredShadow] = []
+    original = lowering.lower_shadow
+
+    def spy(*args: object, **kwargs: object) -> lowering.LoweredShadow:
+        result = original(*args, **kwargs)  # type: ignore[arg-type]
+        lowered.append(result)
+        return result
+
+    patcher = pytest.MonkeyPatch()
+    patcher.setattr(lowering, "lower_shadow", spy)
+    try:
+        pair = make_pair(make_opt, **pair_args)  # type: ignore[arg-type]
+        for seed in range(steps):
+            step_both(pair, seed)
+            if pair.scheduler is not None:
+                pair.scheduler.step()
+                pair.eager_scheduler.step()
+    finally:
+        patcher.undo()
+    torch.testing.assert_close(list(pair.model.parameters()), list(pair.eager_model.parameters()))
+    torch.testing.assert_close(pair.optimizer.state_dict()["state"], pair.eager.state_dict()["state"])
+    return [result.call for result in lowered], pair
+
+
+def test_stock_steps_skip_the_shadow_frame_and_match_eager() -> None:
+    # SGD re-stores its momentum buffers in Python after the graph: the same objects, so still skippable.
+    for make_opt in (lambda p: torch.optim.Adam(p, lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)):
+        calls, _ = lowered_runners(make_opt, steps=5)
+        assert len(calls) >= 1
+        assert isinstance(calls[-1], lowering._ShadowRunner) and calls[-1].direct is not None
+
+
+def test_a_followed_hyperparameter_keeps_every_step_in_dynamo() -> None:
+    def cycled(optimizer: torch.optim.Optimizer) -> object:
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
+
+    calls, _ = lowered_runners(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), steps=6, scheduler=cycled)
+    last = calls[-1]
+    assert isinstance(last, lowering._ShadowRunner) and last.direct is None
