@@ -51,15 +51,21 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 
 def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
               config: CaptureConfig) -> Callable[..., Any]:
-    if any(_LAZY_STATE in reason for reason in step.blockers):
+    lasting = [reason for reason in step.blockers if _LAZY_STATE not in reason]
+    reason = "; ".join(lasting) or "unknown"
+    owner = type(step.optimizer).__name__ if step.optimizer else "a function"
+    if len(lasting) < len(step.blockers):
         # The first step of an optimizer that creates its state inside step(): run the traced graph
-        # once; the state it creates changes the guards and the next call is captured.
+        # once; the state it creates changes the guards and the next call is captured, unless another
+        # reason stands in the way, which is said now.
+        if lasting and config.fallback == "raise":
+            raise UnsupportedStepError(f"cannot capture this step: {reason}")
+        if lasting:
+            warn_once(f"step of {owner} runs as traced: {reason}", key=f"{owner}: {reason}")
         return _as_traced(step, gm, step.blockers)
-    reason = "; ".join(step.blockers) or "unknown"
     if config.fallback == "raise":
         raise UnsupportedStepError(f"cannot capture this step: {reason}")
-    warn_once(f"step of {type(step.optimizer).__name__ if step.optimizer else 'a function'} runs per tensor "
-              f"(stock Inductor): {reason}")
+    warn_once(f"step of {owner} runs per tensor (stock Inductor): {reason}", key=f"{owner}: {reason}")
     before = _compat.generated_kernel_count()
     try:
         compiled = lowering.lower_graph(gm, example_inputs, config)

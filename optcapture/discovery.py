@@ -156,6 +156,9 @@ def _graph_outputs(gm: GraphModule) -> list[Any]:
     return flat
 
 
+_CLOSURE_COUPLED = (torch.optim.LBFGS,)
+
+
 def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None = None,
              require_step_frame: bool = True) -> StepGraph:
     """Map the inputs of ``gm`` to roles and group the params into buckets."""
@@ -182,7 +185,12 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     frame_is_step = bool(optimizer is not None and tracer is not None
                          and tracer.f_code in _step_codes(optimizer)
                          and optimizer in _candidate_optimizers(local_values.values()))
-    if optimizer is not None and not frame_is_step and require_step_frame:
+    if isinstance(optimizer, _CLOSURE_COUPLED):
+        # LBFGS's step calls the closure in a loop (line search) and keeps per-step history in Python: no
+        # single elementwise update to bucket. Its frames reach the backend one piece at a time.
+        blockers.append(f"{type(optimizer).__name__} is closure-coupled (its step re-evaluates the closure "
+                        "and keeps a Python history); its pieces run per tensor")
+    elif optimizer is not None and not frame_is_step and require_step_frame:
         blockers.append("the compiled function is not the optimizer's own step (a user function that "
                         "calls step() is compiled as a whole graph)")
 

@@ -9,6 +9,7 @@ import torch
 from helpers import NormalizedSGD, assert_matches_eager, make_model, make_pair, paths, squared_loss_closure, step_both
 
 import optcapture
+from optcapture import errors
 
 
 def _warnings_of(fn: object) -> list[str]:
@@ -58,6 +59,36 @@ def test_fallback_is_warned_once_per_reason() -> None:
     assert paths(pair.optimizer) == ["per-tensor"]
 
 
+class NormalizedMomentum(torch.optim.Optimizer):
+    """Not elementwise (a per-tensor norm), and creates its state in its first step."""
+
+    def __init__(self, params: object, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "buf" not in state:
+                    state["buf"] = torch.zeros_like(p)
+                state["buf"].mul_(0.9).add_(p.grad / p.grad.norm())
+                p.add_(state["buf"], alpha=-group["lr"])
+
+
+def test_a_reason_is_warned_once_whether_the_first_step_runs_as_traced_or_per_tensor() -> None:
+    # The first step creates the state (runs as traced), the next ones run per tensor: both are not bucketed
+    # for the same reason, which is said once, at the first step.
+    pair = make_pair(lambda p: NormalizedMomentum(p))
+    errors.clear_warnings()
+    first = _warnings_of(lambda: step_both(pair, 0))
+    later = _warnings_of(lambda: [step_both(pair, seed) for seed in (1, 2)])
+    assert len(first) == 1 and "not provably elementwise" in first[0], first
+    assert later == []
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer) == ["eager", "per-tensor"]
+
+
 def test_fallback_raise_names_the_reason() -> None:
     pair = make_pair(lambda p: NormalizedSGD(p), options={"fallback": "raise"})
     with pytest.raises(Exception, match="not provably elementwise"):
@@ -71,10 +102,36 @@ def test_lbfgs_with_closure_runs_eagerly_and_matches() -> None:
 
     opt, eager = torch.optim.LBFGS(model.parameters()), torch.optim.LBFGS(eager_model.parameters())
     step = torch.compile(opt.step, backend="optcapture")
-    for _ in range(2):
-        step(squared_loss_closure(model, opt, data))
-        eager.step(squared_loss_closure(eager_model, eager, data))
+    errors.clear_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            step(squared_loss_closure(model, opt, data))
+            eager.step(squared_loss_closure(eager_model, eager, data))
     torch.testing.assert_close(list(model.parameters()), list(eager_model.parameters()))
+    # Dynamo disables LBFGS.step once it has patched torch.optim (the first compile of a process does that),
+    # so whether its pieces reach the backend depends on what the process compiled before.
+    named = [str(w.message) for w in caught if "optcapture" in str(w.message)]
+    assert len(named) <= 1 and all("LBFGS is closure-coupled" in m for m in named), named
+
+
+def test_lbfgs_pieces_that_reach_the_backend_are_named_closure_coupled_once() -> None:
+    model = make_model()
+    opt = torch.optim.LBFGS(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+
+    def flat_grad(optimizer: torch.optim.LBFGS) -> torch.Tensor:
+        return optimizer._gather_flat_grad()
+
+    errors.clear_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(flat_grad, backend="optcapture")
+        for _ in range(2):
+            torch.testing.assert_close(compiled(opt), torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    named = [str(w.message) for w in caught if "optcapture" in str(w.message)]
+    assert len(named) == 1 and "LBFGS is closure-coupled" in named[0], named
 
 
 def test_sparse_adam_runs_and_matches() -> None:
