@@ -111,3 +111,19 @@ def squared_loss_closure(model: nn.Module, optimizer: torch.optim.Optimizer, dat
         return loss
 
     return closure
+
+
+# Every stock elementwise optimizer, in its foreach (True) or single-tensor (False) form.
+STOCK = {
+    "Adadelta": lambda p, fe: torch.optim.Adadelta(p, foreach=fe),
+    "Adagrad": lambda p, fe: torch.optim.Adagrad(p, foreach=fe),
+    "Adam": lambda p, fe: torch.optim.Adam(p, foreach=fe),
+    "AdamW": lambda p, fe: torch.optim.AdamW(p, foreach=fe),
+    "Adamax": lambda p, fe: torch.optim.Adamax(p, foreach=fe),
+    "ASGD": lambda p, fe: torch.optim.ASGD(p, foreach=fe),
+    "NAdam": lambda p, fe: torch.optim.NAdam(p, foreach=fe),
+    "RAdam": lambda p, fe: torch.optim.RAdam(p, foreach=fe),
+    "RMSprop": lambda p, fe: torch.optim.RMSprop(p, foreach=fe),
+    "Rprop": lambda p, fe: torch.optim.Rprop(p, foreach=fe),
+    "SGD": lambda p, fe: torch.optim.SGD(p, lr=0.1, foreach=fe),
+}

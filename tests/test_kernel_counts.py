@@ -7,24 +7,10 @@ import pytest
 import torch
 import torch._inductor.config
 from expecttest import assert_expected_inline
-from helpers import make_pair, paths, step_both
+from helpers import STOCK, make_pair, paths, step_both
 
 import optcapture
 from optcapture import _compat
-
-STOCK = {
-    "Adadelta": lambda p, fe: torch.optim.Adadelta(p, foreach=fe),
-    "Adagrad": lambda p, fe: torch.optim.Adagrad(p, foreach=fe),
-    "Adam": lambda p, fe: torch.optim.Adam(p, foreach=fe),
-    "AdamW": lambda p, fe: torch.optim.AdamW(p, foreach=fe),
-    "Adamax": lambda p, fe: torch.optim.Adamax(p, foreach=fe),
-    "ASGD": lambda p, fe: torch.optim.ASGD(p, foreach=fe),
-    "NAdam": lambda p, fe: torch.optim.NAdam(p, foreach=fe),
-    "RAdam": lambda p, fe: torch.optim.RAdam(p, foreach=fe),
-    "RMSprop": lambda p, fe: torch.optim.RMSprop(p, foreach=fe),
-    "Rprop": lambda p, fe: torch.optim.Rprop(p, foreach=fe),
-    "SGD": lambda p, fe: torch.optim.SGD(p, lr=0.1, foreach=fe),
-}
 
 
 def _kernels(make: object, steps: int = 2) -> tuple[int, list[str]]:

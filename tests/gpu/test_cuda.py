@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_pair, paths, step_both
+from helpers import STOCK, assert_matches_eager, make_pair, paths, step_both
 from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs, optim_db
 
 import optcapture
@@ -223,17 +223,43 @@ def test_kernel_counts_cuda() -> None:
     from expecttest import assert_expected_inline
 
     counts = {}
-    for name, make in [("adamw_foreach", lambda p: torch.optim.AdamW(p, foreach=True)),
-                       ("adamw_single", lambda p: torch.optim.AdamW(p, foreach=False)),
-                       ("sgd_momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))]:
+    makers = {f"{name}{'-foreach' if foreach else ''}": (lambda p, make=make, fe=foreach: make(p, fe))
+              for name, make in STOCK.items() for foreach in (False, True)}
+    makers["SGD-momentum"] = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    for name, make in makers.items():
         torch._dynamo.reset()
         _compat.reset_cudagraph_trees()
         with torch._inductor.config.patch(fx_graph_cache=False):
             before = _compat.generated_kernel_count()
             pair = make_pair(make, device="cuda")
             _steady(pair, 0, 3)
+            taken = paths(pair.optimizer)  # SGD's momentum buffers appear in its first step, which runs as traced
+            assert taken[-1] == "bucketed" and taken.count("bucketed") == 1, (name, taken)
             counts[name] = _compat.generated_kernel_count() - before
-    assert_expected_inline(str(counts), """{'adamw_foreach': 3, 'adamw_single': 3, 'sgd_momentum': 1}""")
+    assert_expected_inline("\n".join(f"{k}: {v}" for k, v in counts.items()), """\
+Adadelta: 3
+Adadelta-foreach: 3
+Adagrad: 3
+Adagrad-foreach: 3
+Adam: 3
+Adam-foreach: 3
+AdamW: 3
+AdamW-foreach: 3
+Adamax: 3
+Adamax-foreach: 3
+ASGD: 5
+ASGD-foreach: 5
+NAdam: 5
+NAdam-foreach: 5
+RAdam: 3
+RAdam-foreach: 3
+RMSprop: 3
+RMSprop-foreach: 3
+Rprop: 3
+Rprop-foreach: 3
+SGD: 1
+SGD-foreach: 1
+SGD-momentum: 1""")
 
 
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])
