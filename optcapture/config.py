@@ -16,6 +16,7 @@ DEFAULT_FALLBACK: FallbackPolicy = "eager"
 DEFAULT_BUCKETING = True
 DEFAULT_CUDAGRAPHS = True
 DEFAULT_GRADS_IN_PLACE = True
+DEFAULT_AUTOTUNE = False
 DEFAULT_ALIGN_ELEMENTS = 64  # 256 B for fp32: keeps every tensor's slot 16-byte aligned for vector loads
 
 
@@ -32,6 +33,10 @@ class CaptureConfig:
         table of addresses, so a default ``zero_grad()`` loop costs no grad copy. ``False`` copies fresh
         grads into flat storage before each step (the CPU path always does).
     align_elements: each tensor's slot in a flat bucket starts at a multiple of this many elements.
+    autotune: benchmark launch configurations of the step's kernels at their first run (Inductor's
+        ``triton.autotune_pointwise``). Off by default: on one flat bucket Inductor's heuristic
+        configuration measured the same step time, and autotuning cost seconds of the first call.
+        ``mode="max-autotune"`` turns it on.
     """
 
     fallback: FallbackPolicy = DEFAULT_FALLBACK
@@ -39,11 +44,12 @@ class CaptureConfig:
     cudagraphs: bool = DEFAULT_CUDAGRAPHS
     grads_in_place: bool = DEFAULT_GRADS_IN_PLACE
     align_elements: int = DEFAULT_ALIGN_ELEMENTS
+    autotune: bool = DEFAULT_AUTOTUNE
 
     def __post_init__(self) -> None:
         if self.fallback not in ("eager", "raise"):
             raise ValueError(f"optcapture option 'fallback' must be 'eager' or 'raise', got {self.fallback!r}")
-        for name in ("bucketing", "cudagraphs", "grads_in_place"):
+        for name in ("bucketing", "cudagraphs", "grads_in_place", "autotune"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"optcapture option {name!r} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.align_elements, int) or self.align_elements < 1:
@@ -56,8 +62,8 @@ _FIELDS = {f.name for f in dataclasses.fields(CaptureConfig)}
 def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = None) -> CaptureConfig:
     """Build a :class:`CaptureConfig` from ``torch.compile(..., options=..., mode=...)``.
 
-    ``mode`` is accepted for ``torch.compile`` compatibility: ``"reduce-overhead"`` and
-    ``"max-autotune"`` both mean CUDA-graph replay, which is already the default.
+    ``mode`` is accepted for ``torch.compile`` compatibility: ``"reduce-overhead"`` means CUDA-graph
+    replay, which is already the default; the ``"max-autotune"`` modes also autotune kernel launches.
     """
     if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ValueError(f"optcapture does not know torch.compile mode {mode!r}")
@@ -67,4 +73,6 @@ def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = N
         raise TypeError(f"unknown optcapture option(s) {unknown}; known options are {sorted(_FIELDS)}")
     if mode == "max-autotune-no-cudagraphs":
         options.setdefault("cudagraphs", False)
+    if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+        options.setdefault("autotune", True)
     return CaptureConfig(**options)

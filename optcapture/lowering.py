@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 
 def inductor_patches(config: CaptureConfig, device: torch.device, cudagraphs: bool) -> dict[str, Any]:
-    return {"triton.cudagraphs": bool(cudagraphs and config.cudagraphs and device.type == "cuda")}
+    return {"triton.cudagraphs": bool(cudagraphs and config.cudagraphs and device.type == "cuda"),
+            "triton.autotune_pointwise": config.autotune}
 
 
 # A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms

@@ -14,7 +14,7 @@ from optcapture.config import parse_options
 def test_defaults() -> None:
     config = parse_options(None)
     assert config == CaptureConfig(fallback="eager", bucketing=True, cudagraphs=True, grads_in_place=True,
-                                   align_elements=64)
+                                   align_elements=64, autotune=False)
 
 
 def test_known_options_are_parsed() -> None:
@@ -22,6 +22,28 @@ def test_known_options_are_parsed() -> None:
     assert parse_options({"cudagraphs": False}).cudagraphs is False
     assert parse_options(None, mode="max-autotune-no-cudagraphs").cudagraphs is False
     assert parse_options({"grads_in_place": False}).grads_in_place is False
+    assert parse_options({"autotune": True}).autotune is True
+
+
+@pytest.mark.parametrize(("mode", "autotune", "cudagraphs"), [(None, False, True), ("reduce-overhead", False, True),
+                                                                ("max-autotune", True, True),
+                                                                ("max-autotune-no-cudagraphs", True, False)])
+def test_modes(mode: str | None, autotune: bool, cudagraphs: bool) -> None:
+    config = parse_options(None, mode=mode)
+    assert (config.autotune, config.cudagraphs) == (autotune, cudagraphs)
+    # An explicit option wins over the mode.
+    assert parse_options({"autotune": False}, mode=mode).autotune is False
+
+
+def test_inductor_patches_follow_the_config() -> None:
+    from optcapture.lowering import inductor_patches
+
+    cuda = torch.device("cuda")
+    assert inductor_patches(CaptureConfig(), cuda, cudagraphs=True) == {"triton.cudagraphs": True,
+                                                                       "triton.autotune_pointwise": False}
+    assert inductor_patches(CaptureConfig(autotune=True, cudagraphs=False), cuda, cudagraphs=True) == {
+        "triton.cudagraphs": False, "triton.autotune_pointwise": True}
+    assert inductor_patches(CaptureConfig(), torch.device("cpu"), cudagraphs=True)["triton.cudagraphs"] is False
 
 
 def test_unknown_option_is_an_error_naming_it() -> None:
@@ -30,7 +52,7 @@ def test_unknown_option_is_an_error_naming_it() -> None:
 
 
 @pytest.mark.parametrize(("options", "error"), [({"fallback": "ignore"}, ValueError), ({"bucketing": 1}, TypeError),
-                                                ({"grads_in_place": "yes"}, TypeError),
+                                                ({"grads_in_place": "yes"}, TypeError), ({"autotune": 1}, TypeError),
                                                 ({"align_elements": 0}, ValueError)])
 def test_bad_values_are_errors(options: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
