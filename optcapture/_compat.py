@@ -7,7 +7,8 @@ directly; each helper here is covered by ``tests/test_compat.py`` on the install
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +39,25 @@ def frame_has_no_side_effects(tracer: Any) -> bool:
         return bool(tracer.output.side_effects.is_empty())
     except AttributeError:
         return False
+
+
+def data_ptrs_equal(tensors: Sequence[torch.Tensor], data_ptrs: list[int]) -> bool:
+    """``[t.data_ptr() for t in tensors] == data_ptrs``, in one C++ call where torch has it.
+
+    ``torch._C._tensors_data_ptrs_at_indices_equal`` is what CUDA graph trees check their static inputs with;
+    CPU-only builds of torch lack it. optcapture checks every param's and grad's address with it each step.
+    """
+    if len(tensors) != len(data_ptrs):
+        return False
+    check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+    if check is None:
+        return list(map(torch.Tensor.data_ptr, tensors)) == data_ptrs
+    return bool(check(tensors if isinstance(tensors, list) else list(tensors), data_ptrs, _all_indices(len(tensors))))
+
+
+@functools.lru_cache(maxsize=64)
+def _all_indices(count: int) -> list[int]:
+    return list(range(count))
 
 
 def source_name(source: Any) -> str:

@@ -14,11 +14,13 @@ kernel per step; the per-step work is in :mod:`optcapture.replay`.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import dataclasses
 import logging
 import math
+import operator
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -144,10 +146,11 @@ class GradTable:
 
     def bind(self, grads: Sequence[torch.Tensor]) -> bool:
         """Point the table at ``grads`` (one per member); True when an address changed and was written."""
-        pointers = list(map(torch.Tensor.data_ptr, grads))
-        if pointers == self._bound:
+        if _compat.data_ptrs_equal(grads, self._bound):
             return False
-        values = torch.tensor([p - o for p, o in zip(pointers, self._offset_bytes, strict=True)], dtype=torch.int64)
+        pointers = list(map(torch.Tensor.data_ptr, grads))
+        # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
+        values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)), dtype=torch.int64)
         self.addresses.copy_(values.pin_memory(), non_blocking=True)
         self._bound = pointers
         return True

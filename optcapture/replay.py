@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from optcapture import _compat
 from optcapture.bucketing import Run
 from optcapture.discovery import BucketKey
 from optcapture.preparation import FlatGroup, GradTable, PreparedOptimizer
@@ -160,7 +161,7 @@ class CapturedStep:
         groups = live.prepared.groups
         if any(groups.get(key) is not flat for key, flat in live.flats.items()):
             return False
-        if list(map(torch.Tensor.data_ptr, live.params)) != live.param_ptrs:
+        if not _compat.data_ptrs_equal(live.params, live.param_ptrs):
             return False
         if live.prepared.last_runner is self:
             return True
