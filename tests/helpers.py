@@ -127,3 +127,9 @@ STOCK = {
     "Rprop": lambda p, fe: torch.optim.Rprop(p, foreach=fe),
     "SGD": lambda p, fe: torch.optim.SGD(p, lr=0.1, foreach=fe),
 }
+
+
+def stock_variants() -> dict[str, MakeOptimizer]:
+    """Every stock elementwise optimizer in its single-tensor ("Adam") and foreach ("Adam-foreach") forms."""
+    return {f"{name}{'-foreach' if foreach else ''}": (lambda p, make=make, fe=foreach: make(p, fe))
+            for name, make in STOCK.items() for foreach in (False, True)}

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import STOCK, assert_matches_eager, make_pair, paths, step_both
+from helpers import assert_matches_eager, make_pair, paths, step_both, stock_variants
 from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs, optim_db
 
 import optcapture
@@ -223,8 +223,7 @@ def test_kernel_counts_cuda() -> None:
     from expecttest import assert_expected_inline
 
     counts = {}
-    makers = {f"{name}{'-foreach' if foreach else ''}": (lambda p, make=make, fe=foreach: make(p, fe))
-              for name, make in STOCK.items() for foreach in (False, True)}
+    makers = stock_variants()
     makers["SGD-momentum"] = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
     for name, make in makers.items():
         torch._dynamo.reset()
