@@ -107,8 +107,8 @@ def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
         def fn() -> None:
             opt.step()
 
-        fn()
-        fn()
+        for _ in range(4):  # past warm-up: steady steps call the compiled step directly
+            fn()
         assert [r.path for r in optcapture.explain(opt)] == ["bucketed"]
         return weakref.ref(model.weight), weakref.ref(opt)
 
