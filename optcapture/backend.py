@@ -61,11 +61,11 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         if lasting and config.fallback == "raise":
             raise UnsupportedStepError(f"cannot capture this step: {reason}")
         if lasting:
-            warn_once(f"step of {owner} runs as traced: {reason}", key=f"{owner}: {reason}")
+            warn_once(_not_bucketed(owner, reason))
         return _as_traced(step, gm, step.blockers)
     if config.fallback == "raise":
         raise UnsupportedStepError(f"cannot capture this step: {reason}")
-    warn_once(f"step of {owner} runs per tensor (stock Inductor): {reason}", key=f"{owner}: {reason}")
+    warn_once(_not_bucketed(owner, reason))
     before = _compat.generated_kernel_count()
     try:
         compiled = lowering.lower_graph(gm, example_inputs, config)
@@ -75,6 +75,11 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled  # type: ignore[no-any-return]
+
+
+def _not_bucketed(owner: str, reason: str) -> str:
+    # One text whether this call runs as traced (its first step) or per tensor, so a reason is said once.
+    return f"step of {owner} is not bucketed; it runs on the stock path (per-tensor Inductor, or eager): {reason}"
 
 
 def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str]) -> Callable[..., Any]:

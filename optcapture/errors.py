@@ -23,12 +23,11 @@ class UnsupportedStepError(CaptureError):
     """The step uses something optcapture does not capture (and ``fallback="raise"`` was set)."""
 
 
-def warn_once(reason: str, key: str | None = None) -> None:
-    """Warn about ``reason`` the first time it (or ``key``, when given) is seen in this process; always log it."""
+def warn_once(reason: str) -> None:
+    """Warn about ``reason`` the first time it is seen in this process; always log it."""
     log.info("fallback: %s", reason)
-    seen = reason if key is None else key
-    if seen not in _warned:
-        _warned.add(seen)
+    if reason not in _warned:
+        _warned.add(reason)
         warnings.warn(f"optcapture: {reason}", RuntimeWarning, stacklevel=3)
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import operator
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,8 +39,14 @@ log = logging.getLogger(__name__)
 
 
 def inductor_patches(config: CaptureConfig, device: torch.device, cudagraphs: bool) -> dict[str, Any]:
-    return {"triton.cudagraphs": bool(cudagraphs and config.cudagraphs and device.type == "cuda"),
-            "triton.autotune_pointwise": config.autotune}
+    return {"triton.cudagraphs": bool(cudagraphs and config.cudagraphs and device.type == "cuda")}
+
+
+def shadow_patches(config: CaptureConfig, device: torch.device, cudagraphs: bool) -> dict[str, Any]:
+    """Inductor configuration of the bucketed step. Unlike Inductor's default, its few kernels are not autotuned
+    unless ``config.autotune``: over flat storage the heuristic launch configuration measured as fast, and
+    autotuning cost seconds of the first call (CHANGELOG, 2026-11-22)."""
+    return {**inductor_patches(config, device, cudagraphs), "triton.autotune_pointwise": config.autotune}
 
 
 # A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms
@@ -74,23 +81,27 @@ class _ShadowRunner:
         self._previous: tuple[Callable[..., Any], tuple[Any, ...], Any] | None = None
         self.direct: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
 
-    def record(self, compiled: Callable[..., Any], args: tuple[Any, ...], pure: bool) -> None:
-        """Called by the gate, inside Dynamo's frame: what the frame called. ``pure``: no Python side effects."""
-        self._called = (compiled, args) if pure else None
+    def record(self, compiled: Callable[..., Any], args: tuple[Any, ...], effects_stay_in_shadow: bool) -> None:
+        """Called by the gate, inside Dynamo's frame: what the frame called. ``effects_stay_in_shadow``: the
+        frame's Python side effects, if any, touch only the shadow optimizer (which the runner compares)."""
+        usable = effects_stay_in_shadow and all(isinstance(arg, torch.Tensor) for arg in args)
+        self._called = (compiled, args) if usable else None
 
     def __call__(self) -> None:
         direct = self.direct
         if direct is not None:
+            # What entering the shadow's torch.compile wrapper did: CUDA graph trees start a generation per call.
+            _compat.begin_compiled_call()
             direct[0](*direct[1])
             return
         if not self._may_skip:
             self._through_dynamo()
             return
-        before = python_state(self._shadow)
+        before = _python_state(self._shadow)
         self._called = None
         self._through_dynamo()
         called, self._called = self._called, None
-        after = python_state(self._shadow)
+        after = _python_state(self._shadow)
         if called is None or before != after:
             self._previous = None
             return
@@ -104,15 +115,15 @@ class _ShadowRunner:
         self._previous = (*called, after)
 
 
-def python_state(optimizer: torch.optim.Optimizer) -> Any:
+def _python_state(optimizer: torch.optim.Optimizer) -> Any:
     """What of an optimizer's Python state a step could change: object identity for tensors, values otherwise."""
-    return ([(id(p), _fingerprint(s)) for p, s in optimizer.state.items()],
-            [_fingerprint(g) for g in optimizer.param_groups], _fingerprint(vars(optimizer)))
+    attributes = {name: value for name, value in vars(optimizer).items() if name not in ("state", "param_groups")}
+    return (_fingerprint(dict(optimizer.state)), _fingerprint(optimizer.param_groups), _fingerprint(attributes))
 
 
 def _fingerprint(value: Any) -> Any:
     if isinstance(value, dict):
-        return tuple((key, _fingerprint(item)) for key, item in value.items())
+        return tuple((_fingerprint(key), _fingerprint(item)) for key, item in value.items())
     if isinstance(value, (list, tuple)):
         return (type(value), tuple(_fingerprint(item) for item in value))
     if isinstance(value, (bool, int, float, str, type(None))):
@@ -129,7 +140,7 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     so every step must go through Dynamo's frame.
     Raises :class:`CaptureError` when a table capture cannot be proven to read every grad through its table.
     """
-    patches = inductor_patches(config, device, cudagraphs=not shadow.aliased)
+    patches = shadow_patches(config, device, cudagraphs=not shadow.aliased)
     if shadow.aliased and inductor_patches(config, device, cudagraphs=True)["triton.cudagraphs"]:
         log.info("%d runs share flat buffers (grads that come and go, or diverged step counts): "
                  "this capture replays without CUDA graphs", len(shadow.runs))
@@ -137,7 +148,9 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
         patches.update(_TABLE_PATCHES)
     armed = [False]
     kernels: list[int] = []
-    runner: list[_ShadowRunner] = []
+    # NB: weak. Dynamo's cache of the shadow's code keeps the gate, and a strong reference from it would keep
+    # the runner, the shadow optimizer and the flat storage alive after the real optimizer is gone.
+    runner: list[weakref.ref[_ShadowRunner]] = []
     # Stock optimizers touch no Python state outside the optimizer, which the runner compares around a step.
     known_effects = is_stock(shadow.shadow)
 
@@ -151,7 +164,7 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
                 raise CaptureError("the shadow step returns tensors to Python; grads are copied instead")
             raise _Deferred("the shadow step returns tensors to Python")
         loads = _indirect_loads(tables, example_inputs) if tables else None
-        pure = known_effects or _compat.frame_has_no_side_effects(_compat.current_tracer())
+        effects_stay_in_shadow = known_effects or _compat.frame_has_no_side_effects(_compat.current_tracer())
         compiled, count = _compile(gm, example_inputs, patches, loads)
         kernels.append(count)
 
@@ -159,8 +172,9 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
             # The capture's own trace call must not step: the graph runs only once the capture is armed.
             if not armed[0]:
                 return ()
-            if runner:
-                runner[0].record(compiled, args, pure)
+            live_runner = runner[0]() if runner else None
+            if live_runner is not None:
+                live_runner.record(compiled, args, effects_stay_in_shadow)
             return compiled(*args)
 
         return gate
@@ -170,8 +184,9 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     deferred = _run_trace(shadow_step)
     armed[0] = True
     if not deferred:
-        runner.append(_ShadowRunner(shadow_step, shadow.shadow, may_skip=not follows_python_values))
-        return LoweredShadow(runner[0], kernels[0] if kernels else None)
+        steady = _ShadowRunner(shadow_step, shadow.shadow, may_skip=not follows_python_values)
+        runner.append(weakref.ref(steady))
+        return LoweredShadow(steady, kernels[0] if kernels else None)
 
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         # A failed grad-table check here fails the first step's compile, which then steps eagerly.

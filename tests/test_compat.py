@@ -110,3 +110,12 @@ def test_frame_side_effects_are_read_from_the_tracer() -> None:
     torch.compile(appends, backend=backend)(torch.ones(2))
     assert seen == [True, False]
     assert _compat.frame_has_no_side_effects(None) is False
+
+
+def test_begin_compiled_call_starts_a_cudagraph_generation() -> None:
+    # What CUDA graph trees read to tell one compiled call from the next.
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    before = CUDAGraphTreeManager.get_curr_generation()
+    _compat.begin_compiled_call()
+    assert CUDAGraphTreeManager.get_curr_generation() == before + 1

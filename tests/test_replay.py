@@ -10,6 +10,7 @@ import torch
 from helpers import assert_matches_eager, make_model, make_pair, paths, step_both
 
 import optcapture
+from optcapture import registry
 
 
 def _roundtrip(obj: object) -> object:
@@ -97,6 +98,8 @@ def test_param_data_replaced_by_the_user_is_noticed() -> None:
 
 
 def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
+    flat_buffers: list[weakref.ref[torch.Tensor]] = []
+
     def train_once() -> tuple[weakref.ref[torch.Tensor], weakref.ref[torch.optim.Optimizer]]:
         model = torch.nn.Linear(10, 10)
         for p in model.parameters():
@@ -110,6 +113,8 @@ def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
         for _ in range(4):  # past warm-up: steady steps call the compiled step directly
             fn()
         assert [r.path for r in optcapture.explain(opt)] == ["bucketed"]
+        for flat in registry._prepared[opt].groups.values():
+            flat_buffers.extend(weakref.ref(buffer) for buffer in flat.flats.values())
         return weakref.ref(model.weight), weakref.ref(opt)
 
     gc.disable()
@@ -118,3 +123,6 @@ def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
         assert weight() is None and opt() is None
     finally:
         gc.enable()
+    # Nor does anything keep the flat storage: not the capture, not Dynamo's cache of the shadow step.
+    gc.collect()
+    assert flat_buffers and all(buffer() is None for buffer in flat_buffers)
