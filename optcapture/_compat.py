@@ -45,9 +45,7 @@ def begin_compiled_call() -> None:
     """Do what entering a ``torch.compile``'d function does for CUDA graph trees: start a new generation
     (``install_generation_tagging_init``, torch/_dynamo/mutation_guard.py), so a graph called without
     re-entering Dynamo is replayed as the root of a new generation, as it was when Dynamo called it."""
-    from torch._dynamo.mutation_guard import GenerationTracker
-
-    GenerationTracker.generation += 1
+    torch._dynamo.mutation_guard.GenerationTracker.generation += 1
 
 
 def data_ptrs_equal(tensors: Sequence[torch.Tensor], data_ptrs: list[int]) -> bool:

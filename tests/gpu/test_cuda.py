@@ -270,3 +270,31 @@ def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding(name: str
     assert optcapture.stats()["rebuilds"] == 0
     assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
     assert_matches_eager(pair)
+
+
+def test_nothing_captured_keeps_params_state_or_flat_storage_alive_cuda() -> None:
+    import gc
+    import weakref
+
+    from optcapture import registry
+
+    _compat.reset_cudagraph_trees()
+    flat_buffers: list[weakref.ref[torch.Tensor]] = []
+
+    def train_once() -> tuple[weakref.ref[torch.Tensor], weakref.ref[torch.optim.Optimizer]]:
+        model = torch.nn.Linear(64, 64, device="cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        step = torch.compile(opt.step, backend="optcapture")
+        for _ in range(5):  # past warm-up and recording: steady replays, called directly
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            step()
+        assert paths(opt) == ["bucketed"]
+        for flat in registry._prepared[opt].groups.values():
+            flat_buffers.extend(weakref.ref(buffer) for buffer in flat.flats.values())
+        return weakref.ref(model.weight), weakref.ref(opt)
+
+    weight, opt = train_once()
+    gc.collect()
+    assert weight() is None and opt() is None
+    assert flat_buffers and all(buffer() is None for buffer in flat_buffers)
