@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -44,3 +46,35 @@ def test_inductor_patches_follow_the_config() -> None:
     assert shadow_patches(CaptureConfig(autotune=True, cudagraphs=False), cuda, cudagraphs=True) == {
         "triton.cudagraphs": False, "triton.autotune_pointwise": True}
     assert inductor_patches(CaptureConfig(), torch.device("cpu"), cudagraphs=True)["triton.cudagraphs"] is False
+
+
+def test_unknown_option_is_an_error_naming_it() -> None:
+    with pytest.raises(TypeError, match=r"unknown optcapture option\(s\) \['fallbak'\]"):
+        parse_options({"fallbak": "raise"})
+
+
+@pytest.mark.parametrize(("options", "error"), [({"fallback": "ignore"}, ValueError), ({"bucketing": 1}, TypeError),
+                                                ({"grads_in_place": "yes"}, TypeError), ({"autotune": 1}, TypeError),
+                                                ({"align_elements": 0}, ValueError)])
+def test_bad_values_are_errors(options: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        parse_options(options)
+
+
+def test_unknown_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="mode 'fast'"):
+        parse_options(None, mode="fast")
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CaptureConfig().fallback = "raise"  # type: ignore[misc]
+
+
+def test_unknown_option_through_torch_compile_fails_loudly() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p], lr=0.1)
+    step = torch.compile(opt.step, backend="optcapture", options={"no_such_option": 1})
+    with pytest.raises(Exception, match="no_such_option"):
+        step()
