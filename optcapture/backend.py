@@ -100,11 +100,11 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     tables = _grad_tables(step, runs, flats, config)
     if tables:
         try:
-            return _capture_runs(step, gm, config, tracer, began, required_hypers, flats, runs, tables)
+            return _capture_runs(step, gm, config, tracer, began, required_hypers, prepared, flats, runs, tables)
         except Exception as error:  # noqa: BLE001 - any failure of the in-place form: capture with grad copies
             log.info("grads are copied into flat storage for this capture: in-place grads failed (%s: %s)",
                      type(error).__name__, error)
-    return _capture_runs(step, gm, config, tracer, began, required_hypers, flats, runs, [])
+    return _capture_runs(step, gm, config, tracer, began, required_hypers, prepared, flats, runs, [])
 
 
 def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
@@ -130,11 +130,11 @@ def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketK
 
 
 def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, began: float,
-                  required_hypers: frozenset[tuple[int, str]], flats: dict[BucketKey, preparation.FlatGroup],
-                  runs: list[bucketing.Run], tables: list[preparation.GradTable]) -> CapturedStep:
+                  required_hypers: frozenset[tuple[int, str]], prepared: preparation.PreparedOptimizer,
+                  flats: dict[BucketKey, preparation.FlatGroup], runs: list[bucketing.Run],
+                  tables: list[preparation.GradTable]) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
-    prepared = registry.prepared_for(optimizer, config)
     run_grads = [table.virtual for table in tables] or None
     with preparation.backed_by_memory(tables):
         proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False,

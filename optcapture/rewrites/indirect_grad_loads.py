@@ -70,7 +70,7 @@ class IndirectGradLoads:
             out.extend(self._indirect(match, grad))
         rewritten = "\n".join(out)
         for name in targets:
-            leftovers = [line for line in rewritten.split("\n") if re.search(rf"\b{name}\b(?!\.to\()", line)
+            leftovers = [line for line in out if re.search(rf"\b{name}\b(?!\.to\()", line)
                          and not line.lstrip().startswith("def ") and "'signature'" not in line
                          and "mutated_arg_names" not in line]
             if leftovers:
