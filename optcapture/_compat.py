@@ -67,6 +67,17 @@ def _all_indices(count: int) -> list[int]:
     return list(range(count))
 
 
+def compile_errors() -> tuple[type[Exception], ...]:
+    """What a call of a ``torch.compile``'d function raises when compiling it failed, before any of it ran.
+
+    ``FailOnRecompileLimitHit`` (a recompile past the limit under ``fullgraph=True``) does not derive from
+    ``TorchDynamoException``.
+    """
+    from torch._dynamo import exc
+
+    return (exc.TorchDynamoException, exc.FailOnRecompileLimitHit)
+
+
 def source_name(source: Any) -> str:
     """``Source.name`` is a method in some torch versions and a property in others."""
     name = source.name

@@ -152,7 +152,8 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
         shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
         followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
         try:
-            lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables, bool(followed))
+            lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables,
+                                            [(shadow.groups[g], key) for g, key in sorted(followed)])
         except Exception as error:
             if tables:
                 raise
@@ -223,6 +224,7 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     inner = bucketing.unwrapped_step(optimizer)
     name = type(optimizer).__name__
     del optimizer
+    compile_errors = _compat.compile_errors()
 
     @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
     def eager_step() -> None:
@@ -231,12 +233,25 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
         with torch.no_grad():
             inner(live_optimizer)
 
+    def step_eagerly_from_now_on(error: Exception) -> None:
+        if config.fallback == "raise":
+            raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error
+        warn_once(f"compiling the bucketed step of {name} failed ({type(error).__name__}: {error}); stepping eagerly")
+        state["eager"] = True
+        COUNTERS.eager += 1
+        eager_step()
+
     def run() -> None:
         if state["eager"]:
             eager_step()
             return
         if not state["first"]:
-            compiled()
+            try:
+                compiled()
+            except compile_errors as error:
+                # The shadow's frame recompiled and that failed, before anything ran (e.g. Dynamo's recompile
+                # limit under fullgraph=True): step eagerly rather than fail the user's training step.
+                step_eagerly_from_now_on(error)
             return
         kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
         try:
@@ -245,13 +260,7 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
                 registry.amend(optimizer_ref(), report, kernels=_compat.generated_kernel_count() - kernels_before,
                                seconds=report.seconds + time.perf_counter() - began)
         except Exception as error:
-            if config.fallback == "raise":
-                raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error
-            warn_once(f"compiling the bucketed step of {name} failed "
-                      f"({type(error).__name__}: {error}); stepping eagerly")
-            state["eager"] = True
-            COUNTERS.eager += 1
-            eager_step()
+            step_eagerly_from_now_on(error)
         state["first"] = False
 
     return run

@@ -70,7 +70,7 @@ class _ShadowRunner:
     device hyperparameters written in place, a shadow optimizer no user code sees; what can still change
     (the real optimizer's float hyperparameters, its storage) is checked by the replay stage every step and
     rebuilds the capture. Never skipped: a frame that reads a Python value the replay stage rewrites each step
-    (``follows_python_values``), and a user optimizer's frame with Python side effects.
+    (a followed hyperparameter), and a user optimizer's frame with Python side effects.
     """
 
     def __init__(self, through_dynamo: Callable[[], None], shadow: torch.optim.Optimizer, may_skip: bool) -> None:
@@ -132,12 +132,14 @@ def _fingerprint(value: Any) -> Any:
 
 
 def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device,
-                 tables: Sequence[GradTable] = (), follows_python_values: bool = False) -> LoweredShadow:
+                 tables: Sequence[GradTable] = (),
+                 followed: Sequence[tuple[dict[str, Any], str]] = ()) -> LoweredShadow:
     """The shadow step compiled by Inductor; replays under CUDA graph trees on CUDA when enabled.
 
     ``tables``: the grad tables the shadow's runs read their grads through (empty: real flat grads).
-    ``follows_python_values``: the replay stage writes Python values the shadow's frame reads before each step,
-    so every step must go through Dynamo's frame.
+    ``followed``: (shadow param group, key) of the floats the replay stage writes into the shadow before each
+    step (:func:`optcapture.bucketing.followed_hypers`). Every step then goes through Dynamo's frame, and the
+    frame reads them as inputs from its first step on (:func:`_prime_followed`).
     Raises :class:`CaptureError` when a table capture cannot be proven to read every grad through its table.
     """
     patches = shadow_patches(config, device, cudagraphs=not shadow.aliased)
@@ -179,14 +181,18 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 
         return gate
 
+    # Followed floats need Dynamo's automatic dynamic: with ``dynamic=False`` it specializes the frame on each
+    # value, recompiling at every change until the recompile limit fails the step (fullgraph=True).
     shadow_step: Callable[[], None] = torch.compile(shadow.call, backend=capture_backend, fullgraph=True,
-                                                    dynamic=False)
+                                                    dynamic=None if followed else False)
     deferred = _run_trace(shadow_step)
+    if followed and not deferred:
+        _prime_followed(shadow_step, followed)
     armed[0] = True
     if not deferred:
-        steady = _ShadowRunner(shadow_step, shadow.shadow, may_skip=not follows_python_values)
+        steady = _ShadowRunner(shadow_step, shadow.shadow, may_skip=not followed)
         runner.append(weakref.ref(steady))
-        return LoweredShadow(steady, kernels[0] if kernels else None)
+        return LoweredShadow(steady, kernels[-1] if kernels else None)
 
     def inductor_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         # A failed grad-table check here fails the first step's compile, which then steps eagerly.
@@ -197,6 +203,25 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     fresh = types.FunctionType(code.replace(co_name=code.co_name + "_stepped"), shadow.call.__globals__,
                                None, None, shadow.call.__closure__)
     return LoweredShadow(torch.compile(fresh, backend=inductor_backend, fullgraph=True, dynamic=False), None)
+
+
+def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[dict[str, Any], str]]) -> None:
+    """Trace the shadow once more with each followed float moved to a nearby value of the same sign, so that
+    Dynamo's automatic dynamic makes them inputs now, at capture, instead of recompiling at the first change
+    a scheduler makes during training (issue #2: a cycled ``momentum`` never recompiles the step).
+
+    A value of zero is left alone: any other value could take another branch (``if momentum != 0``).
+    """
+    moved = [(group, key, group[key]) for group, key in followed if group[key] != 0]
+    if not moved:
+        return
+    try:
+        for group, key, value in moved:
+            group[key] = value * (1 + 2.0**-20)
+        _run_trace(shadow_step)
+    finally:
+        for group, key, value in moved:
+            group[key] = value
 
 
 class _Deferred(CaptureError):

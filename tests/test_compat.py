@@ -119,3 +119,11 @@ def test_begin_compiled_call_starts_a_cudagraph_generation() -> None:
     before = CUDAGraphTreeManager.get_curr_generation()
     _compat.begin_compiled_call()
     assert CUDAGraphTreeManager.get_curr_generation() == before + 1
+
+
+def test_compile_errors_cover_what_a_failed_compile_raises() -> None:
+    errors = _compat.compile_errors()
+    assert issubclass(torch._dynamo.exc.FailOnRecompileLimitHit, errors)
+    assert issubclass(torch._dynamo.exc.Unsupported, errors)
+    assert issubclass(torch._dynamo.exc.BackendCompilerFailed, errors)
+    assert not isinstance(RuntimeError("a kernel failed"), errors)

@@ -213,6 +213,48 @@ def test_a_failing_compile_falls_back_to_a_correct_eager_step(monkeypatch: pytes
     assert optcapture.stats()["eager"] == 1
 
 
+def _failing_after_warm_up(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    from optcapture import lowering
+
+    def failing(self: object) -> None:
+        raise error
+
+    monkeypatch.setattr(lowering._ShadowRunner, "__call__", failing)
+
+
+def test_a_recompile_failing_in_a_later_step_falls_back_to_a_correct_eager_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the shadow's frame raised once a scheduler had changed a followed momentum more often than Dynamo's
+    # recompile limit allows: the training step must not fail with it.
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    for seed in range(3):
+        step_both(pair, seed)
+    _failing_after_warm_up(monkeypatch, torch._dynamo.exc.FailOnRecompileLimitHit("simulated: recompile limit"))
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3, 6)])
+    assert [w for w in caught if "stepping eagerly" in w and "FailOnRecompileLimitHit" in w], caught
+    assert optcapture.stats()["eager"] == 2  # SGD's first step, which creates its buffers; then this one
+    assert_matches_eager(pair)
+
+
+def test_a_recompile_failing_in_a_later_step_raises_with_fallback_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01), options={"fallback": "raise"})
+    for seed in range(2):
+        step_both(pair, seed)
+    _failing_after_warm_up(monkeypatch, torch._dynamo.exc.FailOnRecompileLimitHit("simulated: recompile limit"))
+    with pytest.raises(optcapture.UnsupportedStepError, match="recompile limit"):
+        step_both(pair, 2)
+
+
+def test_a_failure_while_a_later_step_runs_is_not_retried_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past compiling, part of the step may have run: stepping again eagerly could apply it twice.
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    _failing_after_warm_up(monkeypatch, RuntimeError("simulated: a kernel failed"))
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        step_both(pair, 2)
+
+
 def test_step_with_closure_matches_eager() -> None:
     torch.manual_seed(0)
     model, eager_model = make_model(), make_model()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import make_pair, step_both
 
@@ -189,3 +190,33 @@ def test_a_followed_hyperparameter_keeps_every_step_in_dynamo() -> None:
     calls, _ = lowered_runners(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), steps=6, scheduler=cycled)
     last = calls[-1]
     assert isinstance(last, lowering._ShadowRunner) and last.direct is None
+
+
+def test_priming_traces_once_with_nearby_values_of_the_same_sign_and_restores_them() -> None:
+    group = {"momentum": 0.9, "dampening": -0.5, "zero": 0.0}
+    seen: list[dict[str, float]] = []
+    lowering._prime_followed(lambda: seen.append(dict(group)),
+                             [(group, "momentum"), (group, "dampening"), (group, "zero")])
+    assert len(seen) == 1
+    traced = seen[0]
+    assert traced["momentum"] != 0.9 and abs(traced["momentum"] - 0.9) < 1e-5
+    assert traced["dampening"] != -0.5 and abs(traced["dampening"] + 0.5) < 1e-5
+    assert traced["zero"] == 0.0  # any other value could take another branch (``if momentum != 0``)
+    assert group == {"momentum": 0.9, "dampening": -0.5, "zero": 0.0}
+
+
+def test_priming_restores_the_values_when_the_trace_fails() -> None:
+    group = {"momentum": 0.9}
+
+    def failing() -> None:
+        raise RuntimeError("simulated")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        lowering._prime_followed(failing, [(group, "momentum")])
+    assert group == {"momentum": 0.9}
+
+
+def test_priming_skips_the_trace_when_every_followed_value_is_zero() -> None:
+    calls: list[None] = []
+    lowering._prime_followed(lambda: calls.append(None), [({"momentum": 0.0}, "momentum")])
+    assert calls == []

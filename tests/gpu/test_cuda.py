@@ -262,12 +262,15 @@ SGD-momentum: 1""")
 
 
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])
-def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding(name: str) -> None:
+def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding_or_recompiling(name: str) -> None:
     _compat.reset_cudagraph_trees()
     pair = make_pair(lambda p: getattr(torch.optim, name)(p, lr=1e-2, momentum=0.9), device="cuda",
-                     scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=20))
-    _steady(pair, 0, 8)
-    assert optcapture.stats()["rebuilds"] == 0
+                     scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=40))
+    _steady(pair, 0, 2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _steady(pair, 2, 14)  # more momentum values than Dynamo's recompile limit
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
+    assert optcapture.stats()["rebuilds"] == 0 and optcapture.stats()["eager"] <= 1
     assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
     assert_matches_eager(pair)
 
