@@ -122,3 +122,16 @@ def test_replaced_state_tensor_recompiles_exactly_once() -> None:
     assert paths(pair.optimizer) == ["bucketed", "bucketed"]
     assert_matches_eager(pair)
     assert optcapture.stats()["captures"] == 2
+
+
+def test_a_float_dynamo_must_specialize_changing_every_step_ends_in_a_correct_eager_step() -> None:
+    # SGD passes weight_decay as ``alpha=``, which Dynamo can only specialize: each new value compiles the
+    # shadow again until Dynamo's recompile limit, and then the step runs eagerly, warned once and exact.
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=0.1))
+    with pytest.warns(RuntimeWarning, match="FailOnRecompileLimitHit.*stepping eagerly"):
+        for seed in range(14):
+            for optimizer in (pair.optimizer, pair.eager):
+                optimizer.param_groups[0]["weight_decay"] *= 0.97
+            step_both(pair, seed)
+    assert optcapture.stats()["eager"] == 2  # the first step (SGD creates its buffers in it), then this
+    assert_matches_eager(pair)
