@@ -176,14 +176,19 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
     grad_tables = [(table, [arg_of[(run.key, j)] for j in run.positions])
                    for table, run in zip(tables, runs if tables else [], strict=True)]
 
-    def rebuild() -> CapturedStep:
-        return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
+    optimizer_ref = weakref.ref(optimizer)
+
+    def rebuild() -> Callable[..., Any]:
+        try:
+            return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
+        except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
+            return _stepping_eagerly_after(error, optimizer_ref, config, _empty_output(gm))
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                              seconds=time.perf_counter() - began, kernels=lowered.kernels,
                              grads="in place" if tables else "copied")
-    live = _Live(prepared, flats, runs, _guarded(lowered, weakref.ref(optimizer), config, report), bindings,
+    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report), bindings,
                  rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
                  grad_tables, [(shadow.groups[g], key, g) for g, key in sorted(followed)])
     captured = CapturedStep(optimizer, live, _empty_output(gm))
@@ -192,6 +197,43 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
              type(optimizer).__name__, len(step.buckets), len(runs), "read in place" if tables else "copied",
              sorted(tensor_hypers))
     return captured
+
+
+def _stepping_eagerly_after(error: Exception, optimizer_ref: weakref.ref[torch.optim.Optimizer],
+                            config: CaptureConfig, output: Any) -> Callable[..., Any]:
+    """What a capture whose rebuild failed (after ``load_state_dict``, ``p.data = ...``) runs from then on."""
+    optimizer = optimizer_ref()
+    name = type(optimizer).__name__ if optimizer is not None else "an optimizer"
+    del optimizer
+    if config.fallback == "raise":
+        raise UnsupportedStepError(f"rebuilding the bucketed step of {name} failed: {error}") from error
+    warn_once(f"rebuilding the bucketed step of {name} failed ({type(error).__name__}: {error}); stepping eagerly")
+    COUNTERS.eager += 1
+    eager_step = _eager_step(optimizer_ref)
+
+    def step_eagerly(*args: Any) -> Any:
+        eager_step()
+        return output
+
+    return step_eagerly
+
+
+def _eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[], None]:
+    """The optimizer's own step, run eagerly (outside Dynamo); holds the optimizer weakly."""
+    optimizer = optimizer_ref()
+    assert optimizer is not None
+    inner = bucketing.unwrapped_step(optimizer)
+    del optimizer
+
+    @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
+    def eager_step() -> None:
+        live_optimizer = optimizer_ref()
+        assert live_optimizer is not None
+        with torch.no_grad():
+            inner(live_optimizer)
+
+    stepper: Callable[[], None] = eager_step
+    return stepper
 
 
 def _raising(error: Exception) -> Callable[[], None]:
@@ -221,17 +263,10 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     state = {"first": True, "eager": False}
     optimizer = optimizer_ref()
     assert optimizer is not None
-    inner = bucketing.unwrapped_step(optimizer)
     name = type(optimizer).__name__
     del optimizer
     compile_errors = _compat.compile_errors()
-
-    @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
-    def eager_step() -> None:
-        live_optimizer = optimizer_ref()
-        assert live_optimizer is not None
-        with torch.no_grad():
-            inner(live_optimizer)
+    eager_step = _eager_step(optimizer_ref)
 
     def step_eagerly_from_now_on(error: Exception) -> None:
         if config.fallback == "raise":

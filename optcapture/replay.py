@@ -61,7 +61,7 @@ class _Live:
 
     def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
                  compiled: Callable[[], None], grad_bindings: Sequence[GradBinding],
-                 rebuild: Callable[[], CapturedStep],
+                 rebuild: Callable[[], Callable[..., Any]],
                  run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
                  frozen_hypers: dict[tuple[int, str], Any],
                  grad_tables: Sequence[tuple[GradTable, list[int]]] = (),
@@ -102,7 +102,7 @@ def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]
 class _Cell:
     def __init__(self, live: _Live) -> None:
         self.live: _Live | None = live
-        self.replacement: CapturedStep | None = None
+        self.replacement: Callable[..., Any] | None = None  # a rebuilt capture, or an eager step if that failed
 
     def release(self) -> None:
         self.live = None

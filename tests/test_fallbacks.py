@@ -255,6 +255,37 @@ def test_a_failure_while_a_later_step_runs_is_not_retried_eagerly(monkeypatch: p
         step_both(pair, 2)
 
 
+def _replace_a_weight_with_rebuilds_failing(pair: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from optcapture import bucketing
+
+    monkeypatch.setattr(bucketing, "prove_equivalent", lambda *args: "simulated: no longer provably equal")
+    with torch.no_grad():
+        for model in (pair.model, pair.eager_model):  # type: ignore[attr-defined]
+            model[0].weight.data = torch.full((10, 10), 0.5)
+
+
+def test_a_failing_rebuild_falls_back_to_a_correct_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # p.data = ... (or load_state_dict) rebuilds the capture inside a step; before this, a rebuild that failed
+    # raised its CaptureError out of the user's training step.
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    _replace_a_weight_with_rebuilds_failing(pair, monkeypatch)
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(2, 5)])
+    assert [w for w in caught if "rebuilding the bucketed step of Adam failed" in w and "no longer provably" in w]
+    assert optcapture.stats()["rebuilds"] == 1 and optcapture.stats()["eager"] == 1
+    assert_matches_eager(pair)
+
+
+def test_a_failing_rebuild_raises_with_fallback_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01), options={"fallback": "raise"})
+    for seed in range(2):
+        step_both(pair, seed)
+    _replace_a_weight_with_rebuilds_failing(pair, monkeypatch)
+    with pytest.raises(optcapture.UnsupportedStepError, match="rebuilding the bucketed step of Adam failed"):
+        step_both(pair, 2)
+
+
 def test_step_with_closure_matches_eager() -> None:
     torch.manual_seed(0)
     model, eager_model = make_model(), make_model()
