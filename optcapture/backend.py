@@ -182,7 +182,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
         try:
             return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
         except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
-            return _stepping_eagerly_after(error, optimizer_ref, config, _empty_output(gm))
+            return _stepping_eagerly_after(error, step, optimizer_ref, config, _empty_output(gm))
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
@@ -199,7 +199,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
     return captured
 
 
-def _stepping_eagerly_after(error: Exception, optimizer_ref: weakref.ref[torch.optim.Optimizer],
+def _stepping_eagerly_after(error: Exception, step: StepGraph, optimizer_ref: weakref.ref[torch.optim.Optimizer],
                             config: CaptureConfig, output: Any) -> Callable[..., Any]:
     """What a capture whose rebuild failed (after ``load_state_dict``, ``p.data = ...``) runs from then on."""
     optimizer = optimizer_ref()
@@ -207,7 +207,9 @@ def _stepping_eagerly_after(error: Exception, optimizer_ref: weakref.ref[torch.o
     del optimizer
     if config.fallback == "raise":
         raise UnsupportedStepError(f"rebuilding the bucketed step of {name} failed: {error}") from error
-    warn_once(f"rebuilding the bucketed step of {name} failed ({type(error).__name__}: {error}); stepping eagerly")
+    reason = f"rebuilding the bucketed step of {name} failed ({type(error).__name__}: {error})"
+    warn_once(f"{reason}; stepping eagerly")
+    registry.record(step, "eager", [reason])
     COUNTERS.eager += 1
     eager_step = _eager_step(optimizer_ref)
 
@@ -237,8 +239,12 @@ def _eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[
 
 
 def _raising(error: Exception) -> Callable[[], None]:
+    # NB: not the exception object: each raise would chain a new traceback, with the caller's frames, onto the
+    # one object this closure keeps, and Dynamo's cache keeps the closure: the optimizer would never be freed.
+    message = f"{type(error).__name__}: {error}"
+
     def compile_failed() -> None:
-        raise error
+        raise CaptureError(message)
 
     return compile_failed
 
@@ -256,46 +262,49 @@ def _empty_output(gm: torch.fx.GraphModule) -> Any:
 
 def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.optim.Optimizer],
              config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], None]:
-    """Run the lowered step; if its first call fails (a lazy compile, recording the CUDA graph, running out
-    of memory), step eagerly from then on. A lazy compile's kernels and time complete ``report``.
+    """Run the lowered step; if compiling it failed (at capture, at a lazy first compile, or when its frame
+    recompiles in a later step), step eagerly from then on and say so once. A failure while the step runs is
+    raised, never retried: part of the step may have run. A lazy compile's kernels and time complete ``report``.
     """
-    compiled = lowered.call
-    state = {"first": True, "eager": False}
+    holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
     optimizer = optimizer_ref()
     assert optimizer is not None
     name = type(optimizer).__name__
     del optimizer
-    compile_errors = _compat.compile_errors()
+    # CaptureError: what _raising raises for a compile that failed at capture.
+    compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
     eager_step = _eager_step(optimizer_ref)
 
     def step_eagerly_from_now_on(error: Exception) -> None:
         if config.fallback == "raise":
             raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error
-        warn_once(f"compiling the bucketed step of {name} failed ({type(error).__name__}: {error}); stepping eagerly")
-        state["eager"] = True
+        reason = f"compiling the bucketed step of {name} failed ({type(error).__name__}: {error})"
+        warn_once(f"{reason}; stepping eagerly")
+        holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
+        holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
         COUNTERS.eager += 1
         eager_step()
 
     def run() -> None:
-        if state["eager"]:
+        compiled = holder["compiled"]
+        if compiled is None:
             eager_step()
             return
-        if not state["first"]:
-            try:
-                compiled()
-            except compile_errors as error:
-                # The shadow's frame recompiled and that failed, before anything ran (e.g. Dynamo's recompile
-                # limit under fullgraph=True): step eagerly rather than fail the user's training step.
-                step_eagerly_from_now_on(error)
-            return
-        kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
+        lazy_first = holder["first"] and lowered.kernels is None
+        holder["first"] = False
+        if lazy_first:
+            kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
         try:
             compiled()
-            if lowered.kernels is None:
-                registry.amend(optimizer_ref(), report, kernels=_compat.generated_kernel_count() - kernels_before,
-                               seconds=report.seconds + time.perf_counter() - began)
-        except Exception as error:
+        except compile_errors as error:
+            # Raised before any of the step ran (e.g. Dynamo's recompile limit under fullgraph=True, after a
+            # followed float took too many values): stepping eagerly is exact.
             step_eagerly_from_now_on(error)
-        state["first"] = False
+            return
+        if lazy_first:
+            current = holder["report"]
+            holder["report"] = registry.amend(optimizer_ref(), current,
+                                              kernels=_compat.generated_kernel_count() - kernels_before,
+                                              seconds=current.seconds + time.perf_counter() - began)
 
     return run

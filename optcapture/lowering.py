@@ -10,6 +10,9 @@ is armed, and a failed check (e.g. of the grad-table rewrite) costs nothing but 
 whose graph returns tensors to Python (to rebuild Python state after it) is compiled by its first real
 call instead. Once two steps show the shadow's frame to be the same call of the same compiled graph on the
 same inputs, leaving Python state as it was, steps call that graph directly (:class:`_ShadowRunner`).
+A shadow that follows a float the replay stage rewrites each step is compiled with automatic dynamic and
+traced a second time at capture with the value nudged, so its frame reads the value as an input from its
+first step (:func:`_prime_followed`).
 
 Invariant: lowering never runs a step; the callables it returns do, when called. A compile that reads
 grads through a table is returned only after every read of a grad was verified to be rewritten.
@@ -202,23 +205,28 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     code = shadow.call.__code__
     fresh = types.FunctionType(code.replace(co_name=code.co_name + "_stepped"), shadow.call.__globals__,
                                None, None, shadow.call.__closure__)
-    return LoweredShadow(torch.compile(fresh, backend=inductor_backend, fullgraph=True, dynamic=False), None)
+    return LoweredShadow(torch.compile(fresh, backend=inductor_backend, fullgraph=True,
+                                       dynamic=None if followed else False), None)
 
 
 def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[dict[str, Any], str]]) -> None:
-    """Trace the shadow once more with each followed float moved to a nearby value of the same sign, so that
-    Dynamo's automatic dynamic makes them inputs now, at capture, instead of recompiling at the first change
-    a scheduler makes during training (issue #2: a cycled ``momentum`` never recompiles the step).
+    """Trace the shadow once more with each followed float moved a little towards zero, so that Dynamo's
+    automatic dynamic makes them inputs now, at capture, instead of recompiling at the first change a
+    scheduler makes during training (issue #2: a cycled ``momentum`` never recompiles the step).
 
-    A value of zero is left alone: any other value could take another branch (``if momentum != 0``).
+    Best effort: if this trace fails, the shadow recompiles once at the first change instead. A value of zero
+    is left alone: any other value could take another branch (``if momentum != 0``).
     """
     moved = [(group, key, group[key]) for group, key in followed if group[key] != 0]
     if not moved:
         return
     try:
         for group, key, value in moved:
-            group[key] = value * (1 + 2.0**-20)
+            group[key] = value * (1 - 2.0**-20)
         _run_trace(shadow_step)
+    except Exception as error:  # noqa: BLE001 - priming only saves a recompile
+        log.info("priming the followed values %s failed (%s: %s)", [key for _, key, _ in moved],
+                 type(error).__name__, error)
     finally:
         for group, key, value in moved:
             group[key] = value

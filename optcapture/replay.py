@@ -115,7 +115,8 @@ class CapturedStep:
     Lifecycle:
       - built by the backend over the flat storage of one optimizer;
       - each call checks its storage, binds grads, refreshes hyperparameters and runs the step;
-      - when its storage is replaced it builds a successor and forwards to it from then on;
+      - when its storage is replaced it builds a successor (a new capture, or an eager step if that fails),
+        forwards to it from then on and drops its own storage;
       - when the optimizer is garbage collected it drops every tensor it referenced.
     """
 
@@ -137,6 +138,7 @@ class CapturedStep:
             COUNTERS.rebuilds += 1
             log.info("captured storage was replaced (load_state_dict, new state or p.data=...): rebuilding")
             cell.replacement = live.rebuild()
+            cell.live = None  # the old flat storage, shadow and CUDA graph: the replacement does not use them
             return cell.replacement(*args)
         self._bind_grads(live, args)
         live.prepared.refresh_hypers()

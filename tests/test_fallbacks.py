@@ -233,6 +233,7 @@ def test_a_recompile_failing_in_a_later_step_falls_back_to_a_correct_eager_step(
     caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3, 6)])
     assert [w for w in caught if "stepping eagerly" in w and "FailOnRecompileLimitHit" in w], caught
     assert optcapture.stats()["eager"] == 2  # SGD's first step, which creates its buffers; then this one
+    assert paths(pair.optimizer) == ["eager", "eager"]  # the capture's report now says it steps eagerly
     assert_matches_eager(pair)
 
 
@@ -274,6 +275,7 @@ def test_a_failing_rebuild_falls_back_to_a_correct_eager_step(monkeypatch: pytes
     caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(2, 5)])
     assert [w for w in caught if "rebuilding the bucketed step of Adam failed" in w and "no longer provably" in w]
     assert optcapture.stats()["rebuilds"] == 1 and optcapture.stats()["eager"] == 1
+    assert paths(pair.optimizer) == ["bucketed", "eager"]
     assert_matches_eager(pair)
 
 
@@ -284,6 +286,36 @@ def test_a_failing_rebuild_raises_with_fallback_raise(monkeypatch: pytest.Monkey
     _replace_a_weight_with_rebuilds_failing(pair, monkeypatch)
     with pytest.raises(optcapture.UnsupportedStepError, match="rebuilding the bucketed step of Adam failed"):
         step_both(pair, 2)
+
+
+def test_a_compile_failed_at_capture_keeps_nothing_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The eager fallback re-raised one kept exception at its first step; its traceback chained the caller's
+    # frames, and Dynamo's cache kept it: the optimizer and the model were never freed.
+    import gc
+    import weakref
+
+    from optcapture import _compat
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise torch.cuda.OutOfMemoryError("simulated: out of memory while compiling")
+
+    monkeypatch.setattr(_compat, "compile_with_inductor", broken)
+
+    def train_once() -> tuple[weakref.ref[torch.Tensor], weakref.ref[torch.optim.Optimizer]]:
+        model = torch.nn.Linear(8, 8)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        step = torch.compile(opt.step, backend="optcapture")
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            step()
+        return weakref.ref(model.weight), weakref.ref(opt)
+
+    caught = _warnings_of(train_once)
+    assert any("stepping eagerly" in w for w in caught), caught
+    weight, optimizer = train_once()
+    gc.collect()
+    assert weight() is None and optimizer() is None
 
 
 def test_step_with_closure_matches_eager() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from helpers import make_pair, step_both
 
@@ -192,27 +191,29 @@ def test_a_followed_hyperparameter_keeps_every_step_in_dynamo() -> None:
     assert isinstance(last, lowering._ShadowRunner) and last.direct is None
 
 
-def test_priming_traces_once_with_nearby_values_of_the_same_sign_and_restores_them() -> None:
+def test_priming_traces_once_with_values_nudged_towards_zero_and_restores_them() -> None:
     group = {"momentum": 0.9, "dampening": -0.5, "zero": 0.0}
     seen: list[dict[str, float]] = []
     lowering._prime_followed(lambda: seen.append(dict(group)),
                              [(group, "momentum"), (group, "dampening"), (group, "zero")])
     assert len(seen) == 1
     traced = seen[0]
-    assert traced["momentum"] != 0.9 and abs(traced["momentum"] - 0.9) < 1e-5
-    assert traced["dampening"] != -0.5 and abs(traced["dampening"] + 0.5) < 1e-5
+    assert 0.9 - 1e-5 < traced["momentum"] < 0.9  # towards zero: a check like ``momentum < 1`` still holds
+    assert -0.5 < traced["dampening"] < -0.5 + 1e-5
     assert traced["zero"] == 0.0  # any other value could take another branch (``if momentum != 0``)
     assert group == {"momentum": 0.9, "dampening": -0.5, "zero": 0.0}
 
 
-def test_priming_restores_the_values_when_the_trace_fails() -> None:
+def test_priming_is_best_effort_and_restores_the_values_when_the_trace_fails() -> None:
     group = {"momentum": 0.9}
+    seen: list[float] = []
 
     def failing() -> None:
+        seen.append(group["momentum"])
         raise RuntimeError("simulated")
 
-    with pytest.raises(RuntimeError, match="simulated"):
-        lowering._prime_followed(failing, [(group, "momentum")])
+    lowering._prime_followed(failing, [(group, "momentum")])  # a failed priming costs a recompile, not the capture
+    assert len(seen) == 1 and seen[0] < 0.9
     assert group == {"momentum": 0.9}
 
 

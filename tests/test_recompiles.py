@@ -94,7 +94,8 @@ def test_cycling_momentum_never_rebuilds_or_recompiles_after_warm_up(name: str, 
         momenta.add(pair.optimizer.param_groups[0]["momentum"])
     assert len(momenta) == 14
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
-    assert optcapture.stats()["rebuilds"] == 0 and optcapture.stats()["eager"] <= 1
+    assert optcapture.stats()["rebuilds"] == 0
+    assert optcapture.stats()["eager"] == {"SGD": 1, "RMSprop": 0}[name]  # SGD's first step creates its buffers
     assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
     assert_matches_eager(pair)
 

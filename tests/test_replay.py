@@ -97,6 +97,24 @@ def test_param_data_replaced_by_the_user_is_noticed() -> None:
     assert optcapture.stats()["rebuilds"] >= 1
 
 
+def test_a_rebuilt_capture_lets_the_storage_it_replaced_go() -> None:
+    # The replaced capture kept its flat buffers (a full copy of params and state) until the optimizer died.
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.1))
+    for seed in range(3):
+        step_both(pair, seed)
+    old = [weakref.ref(buffer) for flat in registry._prepared[pair.optimizer].groups.values()
+           for role, buffer in flat.flats.items() if role != "grad"]
+    with torch.no_grad():
+        for m in (pair.model, pair.eager_model):
+            m[0].weight.data = torch.full((10, 10), 0.5)
+    for seed in range(3, 5):
+        step_both(pair, seed)
+    assert optcapture.stats()["rebuilds"] == 1
+    gc.collect()
+    assert old and all(buffer() is None for buffer in old)
+    assert_matches_eager(pair)
+
+
 def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
     flat_buffers: list[weakref.ref[torch.Tensor]] = []
 

@@ -270,7 +270,8 @@ def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding_or_recomp
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     _steady(pair, 2, 14)  # more momentum values than Dynamo's recompile limit
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
-    assert optcapture.stats()["rebuilds"] == 0 and optcapture.stats()["eager"] <= 1
+    assert optcapture.stats()["rebuilds"] == 0
+    assert optcapture.stats()["eager"] == {"SGD": 1, "RMSprop": 0}[name]  # SGD's first step creates its buffers
     assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
     assert_matches_eager(pair)
 
