@@ -78,6 +78,25 @@ def compile_errors() -> tuple[type[Exception], ...]:
     return (exc.TorchDynamoException, exc.FailOnRecompileLimitHit)
 
 
+def through_dynamo(error: Exception) -> Exception:
+    """``error`` as an exception that, raised inside a backend, reaches the caller of the compiled function as
+    itself (an instance of ``type(error)``, same message). Dynamo wraps any other backend exception in
+    ``BackendCompilerFailed``; it re-raises its own ``ShortenTraceback`` as is
+    (torch/_dynamo/output_graph.py, ``_call_user_compiler``).
+    """
+    from torch._dynamo.exc import ShortenTraceback
+
+    kind = type(error)
+
+    def __init__(self: Exception, *args: object) -> None:  # noqa: N807 - the class's own __init__
+        ShortenTraceback.__init__(self, *args, first_useful_frame=None)
+
+    # A class per raise (rare, and raised once): nothing for optcapture.reset() to clear.
+    passing = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__module__": kind.__module__,
+                                                             "__qualname__": kind.__qualname__})
+    return passing(*error.args)  # type: ignore[no-any-return]
+
+
 def source_name(source: Any) -> str:
     """``Source.name`` is a method in some torch versions and a property in others."""
     name = source.name

@@ -59,12 +59,12 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         # once; the state it creates changes the guards and the next call is captured, unless another
         # reason stands in the way, which is said now.
         if lasting and config.fallback == "raise":
-            raise UnsupportedStepError(f"cannot capture this step: {reason}")
+            raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step: {reason}"))
         if lasting:
             warn_once(_not_bucketed(owner, reason))
         return _as_traced(step, gm, step.blockers)
     if config.fallback == "raise":
-        raise UnsupportedStepError(f"cannot capture this step: {reason}")
+        raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step: {reason}"))
     warn_once(_not_bucketed(owner, reason))
     before = _compat.generated_kernel_count()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from optcapture import _compat
@@ -127,3 +128,21 @@ def test_compile_errors_cover_what_a_failed_compile_raises() -> None:
     assert issubclass(torch._dynamo.exc.Unsupported, errors)
     assert issubclass(torch._dynamo.exc.BackendCompilerFailed, errors)
     assert not isinstance(RuntimeError("a kernel failed"), errors)
+
+
+def test_through_dynamo_keeps_the_type_and_message_past_dynamos_wrapping() -> None:
+    from optcapture.errors import UnsupportedStepError
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        raise _compat.through_dynamo(UnsupportedStepError("named reason"))
+
+    def wrapped_backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        raise UnsupportedStepError("named reason")
+
+    x = torch.ones(3)
+    with pytest.raises(UnsupportedStepError, match="named reason"):
+        torch.compile(lambda t: t * 2, backend=backend)(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as wrapped:  # what it guards against
+        torch.compile(lambda t: t * 3, backend=wrapped_backend)(x)
+    assert not isinstance(wrapped.value, UnsupportedStepError) and "named reason" in str(wrapped.value)

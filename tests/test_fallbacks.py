@@ -90,9 +90,18 @@ def test_a_reason_is_warned_once_whether_the_first_step_runs_as_traced_or_per_te
 
 
 def test_fallback_raise_names_the_reason() -> None:
+    # The error reaches the training loop as itself: Dynamo wraps other backend errors in BackendCompilerFailed.
     pair = make_pair(lambda p: NormalizedSGD(p), options={"fallback": "raise"})
-    with pytest.raises(Exception, match="not provably elementwise"):
+    with pytest.raises(optcapture.UnsupportedStepError, match="not provably elementwise"):
         step_both(pair, 0)
+
+
+def test_fallback_raise_on_a_graph_that_is_never_bucketed() -> None:
+    pair = make_pair(lambda p: torch.optim.Muon(p), bias=False, options={"fallback": "raise"})
+    before = [p.detach().clone() for p in pair.model.parameters()]
+    with pytest.raises(optcapture.UnsupportedStepError, match="cannot capture this step"):
+        step_both(pair, 0)
+    assert all(torch.equal(a, p) for a, p in zip(before, pair.model.parameters(), strict=True))  # nothing stepped
 
 
 def test_lbfgs_with_closure_runs_eagerly_and_matches() -> None:
