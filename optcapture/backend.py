@@ -267,6 +267,8 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     raised, never retried: part of the step may have run. A lazy compile's kernels and time complete ``report``.
     """
     holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
+    compiled_lazily = lowered.kernels is None  # NB: not ``lowered`` itself, which the eager fallback lets go
+    del lowered
     optimizer = optimizer_ref()
     assert optimizer is not None
     name = type(optimizer).__name__
@@ -290,7 +292,7 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
         if compiled is None:
             eager_step()
             return
-        lazy_first = holder["first"] and lowered.kernels is None
+        lazy_first = holder["first"] and compiled_lazily
         holder["first"] = False
         if lazy_first:
             kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
