@@ -46,7 +46,11 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
             return _capture(step, gm, config, tracer, began)
         except CaptureError as error:
             step.blockers.append(str(error))
-    return _fallback(step, gm, example_inputs, config)
+    try:
+        return _fallback(step, gm, example_inputs, config)
+    except UnsupportedStepError as error:
+        # Dynamo wraps any other backend error in BackendCompilerFailed; the training loop must see this one.
+        raise _compat.through_dynamo(error) from None
 
 
 def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -54,18 +58,16 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     lasting = [reason for reason in step.blockers if _LAZY_STATE not in reason]
     reason = "; ".join(lasting) or "unknown"
     owner = type(step.optimizer).__name__ if step.optimizer else "a function"
-    if len(lasting) < len(step.blockers):
-        # The first step of an optimizer that creates its state inside step(): run the traced graph
-        # once; the state it creates changes the guards and the next call is captured, unless another
-        # reason stands in the way, which is said now.
-        if lasting and config.fallback == "raise":
-            raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step: {reason}"))
-        if lasting:
-            warn_once(_not_bucketed(owner, reason))
+    # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
+    # state it creates changes the guards and the next call is captured, unless another reason stands in
+    # the way, which is said now.
+    first_of_lazy_state = len(lasting) < len(step.blockers)
+    if lasting or not first_of_lazy_state:
+        if config.fallback == "raise":
+            raise UnsupportedStepError(f"cannot capture this step: {reason}")
+        warn_once(_not_bucketed(owner, reason))
+    if first_of_lazy_state:
         return _as_traced(step, gm, step.blockers)
-    if config.fallback == "raise":
-        raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step: {reason}"))
-    warn_once(_not_bucketed(owner, reason))
     before = _compat.generated_kernel_count()
     try:
         compiled = lowering.lower_graph(gm, example_inputs, config)
@@ -151,9 +153,11 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
             raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
         shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
         followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
+        # (shadow param group, key, real group index) of each float the shadow follows.
+        followed_slots = [(shadow.groups[g], key, g) for g, key in sorted(followed)]
         try:
             lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables,
-                                            [(shadow.groups[g], key) for g, key in sorted(followed)])
+                                            [(group, key) for group, key, _ in followed_slots])
         except Exception as error:
             if tables:
                 raise
@@ -190,7 +194,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                              grads="in place" if tables else "copied")
     live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report), bindings,
                  rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
-                 grad_tables, [(shadow.groups[g], key, g) for g, key in sorted(followed)])
+                 grad_tables, followed_slots)
     captured = CapturedStep(optimizer, live, _empty_output(gm))
     COUNTERS.bucketed += 1
     log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",
@@ -205,12 +209,8 @@ def _stepping_eagerly_after(error: Exception, step: StepGraph, optimizer_ref: we
     optimizer = optimizer_ref()
     name = type(optimizer).__name__ if optimizer is not None else "an optimizer"
     del optimizer
-    if config.fallback == "raise":
-        raise UnsupportedStepError(f"rebuilding the bucketed step of {name} failed: {error}") from error
-    reason = f"rebuilding the bucketed step of {name} failed ({type(error).__name__}: {error})"
-    warn_once(f"{reason}; stepping eagerly")
+    reason = _give_up_on_the_capture("rebuilding", name, error, config)
     registry.record(step, "eager", [reason])
-    COUNTERS.eager += 1
     eager_step = _eager_step(optimizer_ref)
 
     def step_eagerly(*args: Any) -> Any:
@@ -218,6 +218,17 @@ def _stepping_eagerly_after(error: Exception, step: StepGraph, optimizer_ref: we
         return output
 
     return step_eagerly
+
+
+def _give_up_on_the_capture(doing: str, name: str, error: Exception, config: CaptureConfig) -> str:
+    """Raise :class:`UnsupportedStepError` (``fallback="raise"``), or warn once that the optimizer steps eagerly
+    from now on and count it; returns the reason, for the capture's report."""
+    if config.fallback == "raise":
+        raise UnsupportedStepError(f"{doing} the bucketed step of {name} failed: {error}") from error
+    reason = f"{doing} the bucketed step of {name} failed ({type(error).__name__}: {error})"
+    warn_once(f"{reason}; stepping eagerly")
+    COUNTERS.eager += 1
+    return reason
 
 
 def _eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[], None]:
@@ -278,13 +289,9 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     eager_step = _eager_step(optimizer_ref)
 
     def step_eagerly_from_now_on(error: Exception) -> None:
-        if config.fallback == "raise":
-            raise UnsupportedStepError(f"compiling the bucketed step failed: {error}") from error
-        reason = f"compiling the bucketed step of {name} failed ({type(error).__name__}: {error})"
-        warn_once(f"{reason}; stepping eagerly")
+        reason = _give_up_on_the_capture("compiling", name, error, config)
         holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
         holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
-        COUNTERS.eager += 1
         eager_step()
 
     def run() -> None:
