@@ -78,6 +78,27 @@ def compile_errors() -> tuple[type[Exception], ...]:
     return (exc.TorchDynamoException, exc.FailOnRecompileLimitHit)
 
 
+def raised_while_recording_cuda_graph(error: BaseException) -> bool:
+    """True when ``error`` came out of CUDA graph trees recording a graph, before the recorded graph first ran.
+
+    Recording captures kernels without running them (``CUDAGraphNode._record``, after its inputs were copied by
+    ``_allocate_and_copy_recording_inputs``); the node replays the graph only once both returned
+    (torch/_inductor/cudagraph_trees.py, ``CUDAGraphNode.__init__``). So a failure in either, such as running
+    out of memory while recording, left every param and state tensor as it was.
+    """
+    from torch._inductor import cudagraph_trees
+
+    node = getattr(cudagraph_trees, "CUDAGraphNode", None)
+    recording = {getattr(node, name).__code__ for name in ("_record", "_allocate_and_copy_recording_inputs")
+                 if callable(getattr(node, name, None))}
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code in recording:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def through_dynamo(error: Exception) -> Exception:
     """``error`` as an exception that, raised inside a backend, reaches the caller of the compiled function as
     itself (an instance of ``type(error)``, same message). Dynamo wraps any other backend exception in

@@ -273,9 +273,10 @@ def _empty_output(gm: torch.fx.GraphModule) -> Any:
 
 def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.optim.Optimizer],
              config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], None]:
-    """Run the lowered step; if compiling it failed (at capture, at a lazy first compile, or when its frame
-    recompiles in a later step), step eagerly from then on and say so once. A failure while the step runs is
-    raised, never retried: part of the step may have run. A lazy compile's kernels and time complete ``report``.
+    """Run the lowered step; if compiling it failed (at capture, at a lazy first compile, when its frame
+    recompiles in a later step, or while its CUDA graph was recorded), step eagerly from then on and say so once.
+    A failure while the step runs is raised, never retried: part of the step may have run. A lazy compile's
+    kernels and time complete ``report``.
     """
     holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
     compiled_lazily = lowered.kernels is None  # NB: not ``lowered`` itself, which the eager fallback lets go
@@ -288,8 +289,8 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
     eager_step = _eager_step(optimizer_ref)
 
-    def step_eagerly_from_now_on(error: Exception) -> None:
-        reason = _give_up_on_the_capture("compiling", name, error, config)
+    def step_eagerly_from_now_on(doing: str, error: Exception) -> None:
+        reason = _give_up_on_the_capture(doing, name, error, config)
         holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
         holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
         eager_step()
@@ -308,7 +309,13 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
         except compile_errors as error:
             # Raised before any of the step ran (e.g. Dynamo's recompile limit under fullgraph=True, after a
             # followed float took too many values): stepping eagerly is exact.
-            step_eagerly_from_now_on(error)
+            step_eagerly_from_now_on("compiling", error)
+            return
+        except Exception as error:
+            # Recording the CUDA graph (the 2nd or 3rd step) runs none of it either, e.g. out of memory (issue #2).
+            if not _compat.raised_while_recording_cuda_graph(error):
+                raise
+            step_eagerly_from_now_on("recording the CUDA graph of", error)
             return
         if lazy_first:
             current = holder["report"]

@@ -146,3 +146,18 @@ def test_through_dynamo_keeps_the_type_and_message_past_dynamos_wrapping() -> No
     with pytest.raises(Exception) as wrapped:  # what it guards against
         torch.compile(lambda t: t * 3, backend=wrapped_backend)(x)
     assert not isinstance(wrapped.value, UnsupportedStepError) and "named reason" in str(wrapped.value)
+
+
+def test_an_error_out_of_cuda_graph_recording_is_told_from_any_other() -> None:
+    from torch._inductor.cudagraph_trees import CUDAGraphNode
+
+    class Unrecordable:
+        graph = None  # CUDAGraphNode._record asserts it has a graph before it captures anything
+
+    with pytest.raises(AssertionError) as recording:
+        CUDAGraphNode._record(Unrecordable(), lambda inputs: None, [])  # type: ignore[arg-type]
+    assert _compat.raised_while_recording_cuda_graph(recording.value)
+    with pytest.raises(AssertionError) as elsewhere:
+        raise AssertionError("not while recording")
+    assert not _compat.raised_while_recording_cuda_graph(elsewhere.value)
+    assert not _compat.raised_while_recording_cuda_graph(RuntimeError("never raised, no traceback"))

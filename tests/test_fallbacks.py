@@ -212,7 +212,7 @@ def test_a_failing_compile_falls_back_to_a_correct_eager_step(monkeypatch: pytes
     from optcapture import _compat
 
     def broken(*args: object, **kwargs: object) -> object:
-        raise torch.cuda.OutOfMemoryError("simulated: out of memory while recording")
+        raise torch.cuda.OutOfMemoryError("simulated: out of memory while compiling")
 
     monkeypatch.setattr(_compat, "compile_with_inductor", broken)
     pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
@@ -263,6 +263,43 @@ def test_a_failure_while_a_later_step_runs_is_not_retried_eagerly(monkeypatch: p
     _failing_after_warm_up(monkeypatch, RuntimeError("simulated: a kernel failed"))
     with pytest.raises(RuntimeError, match="a kernel failed"):
         step_both(pair, 2)
+
+
+def _failing_while_recording(self: object) -> None:
+    # An error out of CUDA graph trees' recording, raised in a real CUDAGraphNode._record frame (which asserts it
+    # has a graph before it captures anything): recording never runs the step. On CUDA, tests/gpu records for real.
+    from torch._inductor.cudagraph_trees import CUDAGraphNode
+
+    class Unrecordable:
+        graph = None
+
+    CUDAGraphNode._record(Unrecordable(), lambda inputs: None, [])  # type: ignore[arg-type]
+
+
+def test_a_failure_while_recording_the_cuda_graph_falls_back_to_a_correct_eager_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from optcapture import lowering
+
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    monkeypatch.setattr(lowering._ShadowRunner, "__call__", _failing_while_recording)
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(2, 5)])
+    assert [w for w in caught if "recording the CUDA graph of the bucketed step of Adam failed" in w
+            and "stepping eagerly" in w], caught
+    assert paths(pair.optimizer) == ["eager"]
+    assert_matches_eager(pair)  # the failed step is applied once, eagerly
+
+
+def test_a_failure_while_recording_the_cuda_graph_raises_with_fallback_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optcapture import lowering
+
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01), options={"fallback": "raise"})
+    for seed in range(2):
+        step_both(pair, seed)
+    monkeypatch.setattr(lowering._ShadowRunner, "__call__", _failing_while_recording)
+    with pytest.raises(optcapture.UnsupportedStepError, match="recording the CUDA graph"):
+        pair.step()
 
 
 def _replace_a_weight_with_rebuilds_failing(pair: object, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -302,3 +302,61 @@ def test_nothing_captured_keeps_params_state_or_flat_storage_alive_cuda() -> Non
     gc.collect()
     assert weight() is None and opt() is None
     assert flat_buffers and all(buffer() is None for buffer in flat_buffers)
+
+
+def _recording_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """CUDA graph trees record for real, then the recording fails as an out-of-memory error would: after every
+    kernel of the step was captured (captured, not run). Returns the count of failed recordings."""
+    from torch._inductor import cudagraph_trees
+
+    record = cudagraph_trees.CUDAGraphNode._record
+    failed: list[int] = []
+
+    def record_then_run_out_of_memory(self: Any, model: Any, inputs: list[Any]) -> Any:
+        def captured_then_out_of_memory(model_inputs: list[Any]) -> Any:
+            model(model_inputs)
+            failed.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, while recording)")
+
+        return record(self, captured_then_out_of_memory, inputs)
+
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphNode, "_record", record_then_run_out_of_memory)
+    return failed
+
+
+def test_running_out_of_memory_while_recording_the_cuda_graph_steps_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    _compat.reset_cudagraph_trees()
+    failed = _recording_runs_out_of_memory(monkeypatch)
+    pair = _adamw_pair()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _steady(pair, 0, 6)
+    said = [str(w.message) for w in caught if "recording the CUDA graph" in str(w.message)]
+    assert len(failed) == 1 and len(said) == 1, (failed, said)
+    assert "OutOfMemoryError" in said[0] and "stepping eagerly" in said[0]
+    assert paths(pair.optimizer) == ["eager"]
+    assert _compat.cudagraphs_recorded() == 0
+    assert_matches_eager(pair)  # the step whose recording failed ran once, eagerly; nothing twice
+
+
+def test_running_out_of_memory_while_recording_raises_with_fallback_raise_and_changes_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from helpers import set_grads
+
+    _compat.reset_cudagraph_trees()
+    failed = _recording_runs_out_of_memory(monkeypatch)
+    pair = _adamw_pair(fallback="raise")
+    for seed in range(6):
+        set_grads(pair, seed)
+        before = [p.detach().clone() for p in pair.model.parameters()]
+        try:
+            pair.step()
+        except optcapture.UnsupportedStepError as error:
+            assert "recording the CUDA graph" in str(error) and failed == [1]
+            torch.testing.assert_close(list(pair.model.parameters()), before, atol=0, rtol=0)
+            return
+        pair.eager.step()
+        assert_matches_eager(pair)
+    pytest.fail("recording never failed")
