@@ -1,6 +1,7 @@
 """Stage 5, replay: the callable Dynamo calls for every step of a captured optimizer.
 
-Per call it (1) checks that the captured storage is still the one the tensors live in, (2) binds
+Per call it (1) checks that the captured storage is still the one the tensors live in, and that no per-param
+scalar state (step counters) was written outside the capture since its last step, (2) binds
 the grads: on CUDA it points each run's grad table at the grads autograd left (a few bytes, only when
 a grad moved); otherwise it moves grads that autograd allocated anew into their flat slots (a copy,
 only for grads not already there), (3) writes changed hyperparameters into their device tensors, and
@@ -76,6 +77,14 @@ class _Live:
         self.compiled = compiled
         self.rebuild = rebuild
         members = [(flats[run.key], j) for run in runs for j in run.positions]
+        # The optimizer's own per-param scalar state (step counters, ...): each run steps a copy of it, so a
+        # write to it outside the capture (an eager ``opt.step()``) must be noticed; their versions tell.
+        optimizer = prepared.optimizer_ref()
+        state = optimizer.state if optimizer is not None else {}
+        del optimizer
+        self.scalar_states = [value for flat, j in members for key in flat.scalars
+                              if isinstance(value := state.get(flat.params[j], {}).get(key), torch.Tensor)]
+        self.scalar_versions = _versions(self.scalar_states)
         # Per-call checks read precomputed addresses; they are the host cost of every step.
         self.params = [flat.params[j] for flat, j in members]
         self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
@@ -87,6 +96,18 @@ class _Live:
         # The steady state of copied grads: every p.grad is the slot optcapture gave it last step.
         self.pick_grads = _picker([slot[0] for slot in self.grad_slots])
         self.grad_homes = tuple(slot[1] for slot in self.grad_slots)
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _versions(tensors: Sequence[torch.Tensor]) -> list[int] | None:
+    """Each tensor's version counter (bumped by every in-place write through it); None when one has none
+    (a tensor made under ``torch.inference_mode``), which makes every step check the values instead."""
+    try:
+        return list(map(_VERSION, tensors))
+    except RuntimeError:
+        return None
 
 
 def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
@@ -165,10 +186,12 @@ class CapturedStep:
             return False
         if not _compat.data_ptrs_equal(live.params, live.param_ptrs):
             return False
-        if live.prepared.last_runner is self:
+        versions = _versions(live.scalar_states)
+        if live.prepared.last_runner is self and versions is not None and versions == live.scalar_versions:
             return True
-        # Another capture (another grad pattern) ran since ours: members of one of our runs may have
-        # been stepped a different number of times. Reading the counters syncs, but only here.
+        # Another capture (another grad pattern) ran since ours, or the scalar state was written outside any
+        # capture (an eager ``opt.step()``, a reset counter): members of one of our runs may have been stepped a
+        # different number of times. Reading the counters syncs, but only here.
         for run in live.runs:
             flat = live.flats[run.key]
             for vector in flat.scalars.values():
@@ -178,6 +201,7 @@ class CapturedStep:
         with torch.no_grad():
             for vector, first, scalar in live.run_scalars:
                 scalar.copy_(vector[first])
+        live.scalar_versions = versions
         return True
 
     @staticmethod

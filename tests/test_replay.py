@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import io
 import weakref
+from typing import Any
 
+import pytest
 import torch
-from helpers import assert_matches_eager, make_model, make_pair, paths, step_both
+from helpers import assert_matches_eager, make_model, make_pair, paths, set_grads, step_both
 
 import optcapture
 from optcapture import registry
@@ -144,3 +146,56 @@ def test_nothing_captured_keeps_the_model_or_optimizer_alive() -> None:
     # Nor does anything keep the flat storage: not the capture, not Dynamo's cache of the shadow step.
     gc.collect()
     assert flat_buffers and all(buffer() is None for buffer in flat_buffers)
+
+
+SCALAR_STATE = {  # optimizers whose runs step a copy of per-param scalar state (step, mu_product, eta, mu)
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "ASGD": lambda p: torch.optim.ASGD(p, lr=0.01),
+}
+
+
+def _eager_step_on_both(pair: Any, seed: int, present: Any = lambda i: True) -> None:
+    set_grads(pair, seed, present)
+    pair.eager.step()
+    pair.optimizer.step()  # the user's optimizer, stepped without the compiled step (e.g. by a library)
+
+
+@pytest.mark.parametrize("name", sorted(SCALAR_STATE))
+def test_an_eager_step_between_compiled_steps_is_noticed(name: str) -> None:
+    # The runs step their own copy of the step counters: an eager opt.step() in between advanced the real
+    # counters only, and the next compiled steps used the stale copy (bias corrections off by one step).
+    pair = make_pair(SCALAR_STATE[name])
+    for seed in range(3):
+        step_both(pair, seed)
+    _eager_step_on_both(pair, 3)
+    for seed in range(4, 7):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer) == ["bucketed"]  # counters that moved together: no rebuild needed
+
+
+def test_an_eager_step_over_some_params_splits_the_runs() -> None:
+    # Counters that now differ within a run: the capture is rebuilt with runs of equal counters.
+    pair = make_pair(SCALAR_STATE["AdamW"])
+    for seed in range(3):
+        step_both(pair, seed)
+    _eager_step_on_both(pair, 3, present=lambda i: i % 2 == 0)
+    for seed in range(4, 7):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    assert optcapture.stats()["rebuilds"] >= 1
+
+
+def test_step_counters_reset_by_the_user_are_read_again() -> None:
+    pair = make_pair(SCALAR_STATE["AdamW"])
+    for seed in range(3):
+        step_both(pair, seed)
+    with torch.no_grad():
+        for optimizer in (pair.eager, pair.optimizer):
+            for state in optimizer.state.values():
+                state["step"].zero_()
+    for seed in range(3, 6):
+        step_both(pair, seed)
+    assert_matches_eager(pair)

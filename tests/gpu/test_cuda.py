@@ -360,3 +360,18 @@ def test_running_out_of_memory_while_recording_raises_with_fallback_raise_and_ch
         pair.eager.step()
         assert_matches_eager(pair)
     pytest.fail("recording never failed")
+
+
+def test_an_eager_step_between_compiled_steps_is_noticed_cuda() -> None:
+    from helpers import set_grads
+
+    _compat.reset_cudagraph_trees()
+    pair = _adamw_pair()
+    _steady(pair, 0, 4)
+    set_grads(pair, 4)
+    pair.eager.step()
+    pair.optimizer.step()  # not the compiled step: the real step counters advance, the capture's copy does not
+    _steady(pair, 5, 3)
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer) == ["bucketed"]
+    assert _compat.cudagraphs_recorded() == 1
