@@ -375,3 +375,15 @@ def test_an_eager_step_between_compiled_steps_is_noticed_cuda() -> None:
     assert_matches_eager(pair)
     assert paths(pair.optimizer) == ["bucketed"]
     assert _compat.cudagraphs_recorded() == 1
+
+
+def test_steps_taken_by_a_per_tensor_capture_of_the_same_optimizer_are_noticed_cuda() -> None:
+    _compat.reset_cudagraph_trees()
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(16)),
+                                    torch.nn.Parameter(torch.randn(4, 4).t())]).cuda()
+    pair = make_pair(lambda p: torch.optim.NAdam(p, lr=0.01), device="cuda", model=model)  # type: ignore[arg-type]
+    for seed in range(6):
+        step_both(pair, seed, present=lambda i, seed=seed: i != 2 or seed % 2 == 1)
+    assert_matches_eager(pair, **TOLERANCES["NAdam"])
+    assert {"bucketed", "per-tensor"} <= set(paths(pair.optimizer)), paths(pair.optimizer)
