@@ -223,12 +223,21 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             roles.append(InputRole(n.name, source, "other"))
 
     buckets: list[Bucket] = []
+    grad_owners: dict[int, tuple[int, int]] = {}
     if optimizer is not None:
         for g, group in enumerate(optimizer.param_groups):
             if group.get("differentiable"):
                 blockers.append("differentiable=True is not captured")
             if group.get("fused"):
                 blockers.append("fused=True is not captured (its kernel is already fused; run it eagerly)")
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                owner = grad_owners.setdefault(id(p.grad), (g, i))
+                if owner != (g, i):
+                    # Dynamo passes one tensor once: the second param would have no grad input of its own.
+                    blockers.append(f"param {i} of group {g} shares its grad tensor with param {owner[1]} of group "
+                                    f"{owner[0]}")
             by_key: dict[BucketKey, list[int]] = {}
             for i in sorted(present.get(g, [])):
                 p = group["params"][i]
@@ -251,7 +260,10 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     if optimizer is not None and not blockers:
         shapes = {(b.key.group, i): optimizer.param_groups[b.key.group]["params"][i].shape
                   for b in buckets for i in b.members}
-        report = lanes.analyze(gm, lane_inputs, shapes)
+        try:
+            report = lanes.analyze(gm, lane_inputs, shapes)
+        except Exception as error:  # noqa: BLE001 - a graph the analysis did not foresee: not bucketed, said once
+            report = lanes.LaneReport(False, f"the analysis failed ({type(error).__name__}: {error})", {})
         if not report.elementwise:
             blockers.append(f"the update is not provably elementwise: {report.reason}")
         else:

@@ -213,7 +213,8 @@ class PreparedOptimizer:
         slot = (group, key, index, device)
         tensor = self.hypers.tensors.get(slot)
         if tensor is None:
-            tensor = torch.tensor(float(value), dtype=torch.float32, device=device)
+            # float64: eager computes ``1 - beta2`` from the Python float; from float32(0.999) it is 1.3e-5 off.
+            tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
             _compat.mark_static(tensor)
             self.hypers.tensors[slot] = tensor
             self.hypers.last[slot] = float(value)

@@ -3,8 +3,8 @@
 Per call it (1) checks that the captured storage is still the one the tensors live in, and that no per-param
 scalar state (step counters) was written outside the capture since its last step, (2) binds
 the grads: on CUDA it points each run's grad table at the grads autograd left (a few bytes, only when
-a grad moved); otherwise it moves grads that autograd allocated anew into their flat slots (a copy,
-only for grads not already there), (3) writes changed hyperparameters into their device tensors, and
+a grad moved); otherwise it copies every grad into its flat slot (each step; ``p.grad`` stays the
+user's tensor), (3) writes changed hyperparameters into their device tensors, and
 (4) runs the compiled bucketed step, which on CUDA replays one CUDA graph.
 
 Invariant: the compiled step only ever runs on storage that every param, grad and state tensor of
@@ -90,12 +90,12 @@ class _Live:
         self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
         # (table, picker of each member's grad from the graph inputs): set when grads are read in place.
         self.grad_tables = [(table, _picker(indices)) for table, indices in grad_tables]
-        self.grad_slots = [] if self.grad_tables else [
-            (b.arg_index, b.flat.grad_homes[b.position], b.flat.grad_homes[b.position].data_ptr(),
-             b.flat.params[b.position]) for b in grad_bindings]
-        # The steady state of copied grads: every p.grad is the slot optcapture gave it last step.
-        self.pick_grads = _picker([slot[0] for slot in self.grad_slots])
-        self.grad_homes = tuple(slot[1] for slot in self.grad_slots)
+        # Copied grads: each step copies every grad into its flat slot. ``p.grad`` stays the user's tensor: a
+        # slot handed out as ``p.grad`` would be overwritten under a grad the user kept, and in-place writes
+        # into a grad the user holds would stop reaching the step.
+        bound = [] if self.grad_tables else list(grad_bindings)
+        self.pick_grads = _picker([b.arg_index for b in bound])
+        self.grad_homes = [b.flat.grad_homes[b.position] for b in bound]
 
 
 _VERSION = operator.attrgetter("_version")
@@ -211,19 +211,7 @@ class CapturedStep:
                 if table.bind(pick(args)):
                     COUNTERS.grad_tables_written += 1
             return
-        if all(map(operator.is_, live.pick_grads(args), live.grad_homes)):
-            return
-        homes: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        for index, home, home_ptr, param in live.grad_slots:
-            grad = args[index]
-            if grad is home:
-                continue
-            if grad.data_ptr() != home_ptr:
-                homes.append(home)
-                grads.append(grad)
-            param.grad = home
-        if homes:
+        if live.grad_homes:
             with torch.no_grad():
-                torch._foreach_copy_(homes, grads)
-            COUNTERS.grads_copied += len(homes)
+                torch._foreach_copy_(live.grad_homes, list(live.pick_grads(args)))
+            COUNTERS.grads_copied += len(live.grad_homes)

@@ -79,3 +79,22 @@ def test_shape_dependent_programs_are_not_flattened() -> None:
 def test_differentiable_and_complex_are_blocked() -> None:
     (step,) = _discovered(torch.optim.SGD(_params((3,), dtype=torch.complex64), lr=0.1))
     assert any("complex64" in b for b in step.blockers), step.blockers
+
+
+def test_params_sharing_one_grad_tensor_are_not_bucketed() -> None:
+    # Dynamo passes the shared tensor once, so the second param would have no grad input of its own.
+    params = _params((4, 4), (4, 4))
+    params[1].grad = params[0].grad
+    (step,) = _discovered(torch.optim.AdamW(params, lr=0.1))
+    assert step.blockers == ["param 1 of group 0 shares its grad tensor with param 0 of group 0"]
+
+
+def test_a_failing_analysis_is_a_reason_not_a_crash(monkeypatch: Any) -> None:
+    from optcapture import lanes
+
+    def unforeseen(*args: Any) -> Any:
+        raise KeyError((0, 0))
+
+    monkeypatch.setattr(lanes, "analyze", unforeseen)
+    (step,) = _discovered(torch.optim.Adam(_params((4,)), lr=0.1))
+    assert step.blockers == ["the update is not provably elementwise: the analysis failed (KeyError: (0, 0))"]

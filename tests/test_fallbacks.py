@@ -405,3 +405,16 @@ def test_non_contiguous_params_take_the_stock_path_and_match_eager() -> None:
     torch.testing.assert_close(weights[1], weights[0])
     (report,) = optcapture.explain(opts[1])
     assert report.path == "per-tensor" and any("not a contiguous" in r for r in report.reasons), report
+
+
+def test_params_sharing_one_grad_tensor_step_like_eager() -> None:
+    pair = make_pair(lambda p: torch.optim.AdamW(p, lr=0.01))
+    for seed in range(3):
+        grad = torch.randn(10, 10, generator=torch.Generator().manual_seed(seed))
+        for model in (pair.eager_model, pair.model):
+            model[0].weight.grad = model[1].weight.grad = grad.clone()
+            model[0].bias.grad, model[1].bias.grad = torch.ones(10), torch.ones(10)
+        pair.eager.step()
+        caught = _warnings_of(pair.step)
+        assert seed > 0 or any("shares its grad tensor" in w for w in caught), caught
+    assert_matches_eager(pair)
