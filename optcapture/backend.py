@@ -192,7 +192,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                              seconds=time.perf_counter() - began, kernels=lowered.kernels,
                              grads="in place" if tables else "copied")
-    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report), bindings,
+    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report, _empty_output(gm)), bindings,
                  rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
                  grad_tables, followed_slots)
     captured = CapturedStep(optimizer, live, _empty_output(gm))
@@ -272,11 +272,13 @@ def _empty_output(gm: torch.fx.GraphModule) -> Any:
 
 
 def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.optim.Optimizer],
-             config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], None]:
+             config: CaptureConfig, report: registry.CaptureReport,
+             output: Any) -> Callable[[], Callable[..., Any] | None]:
     """Run the lowered step; if compiling it failed (at capture, at a lazy first compile, when its frame
     recompiles in a later step, or while its CUDA graph was recorded), step eagerly from then on and say so once.
     A failure while the step runs is raised, never retried: part of the step may have run. A lazy compile's
-    kernels and time complete ``report``.
+    kernels and time complete ``report``. Returns None, or once it gave up, the eager step that replaces the
+    capture (called with the graph's inputs, returning ``output``).
     """
     holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
     compiled_lazily = lowered.kernels is None  # NB: not ``lowered`` itself, which the eager fallback lets go
@@ -289,17 +291,21 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
     eager_step = _eager_step(optimizer_ref)
 
-    def step_eagerly_from_now_on(doing: str, error: Exception) -> None:
+    def step_eagerly(*args: Any) -> Any:
+        eager_step()
+        return output
+
+    def step_eagerly_from_now_on(doing: str, error: Exception) -> Callable[..., Any]:
         reason = _give_up_on_the_capture(doing, name, error, config)
         holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
         holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
         eager_step()
+        # The replay stage calls this instead of the capture from now on: no per-step checks, grad copies or
+        # counter reads (each eager step moves the counters the capture would read again).
+        return step_eagerly
 
-    def run() -> None:
+    def run() -> Callable[..., Any] | None:
         compiled = holder["compiled"]
-        if compiled is None:
-            eager_step()
-            return
         lazy_first = holder["first"] and compiled_lazily
         holder["first"] = False
         if lazy_first:
@@ -309,18 +315,17 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
         except compile_errors as error:
             # Raised before any of the step ran (e.g. Dynamo's recompile limit under fullgraph=True, after a
             # followed float took too many values): stepping eagerly is exact.
-            step_eagerly_from_now_on("compiling", error)
-            return
+            return step_eagerly_from_now_on("compiling", error)
         except Exception as error:
             # Recording the CUDA graph (the 2nd or 3rd step) runs none of it either, e.g. out of memory (issue #2).
             if not _compat.raised_while_recording_cuda_graph(error):
                 raise
-            step_eagerly_from_now_on("recording the CUDA graph of", error)
-            return
+            return step_eagerly_from_now_on("recording the CUDA graph of", error)
         if lazy_first:
             current = holder["report"]
             holder["report"] = registry.amend(optimizer_ref(), current,
                                               kernels=_compat.generated_kernel_count() - kernels_before,
                                               seconds=current.seconds + time.perf_counter() - began)
+        return None
 
     return run

@@ -61,7 +61,7 @@ class _Live:
     """The heavy part of a capture; emptied when the optimizer dies so no storage outlives it."""
 
     def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
-                 compiled: Callable[[], None], grad_bindings: Sequence[GradBinding],
+                 compiled: Callable[[], Callable[..., Any] | None], grad_bindings: Sequence[GradBinding],
                  rebuild: Callable[[], Callable[..., Any]],
                  run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
                  frozen_hypers: dict[tuple[int, str], Any],
@@ -80,14 +80,23 @@ class _Live:
         # The optimizer's own per-param scalar state (step counters, ...): each run steps a copy of it, so a
         # write to it outside the capture (an eager ``opt.step()``) must be noticed; their versions tell.
         optimizer = prepared.optimizer_ref()
-        state = optimizer.state if optimizer is not None else {}
+        state: Any = optimizer.state if optimizer is not None else {}
         del optimizer
         self.scalar_states = [value for flat, j in members for key in flat.scalars
                               if isinstance(value := state.get(flat.params[j], {}).get(key), torch.Tensor)]
         self.scalar_versions = _versions(self.scalar_states)
-        # Per-call checks read precomputed addresses; they are the host cost of every step.
-        self.params = [flat.params[j] for flat, j in members]
-        self.param_ptrs = [flat.homes["param"][j].data_ptr() for flat, j in members]
+        # Per-call checks read precomputed addresses; they are the host cost of every step. Every param and
+        # state tensor of the capture, so that ``t.data = other`` on any of them is noticed.
+        self.homed: list[torch.Tensor] = []
+        self.homed_ptrs: list[int] = []
+        for flat, j in members:
+            member_state = state.get(flat.params[j], {})
+            for role, homes in flat.homes.items():
+                tensor = flat.params[j] if role == "param" else member_state.get(role.split(":", 1)[1])
+                # State that was not moved into flat storage (another shape) is not the capture's to check.
+                if role == "param" or (isinstance(tensor, torch.Tensor) and tensor.data_ptr() == homes[j].data_ptr()):
+                    self.homed.append(tensor)
+                    self.homed_ptrs.append(homes[j].data_ptr())
         # (table, picker of each member's grad from the graph inputs): set when grads are read in place.
         self.grad_tables = [(table, _picker(indices)) for table, indices in grad_tables]
         # Copied grads: each step copies every grad into its flat slot. ``p.grad`` stays the user's tensor: a
@@ -102,8 +111,9 @@ _VERSION = operator.attrgetter("_version")
 
 
 def _versions(tensors: Sequence[torch.Tensor]) -> list[int] | None:
-    """Each tensor's version counter (bumped by every in-place write through it); None when one has none
-    (a tensor made under ``torch.inference_mode``), which makes every step check the values instead."""
+    """Each tensor's version counter (bumped by in-place writes through autograd: not through ``.data`` or a
+    numpy view); None when one has none (a tensor made under ``torch.inference_mode``), which makes every step
+    check the values instead."""
     try:
         return list(map(_VERSION, tensors))
     except RuntimeError:
@@ -137,7 +147,7 @@ class CapturedStep:
       - built by the backend over the flat storage of one optimizer;
       - each call checks its storage, binds grads, refreshes hyperparameters and runs the step;
       - when its storage is replaced it builds a successor (a new capture, or an eager step if that fails),
-        forwards to it from then on and drops its own storage;
+        forwards to it from then on and drops its own storage; likewise when its compiled step gives up;
       - when the optimizer is garbage collected it drops every tensor it referenced.
     """
 
@@ -167,9 +177,14 @@ class CapturedStep:
             groups = live.prepared.optimizer_ref().param_groups  # type: ignore[union-attr]
             for shadow_group, key, g in live.followed:
                 shadow_group[key] = groups[g][key]
-        live.compiled()
-        live.prepared.last_runner = self
+        replacement = live.compiled()
         COUNTERS.steps += 1
+        if replacement is not None:
+            # The capture gave up (and stepped eagerly this once): its replacement runs from the next step on.
+            cell.replacement = replacement
+            cell.live = None
+            return self.output
+        live.prepared.last_runner = self
         return self.output
 
     def _storage_is_current(self, live: _Live) -> bool:
@@ -184,7 +199,7 @@ class CapturedStep:
         groups = live.prepared.groups
         if any(groups.get(key) is not flat for key, flat in live.flats.items()):
             return False
-        if not _compat.data_ptrs_equal(live.params, live.param_ptrs):
+        if not _compat.data_ptrs_equal(live.homed, live.homed_ptrs):
             return False
         versions = _versions(live.scalar_states)
         if live.prepared.last_runner is self and versions is not None and versions == live.scalar_versions:

@@ -418,3 +418,17 @@ def test_params_sharing_one_grad_tensor_step_like_eager() -> None:
         caught = _warnings_of(pair.step)
         assert seed > 0 or any("shares its grad tensor" in w for w in caught), caught
     assert_matches_eager(pair)
+
+
+def test_a_capture_that_gave_up_is_replaced_by_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # From then on no per-step work of the capture: no grad copies, no counter reads (each eager step moves them).
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    _failing_after_warm_up(monkeypatch, torch._dynamo.exc.FailOnRecompileLimitHit("simulated: recompile limit"))
+    _warnings_of(lambda: step_both(pair, 2))
+    copied = optcapture.stats()["grads_copied"]
+    for seed in range(3, 6):
+        step_both(pair, seed)
+    assert optcapture.stats()["grads_copied"] == copied
+    assert_matches_eager(pair)

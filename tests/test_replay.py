@@ -213,3 +213,17 @@ def test_steps_taken_by_a_per_tensor_capture_of_the_same_optimizer_are_noticed(n
         step_both(pair, seed, present=lambda i, seed=seed: i != 2 or seed % 2 == 1)
     assert_matches_eager(pair)
     assert {"bucketed", "per-tensor"} <= set(paths(pair.optimizer)), paths(pair.optimizer)
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "step"])
+def test_state_given_new_storage_by_the_user_is_noticed(key: str) -> None:
+    # ``t.data = other`` moves a state tensor out of flat storage without touching its version counter.
+    pair = make_pair(SCALAR_STATE["AdamW"])
+    for seed in range(3):
+        step_both(pair, seed)
+    for optimizer in (pair.eager, pair.optimizer):
+        for state in optimizer.state.values():
+            state[key].data = torch.zeros_like(state[key])
+    for seed in range(3, 6):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
