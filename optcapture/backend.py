@@ -38,6 +38,8 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         raise TypeError(f"optcapture backend got unexpected arguments {sorted(kwargs)}")
     tracer = _compat.current_tracer()
     step = discover(gm, example_inputs, tracer)
+    if not step.is_optimizer_graph:
+        return _not_an_optimizer_step(step, gm, example_inputs, config)
     COUNTERS.captures += 1
     if not config.bucketing:
         step.blockers.append("bucketing=False")
@@ -77,6 +79,22 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled  # type: ignore[no-any-return]
+
+
+def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
+                           config: CaptureConfig) -> Callable[..., Any]:
+    """A graph that is no piece of an optimizer step, such as the forward of a whole training step compiled
+    with this backend, is compiled as stock ``torch.compile`` compiles it. Nothing was to be captured, so
+    there is no fallback to warn about; before, a forward graph that returns its loss was taken for a step
+    creating lazy state and ran eagerly in every call."""
+    log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
+    try:
+        return lowering.lower_graph(gm, example_inputs, config)
+    except Exception as error:  # noqa: BLE001 - as for the per-tensor step: run the graph as traced instead
+        warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(error).__name__}: "
+                  f"{error}); running it eagerly")
+        traced: Callable[..., Any] = gm.forward
+        return traced
 
 
 def _not_bucketed(owner: str, reason: str) -> str:

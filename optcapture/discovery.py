@@ -46,6 +46,9 @@ class InputRole:
         return f"{self.node}: {self.kind}{where}{key}" + (f" <- {self.source}" if self.source else "")
 
 
+_OPTIMIZER_KINDS = frozenset({"grad", "state", "scalar_state", "hyper"})
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketKey:
     group: int
@@ -73,10 +76,14 @@ class StepGraph:
     lane_report: lanes.LaneReport | None
     blockers: list[str]
     """Why this graph cannot take the bucketed path; empty when it can."""
+    is_optimizer_graph: bool = True
+    """False for a graph that is no piece of an optimizer step: the forward of a whole training step compiled
+    with this backend reads params, but no grad, optimizer state or hyperparameter of any optimizer in reach."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.optimizer_ref() if self.optimizer_ref is not None else None
+
 
     @property
     def lanes_of_bucket(self) -> dict[BucketKey, list[lanes.LaneId]]:
@@ -109,6 +116,19 @@ def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
             if isinstance(item, torch.optim.Optimizer):
                 found[id(item)] = item
     return list(found.values())
+
+
+def _reads_optimizer_tensors(candidates: Iterable[torch.optim.Optimizer], tensor_ids: set[int]) -> bool:
+    """Whether a grad or state tensor of any of ``candidates`` is among the graph's inputs (a step over
+    several optimizers' params, which no single owner claims, is still an optimizer step)."""
+    for optimizer in candidates:
+        for group in optimizer.param_groups:
+            if any(p.grad is not None and id(p.grad) in tensor_ids for p in group["params"]):
+                return True
+        for state in optimizer.state.values():
+            if any(isinstance(v, torch.Tensor) and id(v) in tensor_ids for v in state.values()):
+                return True
+    return False
 
 
 def _step_codes(optimizer: torch.optim.Optimizer) -> set[Any]:
@@ -271,11 +291,13 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                 programs = {report.programs[(bucket.key.group, i)] for i in bucket.members}
                 if len(programs) != 1:
                     blockers.append(f"params of bucket {bucket.key} run different update programs")
-    if _graph_outputs(gm):
+    is_optimizer_graph = (tracer is None or frame_is_step or any(role.kind in _OPTIMIZER_KINDS for role in roles)
+                          or _reads_optimizer_tensors(candidates, tensor_ids))
+    if _graph_outputs(gm) and is_optimizer_graph:
         blockers.append("the step creates tensors its frame keeps (lazy state initialisation); "
                         "this call runs the traced graph and the next one is captured")
     step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
-                     buckets, report, blockers)
+                     buckets, report, blockers, is_optimizer_graph)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

@@ -178,6 +178,51 @@ def test_user_function_calling_step_and_scheduler() -> None:
     assert pair.optimizer.param_groups[0]["lr"] == pair.eager.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("fallback", ["eager", "raise"])
+def test_a_whole_training_step_compiles_its_forward_with_inductor_and_captures_the_step(
+        fallback: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Forward, backward, step, zero_grad in one compiled function: Dynamo breaks the graph at backward(), so the
+    # backend sees the forward (params and data in, the loss out) and then the step. The forward is no optimizer
+    # step: it once took the lazy-state path and ran eagerly in every call, with a fallback warning.
+    pair = make_pair(lambda p: torch.optim.AdamW(p, lr=0.01))
+    lowered: list[int] = []
+    lower_graph = optcapture.lowering.lower_graph
+
+    def spy(gm: torch.fx.GraphModule, *args: object) -> object:
+        lowered.append(sum(n.op == "placeholder" for n in gm.graph.nodes))
+        return lower_graph(gm, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(optcapture.lowering, "lower_graph", spy)
+
+    def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> torch.Tensor:
+        loss = model(data).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step, backend="optcapture", options={"fallback": fallback})
+    losses = []
+    graphs_after_warm_up = []
+
+    def run() -> None:
+        for seed in range(4):
+            data = torch.randn(5, 10, generator=torch.Generator().manual_seed(seed))
+            expected = train_step(pair.eager_model, pair.eager, data)
+            losses.append((compiled(pair.model, pair.optimizer, data), expected))
+            if seed == 1:
+                graphs_after_warm_up.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    assert _warnings_of(run) == []
+    for loss, expected in losses:
+        torch.testing.assert_close(loss, expected)
+    assert_matches_eager(pair)
+    assert lowered == [5], "the forward (4 params and the data) is compiled by Inductor, once"
+    assert paths(pair.optimizer) == ["bucketed"]
+    assert optcapture.stats()["eager"] == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warm_up[0]
+
+
 def test_fullgraph_true_on_the_unwrapped_step() -> None:
     # torch.optim's step wrapper calls torch._dynamo.graph_break() on purpose (pytorch#104053), so
     # fullgraph=True on opt.step itself fails in Dynamo for every backend. PyTorch's own compiled-optimizer

@@ -176,6 +176,37 @@ def test_training_loop_with_default_zero_grad_matches_eager(name: str) -> None:
     assert _compat.cudagraphs_recorded() == 1
 
 
+def test_a_whole_training_step_compiled_with_the_backend_captures_its_step_cuda() -> None:
+    # Forward, backward, step and zero_grad in one compiled function: the forward goes to Inductor (no CUDA
+    # graph: stock torch.compile's default), the step is captured and reads autograd's fresh grads in place.
+    _compat.reset_cudagraph_trees()
+    models = [_mlp(), _mlp()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    data = torch.randn(16, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, weights: list[torch.Tensor]) -> None:
+        # Linear in the params: both sides get the same grads, so rounding of the forward cannot feed back.
+        loss = (model(data) * 0).sum() + sum((p * w).sum() for p, w in zip(model.parameters(), weights, strict=True))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    compiled = torch.compile(train_step, backend="optcapture", options={"fallback": "raise"})
+    for i in range(6):
+        generator = torch.Generator("cuda").manual_seed(i)
+        weights = [torch.randn(p.shape, device="cuda", generator=generator) for p in models[0].parameters()]
+        train_step(models[0], opts[0], weights)
+        compiled(models[1], opts[1], weights)
+    torch.testing.assert_close(list(models[1].parameters()), list(models[0].parameters()))
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        for key, value in opts[0].state[p0].items():
+            torch.testing.assert_close(opts[1].state[p1][key].to(value.device), value)
+    assert paths(opts[1]) == ["bucketed"]
+    assert optcapture.explain(opts[1])[-1].grads == "in place"
+    assert optcapture.stats()["grads_copied"] == 0
+    assert _compat.cudagraphs_recorded() == 1
+
+
 def test_mixed_dtypes_and_grads_that_come_and_go_read_in_place() -> None:
     _compat.reset_cudagraph_trees()
     model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)).cuda()
