@@ -18,6 +18,9 @@ def test_quick_cpu_run_prints_every_method_and_agrees_with_eager(tmp_path: Path,
     payload = json.loads((tmp_path / "results.json").read_text())
     assert {r["method"] for r in payload["results"]} == set(methods.METHODS)
     assert all(r["max_abs_diff"] is None or r["max_abs_diff"] <= 1e-4 for r in payload["results"])
+    # The first 4 calls include the first; SGD-like steps are captured in their second call, hence the column.
+    assert "| first call s | first 4 calls s |" in table
+    assert all(r["warm_up_s"] >= r["first_call_s"] > 0 for r in payload["results"])
     assert (tmp_path / "chart.png").stat().st_size > 1000
     assert (tmp_path / "results.md").read_text().startswith("optcapture.bench: adamw on CPU")
 

@@ -24,6 +24,9 @@ class Result:
     peak_mb: float  # peak memory above params + grads while stepping (CUDA only)
     floor_ms: float
     max_abs_diff: float | None  # against eager's params after the same steps
+    # Wall time of the first 4 calls: a step whose first call runs as traced (SGD creates its momentum
+    # buffers in it) is captured in its second call, which "first call" does not include.
+    warm_up_s: float = 0.0
     note: str = ""
 
     @property
@@ -110,6 +113,7 @@ def run(method: str, optimizer_name: str, preset: str, shapes: list[tuple[int, .
     for i in range(1, 4):
         one_step(i)
     _sync(device)
+    warm_up = time.perf_counter() - begin
     # As in baseline-h100.md: CUDA events around `steps` steady steps in a row, divided by `steps` (the
     # host of one step overlaps the device work of the previous one, as in training); host time is the
     # wall time of the same calls. The median of 3 such windows is reported.
@@ -142,7 +146,7 @@ def run(method: str, optimizer_name: str, preset: str, shapes: list[tuple[int, .
     if reference is not None:
         diff = max(float((a - b).abs().max()) for a, b in zip(final, reference, strict=True))
     result = Result(preset, method, statistics.median(device_ms), statistics.median(host_ms), first_call, kernels,
-                    peak, floor_ms, diff)
+                    peak, floor_ms, diff, warm_up)
     return result, final
 
 

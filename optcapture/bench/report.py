@@ -15,15 +15,15 @@ TOLERANCE = 1e-4  # max |param - eager's| after the run for "ok" (fp32; steps of
 def markdown(results: list[Result], header: dict[str, Any]) -> str:
     lines = [f"optcapture.bench: {header['optimizer']} on {header['device_name']} (torch {header['torch']}, "
              f"{header['date']}), copy bandwidth {header['bandwidth_gbs']:.0f} GB/s", "",
-             "| preset | method | step ms | of floor | host ms | first call s | kernels/step | peak MB "
-             "| matches eager |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| preset | method | step ms | of floor | host ms | first call s | first 4 calls s | kernels/step "
+             "| peak MB | matches eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         match = "reference" if r.max_abs_diff is None else (
             f"ok ({r.max_abs_diff:.1e})" if r.max_abs_diff <= TOLERANCE else f"NO ({r.max_abs_diff:.1e})")
         kernels = "-" if r.kernels is None else str(r.kernels)
         lines.append(f"| {r.preset} | {r.method} | {r.step_ms:.3f} | {r.of_floor:.2f} | {r.host_ms:.3f} | "
-                     f"{r.first_call_s:.1f} | {kernels} | {r.peak_mb:.0f} | {match} |")
+                     f"{r.first_call_s:.1f} | {r.warm_up_s:.1f} | {kernels} | {r.peak_mb:.0f} | {match} |")
     floors = {r.preset: r.floor_ms for r in results}
     lines.append("")
     lines.append("floor (bytes the step must move / copy bandwidth): "
