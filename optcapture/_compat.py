@@ -67,6 +67,15 @@ def _all_indices(count: int) -> list[int]:
     return list(range(count))
 
 
+def restart_errors() -> tuple[type[Exception], ...]:
+    """What Dynamo raises through a backend to restart its analysis of the frame, e.g. Inductor's pass that turns
+    Python floats into tensors raising ``TensorifyScalarRestartAnalysis`` to have them specialized
+    (torch/_dynamo/exc.py). A backend that catches compile failures must let these through."""
+    from torch._dynamo import exc
+
+    return (exc.RestartAnalysis,)
+
+
 def compile_errors() -> tuple[type[Exception], ...]:
     """What a call of a ``torch.compile``'d function raises when compiling it failed, before any of it ran.
 

@@ -73,6 +73,8 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     before = _compat.generated_kernel_count()
     try:
         compiled = lowering.lower_graph(gm, example_inputs, config)
+    except _compat.restart_errors():
+        raise
     except Exception as error:  # noqa: BLE001 - any Inductor failure: run the graph as traced instead
         warn_once(f"Inductor could not compile the per-tensor step ({type(error).__name__}: {error}); running eagerly")
         return _as_traced(step, gm, [*step.blockers, str(error)])
@@ -90,6 +92,8 @@ def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_in
     log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
     try:
         return lowering.lower_graph(gm, example_inputs, config)
+    except _compat.restart_errors():
+        raise
     except Exception as error:  # noqa: BLE001 - as for the per-tensor step: run the graph as traced instead
         warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(error).__name__}: "
                   f"{error}); running it eagerly")

@@ -46,7 +46,7 @@ class InputRole:
         return f"{self.node}: {self.kind}{where}{key}" + (f" <- {self.source}" if self.source else "")
 
 
-_OPTIMIZER_KINDS = frozenset({"grad", "state", "scalar_state", "hyper"})
+_OPTIMIZER_KINDS = frozenset({"state", "scalar_state", "hyper"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +77,8 @@ class StepGraph:
     blockers: list[str]
     """Why this graph cannot take the bucketed path; empty when it can."""
     is_optimizer_graph: bool = True
-    """False for a graph that is no piece of an optimizer step: the forward of a whole training step compiled
-    with this backend reads params, but no grad, optimizer state or hyperparameter of any optimizer in reach."""
+    """False for a graph that is no piece of an optimizer step: it is not the step's own frame, reads no optimizer
+    state or hyperparameter and writes no param (the forward of a whole training step, grad clipping)."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -118,16 +118,28 @@ def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
     return list(found.values())
 
 
-def _reads_optimizer_tensors(candidates: Iterable[torch.optim.Optimizer], tensor_ids: set[int]) -> bool:
-    """Whether a grad or state tensor of any of ``candidates`` is among the graph's inputs (a step over
-    several optimizers' params, which no single owner claims, is still an optimizer step)."""
+def _touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Iterable[torch.optim.Optimizer]) -> bool:
+    """Whether the graph reads a state tensor of any of ``candidates`` or writes one of their params in place:
+    a piece of some optimizer's step even where no single owner claims it. Reading grads is not enough: the
+    forward of a training step reads params, and clipping (``clip_grad_norm_``) reads and scales grads."""
+    state_ids: set[int] = set()
+    param_ids: set[int] = set()
     for optimizer in candidates:
-        for group in optimizer.param_groups:
-            if any(p.grad is not None and id(p.grad) in tensor_ids for p in group["params"]):
-                return True
-        for state in optimizer.state.values():
-            if any(isinstance(v, torch.Tensor) and id(v) in tensor_ids for v in state.values()):
-                return True
+        param_ids.update(id(p) for group in optimizer.param_groups for p in group["params"])
+        state_ids.update(id(v) for state in optimizer.state.values() for v in state.values()
+                         if isinstance(v, torch.Tensor))
+    if any(id(v) in state_ids for v in values.values()):
+        return True
+    params = {n for n, v in values.items() if id(v) in param_ids}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if not name.endswith("_") or name.endswith("__") or not node.args:
+            continue
+        written = node.args[0] if isinstance(node.args[0], (list, tuple)) else (node.args[0],)
+        if any(isinstance(t, Node) and t in params for t in written):
+            return True
     return False
 
 
@@ -292,7 +304,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                 if len(programs) != 1:
                     blockers.append(f"params of bucket {bucket.key} run different update programs")
     is_optimizer_graph = (tracer is None or frame_is_step or any(role.kind in _OPTIMIZER_KINDS for role in roles)
-                          or _reads_optimizer_tensors(candidates, tensor_ids))
+                          or _touches_optimizer(gm, values, candidates))
     if _graph_outputs(gm) and is_optimizer_graph:
         blockers.append("the step creates tensors its frame keeps (lazy state initialisation); "
                         "this call runs the traced graph and the next one is captured")

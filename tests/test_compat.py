@@ -130,6 +130,14 @@ def test_compile_errors_cover_what_a_failed_compile_raises() -> None:
     assert not isinstance(RuntimeError("a kernel failed"), errors)
 
 
+def test_restart_errors_cover_dynamos_restart_of_its_analysis() -> None:
+    from torch._dynamo import exc
+
+    assert issubclass(exc.TensorifyScalarRestartAnalysis, _compat.restart_errors())
+    assert not issubclass(exc.BackendCompilerFailed, _compat.restart_errors())
+    assert not issubclass(RuntimeError, _compat.restart_errors())
+
+
 def test_through_dynamo_keeps_the_type_and_message_past_dynamos_wrapping() -> None:
     from optcapture.errors import UnsupportedStepError
 

@@ -125,20 +125,23 @@ def test_lbfgs_with_closure_runs_eagerly_and_matches() -> None:
 
 
 def test_lbfgs_pieces_that_reach_the_backend_are_named_closure_coupled_once() -> None:
-    model = make_model()
+    model, expected = make_model(), make_model()
     opt = torch.optim.LBFGS(model.parameters())
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
+    direction = torch.randn(sum(p.numel() for p in model.parameters()))
 
-    def flat_grad(optimizer: torch.optim.LBFGS) -> torch.Tensor:
-        return optimizer._gather_flat_grad()
+    def add_direction(optimizer: torch.optim.LBFGS) -> None:
+        optimizer._add_grad(0.1, direction)  # a piece of LBFGS's step: writes every param in place
 
     errors.clear_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = torch.compile(flat_grad, backend="optcapture")
+        compiled = torch.compile(add_direction, backend="optcapture")
         for _ in range(2):
-            torch.testing.assert_close(compiled(opt), torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            with torch.no_grad():
+                compiled(opt)
+                torch.nn.utils.vector_to_parameters(
+                    torch.nn.utils.parameters_to_vector(expected.parameters()) + 0.1 * direction, expected.parameters())
+    torch.testing.assert_close(list(model.parameters()), list(expected.parameters()))
     named = [str(w.message) for w in caught if "optcapture" in str(w.message)]
     assert len(named) == 1 and "LBFGS is closure-coupled" in named[0], named
 
@@ -181,9 +184,11 @@ def test_user_function_calling_step_and_scheduler() -> None:
 @pytest.mark.parametrize("fallback", ["eager", "raise"])
 def test_a_whole_training_step_compiles_its_forward_with_inductor_and_captures_the_step(
         fallback: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Forward, backward, step, zero_grad in one compiled function: Dynamo breaks the graph at backward(), so the
-    # backend sees the forward (params and data in, the loss out) and then the step. The forward is no optimizer
-    # step: it once took the lazy-state path and ran eagerly in every call, with a fallback warning.
+    # Forward, backward, clipping, step, zero_grad in one compiled function: Dynamo breaks the graph at backward()
+    # and torch.optim at its step, so the backend sees the forward (params and data in, the loss out), the
+    # clipping (grads in, grads scaled) and the step. Neither of the first two is an optimizer step: the forward
+    # once took the lazy-state path and ran eagerly in every call, and both were warned about as uncaptured
+    # steps (errors with fallback="raise").
     pair = make_pair(lambda p: torch.optim.AdamW(p, lr=0.01))
     lowered: list[int] = []
     lower_graph = optcapture.lowering.lower_graph
@@ -197,6 +202,7 @@ def test_a_whole_training_step_compiles_its_forward_with_inductor_and_captures_t
     def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> torch.Tensor:
         loss = model(data).square().mean()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         optimizer.step()
         optimizer.zero_grad()
         return loss
@@ -217,7 +223,7 @@ def test_a_whole_training_step_compiles_its_forward_with_inductor_and_captures_t
     for loss, expected in losses:
         torch.testing.assert_close(loss, expected)
     assert_matches_eager(pair)
-    assert lowered == [5], "the forward (4 params and the data) is compiled by Inductor, once"
+    assert lowered == [5, 4], "the forward (4 params and the data) and the clipping (4 grads), once each"
     assert paths(pair.optimizer) == ["bucketed"]
     assert optcapture.stats()["eager"] == 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_warm_up[0]
