@@ -19,7 +19,7 @@ import torch
 
 from optcapture import _compat, bucketing, lowering, preparation, registry
 from optcapture.config import CaptureConfig, parse_options
-from optcapture.discovery import BucketKey, StepGraph, discover
+from optcapture.discovery import BucketKey, StepGraph, changed_since_traced, discover
 from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
 from optcapture.replay import COUNTERS, CapturedStep, GradBinding, _Live
 from optcapture.rewrites.indirect_grad_loads import triton_type
@@ -206,6 +206,9 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
 
     def rebuild() -> Callable[..., Any]:
         try:
+            changed = changed_since_traced(step)
+            if changed is not None:
+                raise CaptureError(changed)
             return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
         except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
             return _stepping_eagerly_after(error, step, optimizer_ref, config, _empty_output(gm))

@@ -272,9 +272,18 @@ def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
 
 def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hypers: set[HyperKey],
                   followed: AbstractSet[HyperKey] = frozenset()) -> dict[HyperKey, Any]:
-    """The float hyperparameters the shadow reads as constants, with the values it was built with."""
+    """The hyperparameters the shadow holds as they were when it was built: the floats it reads as constants
+    (compared by value) and the tensors the user gave (``lr=torch.tensor(0.01)``), which the shadow reads as
+    those very objects: writing into one (``fill_``, what LR schedulers do) needs nothing, but a group entry
+    replaced by another tensor must rebuild the capture (compared by identity)."""
     keys = hyper_candidates(optimizer, runs) - tensor_hypers - followed
-    return {key: optimizer.param_groups[key[0]][key[1]] for key in keys}
+    frozen = {key: optimizer.param_groups[key[0]][key[1]] for key in keys}
+    for g in {run.key.group for run in runs}:
+        for key, value in optimizer.param_groups[g].items():
+            items = value if isinstance(value, tuple) else (value,)
+            if key != "params" and any(isinstance(item, torch.Tensor) for item in items):
+                frozen[(g, key)] = value
+    return frozen
 
 
 def followed_hypers(step: StepGraph, optimizer: torch.optim.Optimizer, runs: list[Run],

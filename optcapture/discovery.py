@@ -99,6 +99,27 @@ class StepGraph:
         return f"{name}: {len(self.roles)} inputs {kinds}, {len(self.buckets)} bucket(s) [{buckets}]"
 
 
+def changed_since_traced(step: StepGraph) -> str | None:
+    """Why the optimizer's params no longer fit the buckets of the traced graph, or None. A capture rebuilt
+    over the same graph needs each param at the dtype and device it was traced with; ``model.half()`` or
+    ``model.to(device)`` swaps a param's storage without always failing Dynamo's guards of the step's frame."""
+    optimizer = step.optimizer
+    if optimizer is None:
+        return "the optimizer no longer exists"
+    for bucket in step.buckets:
+        g = bucket.key.group
+        params = optimizer.param_groups[g]["params"] if g < len(optimizer.param_groups) else []
+        for i in bucket.members:
+            if i >= len(params):
+                return f"param {i} of group {g} is no longer in the optimizer"
+            p = params[i]
+            if p.dtype != bucket.key.dtype or p.device != bucket.key.device:
+                return (f"param {i} of group {g} is now {p.dtype} on {p.device}, traced as {bucket.key.dtype} on "
+                        f"{bucket.key.device} (model.half(), .to(...)); torch._dynamo.reset() lets the next "
+                        "compiled step trace and capture it again")
+    return None
+
+
 def bucketable(p: torch.Tensor) -> bool:
     """A param whose elements can live in a flat buffer in its own element order."""
     return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()
@@ -119,9 +140,10 @@ def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
 
 
 def _touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Iterable[torch.optim.Optimizer]) -> bool:
-    """Whether the graph reads a state tensor of any of ``candidates`` or writes one of their params in place:
-    a piece of some optimizer's step even where no single owner claims it. Reading grads is not enough: the
-    forward of a training step reads params, and clipping (``clip_grad_norm_``) reads and scales grads."""
+    """Whether the graph reads a state tensor of any of ``candidates`` or writes one of their params (or any
+    ``nn.Parameter``) in place: a piece of some optimizer's step even where no single owner claims it. Reading
+    grads is not enough: the forward of a training step reads params, and clipping (``clip_grad_norm_``) reads
+    and scales grads."""
     state_ids: set[int] = set()
     param_ids: set[int] = set()
     for optimizer in candidates:
@@ -130,7 +152,9 @@ def _touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Ite
                          if isinstance(v, torch.Tensor))
     if any(id(v) in state_ids for v in values.values()):
         return True
-    params = {n for n, v in values.items() if id(v) in param_ids}
+    # Any nn.Parameter counts: Dynamo may compile a function inside a step on its own (``_single_tensor_sgd``
+    # after the step's own frame was given up), where no optimizer is in reach.
+    params = {n for n, v in values.items() if id(v) in param_ids or isinstance(v, torch.nn.Parameter)}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
@@ -211,7 +235,13 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
               if any(id(p) in tensor_ids or (p.grad is not None and id(p.grad) in tensor_ids)
                      for g in opt.param_groups for p in g["params"])]
     optimizer = owners[0] if len(owners) == 1 else None
-    if optimizer is None:
+    if optimizer is None and not candidates and tracer is not None:
+        # E.g. SGD stepped first with every grad None: Dynamo gives up on the step's frame and compiles
+        # ``_single_tensor_sgd`` on its own, with params and buffers as plain arguments.
+        blockers.append(f"no optimizer is in reach of the compiled frame {tracer.f_code.co_name!r} (Dynamo "
+                        "compiled a function called by the step on its own, or the function updates params "
+                        "without an optimizer)")
+    elif optimizer is None:
         blockers.append("the graph does not belong to exactly one optimizer"
                         + (f" (found {len(owners)})" if owners else ""))
     frame_is_step = bool(optimizer is not None and tracer is not None

@@ -151,6 +151,11 @@ class _Analyzer:
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr") and node not in self.values:
+                example = node.meta.get("example_value")
+                if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                    # E.g. a grad that is a strided slice of a bigger tensor: Dynamo passes its strides as sizes.
+                    raise _Reject(f"Dynamo made a size or stride dynamic (input {node.name}), so the step's "
+                                  "tensors are not all of static shape")
                 raise _Reject(f"input {node.name} is not a param, grad, state or hyperparameter of the optimizer")
             if node.op in ("call_function", "call_method"):
                 self.values[node] = self._call(node)

@@ -120,6 +120,16 @@ def _versions(tensors: Sequence[torch.Tensor]) -> list[int] | None:
         return None
 
 
+def _same_hyper(live: Any, held: Any) -> bool:
+    """Floats by value; tensors by identity (the shadow reads the held tensor object itself, and comparing values
+    would sync with the device)."""
+    if isinstance(held, torch.Tensor) or isinstance(live, torch.Tensor):
+        return live is held
+    if isinstance(held, tuple) and isinstance(live, tuple) and len(live) == len(held):
+        return all(map(_same_hyper, live, held))
+    return bool(live == held)
+
+
 def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     """``args -> tuple(args[i] for i in indices)``, in C (the per-step host cost scales with the tensor count)."""
     if len(indices) == 1:
@@ -194,7 +204,7 @@ class CapturedStep:
         # Float hyperparameters the compiled step holds as constants. Dynamo usually guards them, but
         # once it has made one dynamic it stops, so a change is caught here and rebuilds the capture.
         for (group, key), value in live.frozen_hypers.items():
-            if optimizer.param_groups[group][key] != value:
+            if not _same_hyper(optimizer.param_groups[group][key], value):
                 return False
         groups = live.prepared.groups
         if any(groups.get(key) is not flat for key, flat in live.flats.items()):

@@ -21,6 +21,17 @@ def _discovered(optimizer: torch.optim.Optimizer) -> list[StepGraph]:
     return found
 
 
+def _discovered_in(fn: Any, *args: Any) -> list[StepGraph]:
+    found: list[StepGraph] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        found.append(discover(gm, example_inputs))
+        return gm.forward
+
+    torch.compile(fn, backend=backend)(*args)
+    return found
+
+
 def _params(*shapes: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     for p in params:
@@ -98,3 +109,36 @@ def test_a_failing_analysis_is_a_reason_not_a_crash(monkeypatch: Any) -> None:
     monkeypatch.setattr(lanes, "analyze", unforeseen)
     (step,) = _discovered(torch.optim.Adam(_params((4,)), lr=0.1))
     assert step.blockers == ["the update is not provably elementwise: the analysis failed (KeyError: (0, 0))"]
+
+
+def test_a_forward_and_grad_clipping_are_no_optimizer_graphs() -> None:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def forward(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> torch.Tensor:
+        return model(data).square().mean()  # reads the optimizer's params, returns the loss
+
+    def clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # reads and scales grads only
+
+    (forward_graph,) = _discovered_in(forward, model, optimizer, torch.randn(2, 4))
+    forward(model, optimizer, torch.randn(2, 4)).backward()
+    clip_graphs = _discovered_in(clip, model, optimizer)
+    assert not forward_graph.is_optimizer_graph
+    assert clip_graphs and not any(graph.is_optimizer_graph for graph in clip_graphs)
+    assert "lazy state" not in " ".join(forward_graph.blockers)
+
+
+def test_params_updated_with_no_optimizer_in_reach_are_an_optimizer_graph_that_says_why() -> None:
+    # What Dynamo compiles when it gives up on a step's frame and compiles ``_single_tensor_sgd`` on its own.
+    params = _params((3,), (2, 2))
+
+    def manual_update(params: list[torch.nn.Parameter]) -> None:
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad, alpha=-0.1)
+
+    (graph,) = _discovered_in(manual_update, params)
+    assert graph.is_optimizer_graph
+    expected = "no optimizer is in reach of the compiled frame 'manual_update'"
+    assert graph.blockers[0].startswith(expected), graph.blockers

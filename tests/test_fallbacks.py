@@ -483,3 +483,20 @@ def test_a_capture_that_gave_up_is_replaced_by_the_eager_step(monkeypatch: pytes
         step_both(pair, seed)
     assert optcapture.stats()["grads_copied"] == copied
     assert_matches_eager(pair)
+
+
+def test_params_moved_to_another_dtype_step_eagerly_and_say_why() -> None:
+    # model.half() swaps every param's storage without failing the guards of the step's frame, so the capture
+    # rebuilds over a graph traced at float32. It cannot: the reason names the param and the way out, where it
+    # once read "KeyError: 0" (found by an adversarial run of user scenarios).
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    for seed in range(3):
+        step_both(pair, seed)
+    pair.model.half()
+    pair.eager_model.half()
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3, 5)])
+    assert len(caught) == 1 and "param 0 of group 0 is now torch.float16" in caught[0], caught
+    assert "torch._dynamo.reset()" in caught[0]
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer)[-1] == "eager"
+
