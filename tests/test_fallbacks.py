@@ -128,6 +128,7 @@ def test_lbfgs_pieces_that_reach_the_backend_are_named_closure_coupled_once() ->
     model, expected = make_model(), make_model()
     opt = torch.optim.LBFGS(model.parameters())
     direction = torch.randn(sum(p.numel() for p in model.parameters()))
+    opt._numel()  # fills LBFGS's cache eagerly: torch 2.11's Dynamo fails on that setattr inside the piece
 
     def add_direction(optimizer: torch.optim.LBFGS) -> None:
         optimizer._add_grad(0.1, direction)  # a piece of LBFGS's step: writes every param in place
