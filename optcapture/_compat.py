@@ -41,6 +41,33 @@ def frame_has_no_side_effects(tracer: Any) -> bool:
         return False
 
 
+NOT_CONSTANT = object()
+"""An attribute store whose value Dynamo holds as a symbol or a tensor, not as a Python constant."""
+
+
+def optimizer_attribute_stores(tracer: Any) -> list[tuple[Any, str, Any]]:
+    """(optimizer, attribute, value) of each attribute assignment on a ``torch.optim.Optimizer`` that the frame
+    being compiled made (``self._k += 1`` in a user's step). Dynamo records them but does not write them back
+    after the graph, whatever the backend (torch 2.13: the attribute keeps its old value, so the guard on it
+    keeps passing and every later step reuses the first step's value). The value is a Python constant, or
+    :data:`NOT_CONSTANT`."""
+    try:
+        mutations = tracer.output.side_effects.store_attr_mutations
+    except AttributeError:
+        return []
+    stores = []
+    for variable, attributes in mutations.items():
+        owner = getattr(variable, "value", None)
+        if not isinstance(owner, torch.optim.Optimizer):
+            continue
+        for name, value in attributes.items():
+            try:
+                stores.append((owner, name, value.as_python_constant()))
+            except Exception:  # noqa: BLE001 - NotImplementedError for symbols and tensors; any failure: not a constant
+                stores.append((owner, name, NOT_CONSTANT))
+    return stores
+
+
 def begin_compiled_call() -> None:
     """Do what entering a ``torch.compile``'d function does for CUDA graph trees: start a new generation
     (``install_generation_tagging_init``, torch/_dynamo/mutation_guard.py), so a graph called without

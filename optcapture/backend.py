@@ -68,6 +68,8 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         if config.fallback == "raise":
             raise UnsupportedStepError(f"cannot capture this step: {reason}")
         warn_once(_not_bucketed(owner, reason))
+    if step.attribute_stores:
+        return _writing_back_attributes(step, gm)
     if first_of_lazy_state:
         return _as_traced(step, gm, step.blockers)
     before = _compat.generated_kernel_count()
@@ -81,6 +83,47 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled  # type: ignore[no-any-return]
+
+
+def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """A step that assigns attributes of its optimizer (a user's ``self._k += 1``), which Dynamo drops.
+
+    Constant values are exact for every call the frame's guards admit (Dynamo guarded the attributes it read to
+    compute them): the graph runs as traced and the stores are written after it. A value Dynamo holds as a
+    symbol cannot be written back, so the optimizer's own step runs eagerly instead; that is exact only when the
+    frame keeps no tensors of the graph (no lazily created state), else it is an error that names the cause.
+    """
+    stores = step.attribute_stores
+    owners = {id(ref()) for ref, _, _ in stores}
+    if all(value is not _compat.NOT_CONSTANT for _, _, value in stores):
+        registry.record(step, "eager", step.blockers)
+        COUNTERS.eager += 1
+        traced = gm.forward
+
+        def run_and_write_back(*args: Any) -> Any:
+            out = traced(*args)
+            for ref, name, value in stores:
+                owner = ref()
+                if owner is not None:
+                    setattr(owner, name, value)
+            return out
+
+        return run_and_write_back
+    if step.returns_tensors or len(owners) != 1:
+        raise UnsupportedStepError(
+            f"cannot run this step correctly compiled: {'; '.join(step.blockers)}, and Dynamo holds a new value as "
+            "a symbol while the frame also keeps tensors of the graph; keep such values in the optimizer's "
+            "state or param_groups, or step this optimizer eagerly")
+    registry.record(step, "eager", step.blockers)
+    COUNTERS.eager += 1
+    eager_step = _eager_step(stores[0][0])
+    output = _empty_output(gm)
+
+    def step_eagerly(*args: Any) -> Any:
+        eager_step()
+        return output
+
+    return step_eagerly
 
 
 def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],

@@ -76,6 +76,12 @@ class StepGraph:
     lane_report: lanes.LaneReport | None
     blockers: list[str]
     """Why this graph cannot take the bucketed path; empty when it can."""
+    attribute_stores: list[tuple[weakref.ref[torch.optim.Optimizer], str, Any]] = dataclasses.field(
+        default_factory=list)
+    """Attribute assignments on the optimizer that Dynamo does not write back (see
+    :func:`optcapture._compat.optimizer_attribute_stores`): (optimizer, name, value or ``NOT_CONSTANT``)."""
+    returns_tensors: bool = False
+    """Whether the graph has outputs (tensors the frame keeps, e.g. lazily created state)."""
     is_optimizer_graph: bool = True
     """False for a graph that is no piece of an optimizer step: it is not the step's own frame, reads no optimizer
     state or hyperparameter and writes no param (the forward of a whole training step, grad clipping)."""
@@ -168,8 +174,12 @@ def _touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Ite
 
 
 def _step_codes(optimizer: torch.optim.Optimizer) -> set[Any]:
+    return _codes_of(type(optimizer).step)
+
+
+def _codes_of(fn: Any) -> set[Any]:
+    """The code objects of ``fn`` and of every function it wraps (``__wrapped__``)."""
     codes = set()
-    fn: Any = type(optimizer).step
     while fn is not None:
         code = getattr(fn, "__code__", None)
         if code is not None:
@@ -253,8 +263,15 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         blockers.append(f"{type(optimizer).__name__} is closure-coupled (its step re-evaluates the closure "
                         "and keeps a Python history); its pieces run per tensor")
     elif optimizer is not None and not frame_is_step and require_step_frame:
-        blockers.append("the compiled function is not the optimizer's own step (a user function that "
-                        "calls step() is compiled as a whole graph)")
+        inherited = next((cls for cls in type(optimizer).__mro__[1:] if tracer is not None
+                          and tracer.f_code in _codes_of(cls.__dict__.get("step"))), None)
+        if inherited is not None:
+            # Bucketing it would run the subclass's whole step in the shadow, on top of the subclass's own frames.
+            blockers.append(f"the compiled frame is {inherited.__name__}.step, called by the step that "
+                            f"{type(optimizer).__name__} overrides (a subclass that overrides step() runs per tensor)")
+        else:
+            blockers.append("the compiled function is not the optimizer's own step (a user function that "
+                            "calls step() is compiled as a whole graph)")
 
     identity = _identity_roles(optimizer) if optimizer is not None else {}
     roles: list[InputRole] = []
@@ -335,11 +352,20 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                     blockers.append(f"params of bucket {bucket.key} run different update programs")
     is_optimizer_graph = (tracer is None or frame_is_step or any(role.kind in _OPTIMIZER_KINDS for role in roles)
                           or _touches_optimizer(gm, values, candidates))
-    if _graph_outputs(gm) and is_optimizer_graph:
+    attribute_stores = _compat.optimizer_attribute_stores(tracer) if tracer is not None else []
+    if attribute_stores:
+        # The one reason that matters: such a step is never compiled as a whole, so others would only add noise.
+        names = ", ".join(sorted({name for _, name, _ in attribute_stores}))
+        blockers[:] = [f"the step assigns attributes of the optimizer ({names}), which Dynamo does not write back "
+                       "for torch.optim.Optimizer objects: optcapture writes them itself, or steps eagerly"]
+    returns_tensors = bool(_graph_outputs(gm))
+    if returns_tensors and is_optimizer_graph:
         blockers.append("the step creates tensors its frame keeps (lazy state initialisation); "
                         "this call runs the traced graph and the next one is captured")
     step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
-                     buckets, report, blockers, is_optimizer_graph)
+                     buckets, report, blockers,
+                     [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
+                     is_optimizer_graph)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

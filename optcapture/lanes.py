@@ -153,9 +153,10 @@ class _Analyzer:
             if node.op in ("placeholder", "get_attr") and node not in self.values:
                 example = node.meta.get("example_value")
                 if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-                    # E.g. a grad that is a strided slice of a bigger tensor: Dynamo passes its strides as sizes.
-                    raise _Reject(f"Dynamo made a size or stride dynamic (input {node.name}), so the step's "
-                                  "tensors are not all of static shape")
+                    # E.g. a grad that is a strided slice of a bigger tensor (Dynamo passes its stride), or an int
+                    # the step reads that changed between calls.
+                    raise _Reject(f"Dynamo passes a number as a symbolic input ({node.name}: a size, stride or int "
+                                  "it made dynamic)")
                 raise _Reject(f"input {node.name} is not a param, grad, state or hyperparameter of the optimizer")
             if node.op in ("call_function", "call_method"):
                 self.values[node] = self._call(node)

@@ -501,3 +501,68 @@ def test_params_moved_to_another_dtype_step_eagerly_and_say_why() -> None:
     assert_matches_eager(pair)
     assert paths(pair.optimizer)[-1] == "eager"
 
+
+
+class CountingSGD(torch.optim.Optimizer):
+    """Keeps its step count in a Python attribute, as some users' optimizers do."""
+
+    def __init__(self, params: object, lr: float = 0.1, momentum: bool = False) -> None:
+        super().__init__(params, {"lr": lr})
+        self._k = 0
+        self._momentum = momentum
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        self._k += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                update = p.grad
+                if self._momentum:  # state created lazily, in the first step
+                    state = self.state[p]
+                    if not state:
+                        state["m"] = torch.zeros_like(p)
+                    update = state["m"].mul_(0.9).add_(p.grad)
+                p.add_(update, alpha=-group["lr"] * 0.9**self._k)
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_attributes_the_step_assigns_on_its_optimizer_are_written_back(momentum: bool) -> None:
+    # Dynamo records ``self._k += 1`` on an Optimizer but does not write it back, with any backend: _k stayed 0
+    # and every step used the first step's factor (params 0.88 off eager's after 8 steps; found by an
+    # adversarial run of user scenarios).
+    pair = make_pair(lambda p: CountingSGD(p, momentum=momentum))
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(6)])
+    assert pair.optimizer._k == pair.eager._k == 6  # type: ignore[attr-defined]
+    assert_matches_eager(pair)
+    assert len(caught) == 1 and "assigns attributes of the optimizer (_k)" in caught[0], caught
+    assert "bucketed" not in paths(pair.optimizer)
+
+
+def test_attributes_the_step_assigns_raise_with_fallback_raise_before_anything_runs() -> None:
+    pair = make_pair(lambda p: CountingSGD(p), options={"fallback": "raise"})
+    before = [p.detach().clone() for p in pair.model.parameters()]
+    with pytest.raises(optcapture.UnsupportedStepError, match=r"assigns attributes of the optimizer \(_k\)"):
+        step_both(pair, 0)
+    assert all(torch.equal(a, p) for a, p in zip(before, pair.model.parameters(), strict=True))
+    assert pair.optimizer._k == 0  # type: ignore[attr-defined]
+
+
+class ClampedAdamW(torch.optim.AdamW):
+    """A subclass that overrides step(): the stock step, then a clamp of every param."""
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        super().step()
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.clamp_(-0.2, 0.2)
+
+
+def test_a_subclass_overriding_step_matches_eager_and_says_why_it_is_not_bucketed() -> None:
+    # Its pieces reach the backend as frames of AdamW's own step; they once read "a user function that calls
+    # step()", which the user did not write.
+    pair = make_pair(lambda p: ClampedAdamW(p, lr=0.3))
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(4)])
+    assert_matches_eager(pair)
+    assert max(float(p.abs().max()) for p in pair.model.parameters()) == pytest.approx(0.2)
+    assert len(caught) == 1 and "called by the step that ClampedAdamW overrides" in caught[0], caught
