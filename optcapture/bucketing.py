@@ -245,16 +245,64 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
     """
     candidates = hyper_candidates(optimizer, runs)
 
-    def traces(keys: set[HyperKey]) -> bool:
-        traced = trace_only(build_shadow(optimizer, prepared, runs, flats, keys, run_grads=run_grads).call)
+    def traces(keys: set[HyperKey], chosen: Sequence[int] = range(len(runs))) -> bool:
+        subset = [runs[i] for i in chosen]
+        grads = None if run_grads is None else [run_grads[i] for i in chosen]
+        traced = trace_only(build_shadow(optimizer, prepared, subset, flats, keys, run_grads=grads).call)
         return traced is not None and _keeps_tensors(*traced)
 
-    if not candidates or traces(candidates):
+    if not candidates:
         return candidates
-    accepted = {key for key in sorted(candidates) if traces({key})}
-    while accepted and not traces(accepted):
-        accepted.discard(max(accepted))
-    return accepted
+    # Every probe traces a shadow, which costs time in proportion to its groups; with many groups (layer-wise
+    # learning rates) probing them all took minutes. Groups that differ only in float values run the same code,
+    # so the probes run on one group of each kind, and one trace of all groups confirms the answer.
+    chosen = _one_group_of_each_kind(optimizer, runs, candidates)
+    if len(chosen) < len(runs):
+        accepted = candidates if traces(candidates, chosen) else _probe_by_name(
+            candidates, lambda keys: traces(keys, chosen))
+        if traces(accepted):
+            return accepted
+    if traces(candidates):
+        return candidates
+    return _probe_by_name(candidates, traces)
+
+
+def _probe_by_name(candidates: set[HyperKey], traces: Callable[[set[HyperKey]], bool]) -> set[HyperKey]:
+    """The largest set of whole key names (a name in every group at once) that traces, found greedily.
+
+    By name, not by (group, name): every group runs the same code for a key, and a probe per group made the
+    first call grow with the square of the number of groups."""
+    by_name: dict[str, set[HyperKey]] = {}
+    for key in candidates:
+        by_name.setdefault(key[1], set()).add(key)
+
+    def keys_of(names: list[str]) -> set[HyperKey]:
+        return set().union(*(by_name[name] for name in names))
+
+    names = [name for name in sorted(by_name) if traces(by_name[name])]
+    while names and not traces(keys_of(names)):
+        names.pop()
+    return keys_of(names)
+
+
+# What param groups hold for LR schedulers and users, not for the step: they do not make a group another kind.
+# (A step that reads one anyway is caught by the confirming trace of all groups.)
+_BOOKKEEPING_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+                               "max_momentum"})
+
+
+def _one_group_of_each_kind(optimizer: torch.optim.Optimizer, runs: list[Run],
+                            candidates: set[HyperKey]) -> list[int]:
+    """Indices of the runs of one param group per kind: groups of a kind differ only in candidate floats."""
+    first_of_kind: dict[str, int] = {}
+    for run in runs:
+        g = run.key.group
+        group = optimizer.param_groups[g]
+        kind = repr(sorted((key, repr(value)) for key, value in group.items()
+                           if key not in _BOOKKEEPING_KEYS and (g, key) not in candidates))
+        first_of_kind.setdefault(kind, g)
+    keep = set(first_of_kind.values())
+    return [i for i, run in enumerate(runs) if run.key.group in keep]
 
 
 def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:

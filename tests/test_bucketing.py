@@ -56,3 +56,49 @@ def test_bucketing_off_takes_the_per_tensor_path(options: dict[str, bool]) -> No
         step_both(pair, seed)
     assert paths(pair.optimizer) == ["per-tensor"]
     assert_matches_eager(pair)
+
+
+def _adamw_with_one_group_per_param(params: object, amsgrad_every: int = 0) -> torch.optim.Optimizer:
+    groups = [{"params": [p], "lr": 1e-2 * (i + 1), "weight_decay": 0.0 if i % 2 else 0.1,
+               "amsgrad": bool(amsgrad_every) and i % amsgrad_every == 0}
+              for i, p in enumerate(params)]  # type: ignore[call-overload]
+    return torch.optim.AdamW(groups)
+
+
+def test_groups_of_two_kinds_probe_correctly_and_match_eager() -> None:
+    # Layer-wise learning rates: one group per param, weight decay on every other one, amsgrad on two of four
+    # (two kinds of group, probed on one group each and confirmed on all).
+    pair = make_pair(lambda p: _adamw_with_one_group_per_param(p, amsgrad_every=2),
+                     scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5))
+    for seed in range(4):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer) == ["bucketed"]
+    (report,) = optcapture.explain(pair.optimizer)
+    assert {hyper for hyper in report.tensor_hyperparameters if hyper.endswith(" lr")} == {
+        f"group {g} lr" for g in range(4)}
+
+
+def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each probe traces the shadow; probing per group and key made a 30-group AdamW's first call take minutes.
+    from optcapture import bucketing
+
+    traces = []
+    real = bucketing.trace_only
+    for count in (2, 12):
+        calls = [0]
+
+        def counted(fn: object, calls: list[int] = calls) -> object:
+            calls[0] += 1
+            return real(fn)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(bucketing, "trace_only", counted)
+        params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(count)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = _adamw_with_one_group_per_param(params)
+        torch.compile(optimizer.step, backend="optcapture")()
+        assert paths(optimizer) == ["bucketed"]
+        traces.append(calls[0])
+        torch._dynamo.reset()
+    assert traces[0] == traces[1], traces
