@@ -110,6 +110,7 @@ def test_lbfgs_with_closure_runs_eagerly_and_matches() -> None:
     data = torch.randn(4, 10)
 
     opt, eager = torch.optim.LBFGS(model.parameters()), torch.optim.LBFGS(eager_model.parameters())
+    opt._numel()  # fills LBFGS's cache eagerly: torch 2.11's Dynamo fails on that setattr inside a compiled piece
     step = torch.compile(opt.step, backend="optcapture")
     errors.clear_warnings()
     with warnings.catch_warnings(record=True) as caught:
