@@ -23,6 +23,9 @@ def _kernels(make: object, steps: int = 2) -> tuple[int, list[str]]:
         return _compat.generated_kernel_count() - before, paths(pair.optimizer)
 
 
+@pytest.mark.skipif(not torch.__version__.startswith("2.13."),
+                    reason="CPU goldens are torch 2.13's (CI); torch 2.11's Inductor generates one more kernel for "
+                           "RAdam and NAdam (4 and 5), as on CUDA")
 def test_kernel_counts_cpu() -> None:
     counts = {}
     for name, make in stock_variants().items():

@@ -49,13 +49,36 @@ def _cases() -> list[Any]:
     return cases
 
 
+def _skip_if_dynamo_fails_alone(optim_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any],
+                                error: Exception) -> None:
+    """Skip when the same step also fails under Dynamo with its ``eager`` backend: a failure of that torch's
+    Dynamo, which no backend sees (torch 2.11: Adafactor with ``foreach=True`` raises "dtype is needed to compute
+    eps1 when eps1 is unset")."""
+    model = make_model()
+    optimizer = optim_cls(model.parameters(), **copy.deepcopy(kwargs))
+    step = torch.compile(optimizer.step, backend="eager")
+    try:
+        for _ in range(STEPS):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            step()
+    except type(error):
+        pytest.skip(f"torch {torch.__version__}'s Dynamo fails here with the eager backend too: {error}")
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(("optim_cls", "kwargs"), _cases())
 def test_matches_eager(optim_cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
     name = optim_cls.__name__
     model = make_model(bias=name != "Muon")  # Muon only takes 2-D params
     pair = make_pair(lambda params: optim_cls(params, **copy.deepcopy(kwargs)), model=model)
-    for seed in range(STEPS):
-        step_both(pair, seed)
+    try:
+        for seed in range(STEPS):
+            step_both(pair, seed)
+    except Exception as error:
+        _skip_if_dynamo_fails_alone(optim_cls, kwargs, error)
+        raise
     assert_matches_eager(pair, **TOLERANCES.get(name, {}))
     taken = paths(pair.optimizer)
     if name in ELEMENTWISE:
