@@ -90,7 +90,6 @@ class StepGraph:
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.optimizer_ref() if self.optimizer_ref is not None else None
 
-
     @property
     def lanes_of_bucket(self) -> dict[BucketKey, list[lanes.LaneId]]:
         return {b.key: [(b.key.group, i) for i in b.members] for b in self.buckets}
