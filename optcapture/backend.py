@@ -73,16 +73,27 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     if first_of_lazy_state:
         return _as_traced(step, gm, step.blockers)
     before = _compat.generated_kernel_count()
-    try:
-        compiled = lowering.lower_graph(gm, example_inputs, config)
-    except _compat.restart_errors():
-        raise
-    except Exception as error:  # noqa: BLE001 - any Inductor failure: run the graph as traced instead
-        warn_once(f"Inductor could not compile the per-tensor step ({type(error).__name__}: {error}); running eagerly")
-        return _as_traced(step, gm, [*step.blockers, str(error)])
+    compiled = _inductor_or_error(gm, example_inputs, config)
+    if isinstance(compiled, Exception):
+        warn_once(f"Inductor could not compile the per-tensor step ({type(compiled).__name__}: {compiled}); "
+                  "running eagerly")
+        return _as_traced(step, gm, [*step.blockers, str(compiled)])
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
-    return compiled  # type: ignore[no-any-return]
+    return compiled
+
+
+def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
+                       config: CaptureConfig) -> Callable[..., Any] | Exception:
+    """``gm`` compiled by Inductor per tensor (no CUDA graph), or the error that stopped it. Dynamo's requests to
+    restart its analysis are not failures: they pass through."""
+    try:
+        compiled: Callable[..., Any] = lowering.lower_graph(gm, example_inputs, config)
+    except _compat.restart_errors():
+        raise
+    except Exception as error:  # noqa: BLE001 - any Inductor failure: the caller runs the graph as traced instead
+        return error
+    return compiled
 
 
 def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Callable[..., Any]:
@@ -96,9 +107,7 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
     stores = step.attribute_stores
     owners = {id(ref()) for ref, _, _ in stores}
     if all(value is not _compat.NOT_CONSTANT for _, _, value in stores):
-        registry.record(step, "eager", step.blockers)
-        COUNTERS.eager += 1
-        traced = gm.forward
+        traced = _as_traced(step, gm, step.blockers)
 
         def run_and_write_back(*args: Any) -> Any:
             out = traced(*args)
@@ -116,14 +125,7 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
             "state or param_groups, or step this optimizer eagerly")
     registry.record(step, "eager", step.blockers)
     COUNTERS.eager += 1
-    eager_step = _eager_step(stores[0][0])
-    output = _empty_output(gm)
-
-    def step_eagerly(*args: Any) -> Any:
-        eager_step()
-        return output
-
-    return step_eagerly
+    return _eager_replacement(stores[0][0], _empty_output(gm))
 
 
 def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -133,15 +135,13 @@ def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_in
     there is no fallback to warn about; before, a forward graph that returns its loss was taken for a step
     creating lazy state and ran eagerly in every call."""
     log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
-    try:
-        return lowering.lower_graph(gm, example_inputs, config)
-    except _compat.restart_errors():
-        raise
-    except Exception as error:  # noqa: BLE001 - as for the per-tensor step: run the graph as traced instead
-        warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(error).__name__}: "
-                  f"{error}); running it eagerly")
+    compiled = _inductor_or_error(gm, example_inputs, config)
+    if isinstance(compiled, Exception):
+        warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(compiled).__name__}: "
+                  f"{compiled}); running it eagerly")
         traced: Callable[..., Any] = gm.forward
         return traced
+    return compiled
 
 
 def _not_bucketed(owner: str, reason: str) -> str:
@@ -279,13 +279,7 @@ def _stepping_eagerly_after(error: Exception, step: StepGraph, optimizer_ref: we
     del optimizer
     reason = _give_up_on_the_capture("rebuilding", name, error, config)
     registry.record(step, "eager", [reason])
-    eager_step = _eager_step(optimizer_ref)
-
-    def step_eagerly(*args: Any) -> Any:
-        eager_step()
-        return output
-
-    return step_eagerly
+    return _eager_replacement(optimizer_ref, output)
 
 
 def _give_up_on_the_capture(doing: str, name: str, error: Exception, config: CaptureConfig) -> str:
@@ -299,22 +293,24 @@ def _give_up_on_the_capture(doing: str, name: str, error: Exception, config: Cap
     return reason
 
 
-def _eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[], None]:
-    """The optimizer's own step, run eagerly (outside Dynamo); holds the optimizer weakly."""
+def _eager_replacement(optimizer_ref: weakref.ref[torch.optim.Optimizer], output: Any) -> Callable[..., Any]:
+    """What Dynamo's frame calls instead of a capture that steps eagerly for good: the optimizer's own step, run
+    outside Dynamo and holding the optimizer weakly, returning the graph's (empty) output."""
     optimizer = optimizer_ref()
     assert optimizer is not None
     inner = bucketing.unwrapped_step(optimizer)
     del optimizer
 
     @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
-    def eager_step() -> None:
+    def step_eagerly(*args: Any) -> Any:
         live_optimizer = optimizer_ref()
         assert live_optimizer is not None
         with torch.no_grad():
             inner(live_optimizer)
+        return output
 
-    stepper: Callable[[], None] = eager_step
-    return stepper
+    replacement: Callable[..., Any] = step_eagerly
+    return replacement
 
 
 def _raising(error: Exception) -> Callable[[], None]:
@@ -357,17 +353,13 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     del optimizer
     # CaptureError: what _raising raises for a compile that failed at capture.
     compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
-    eager_step = _eager_step(optimizer_ref)
-
-    def step_eagerly(*args: Any) -> Any:
-        eager_step()
-        return output
+    step_eagerly = _eager_replacement(optimizer_ref, output)
 
     def step_eagerly_from_now_on(doing: str, error: Exception) -> Callable[..., Any]:
         reason = _give_up_on_the_capture(doing, name, error, config)
         holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
         holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
-        eager_step()
+        step_eagerly()
         # The replay stage calls this instead of the capture from now on: no per-step checks, grad copies or
         # counter reads (each eager step moves the counters the capture would read again).
         return step_eagerly
