@@ -118,11 +118,12 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
             return out
 
         return run_and_write_back
-    if step.returns_tensors or len(owners) != 1:
+    # Only the step's own frame, keeping no tensors of the graph, can be replaced by the optimizer's eager step.
+    if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
         raise UnsupportedStepError(
             f"cannot run this step correctly compiled: {'; '.join(step.blockers)}, and Dynamo holds a new value as "
-            "a symbol while the frame also keeps tensors of the graph; keep such values in the optimizer's "
-            "state or param_groups, or step this optimizer eagerly")
+            "a symbol in a frame that is not the optimizer's own step or keeps tensors of the graph; keep such "
+            "values in the optimizer's state or param_groups, or run this code eagerly")
     registry.record(step, "eager", step.blockers)
     COUNTERS.eager += 1
     return _eager_replacement(stores[0][0], _empty_output(gm))

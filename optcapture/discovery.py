@@ -349,9 +349,11 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                 programs = {report.programs[(bucket.key.group, i)] for i in bucket.members}
                 if len(programs) != 1:
                     blockers.append(f"params of bucket {bucket.key} run different update programs")
-    is_optimizer_graph = (tracer is None or frame_is_step or any(role.kind in _OPTIMIZER_KINDS for role in roles)
-                          or _touches_optimizer(gm, values, candidates))
     attribute_stores = _compat.optimizer_attribute_stores(tracer) if tracer is not None else []
+    # A frame that assigns attributes of an optimizer needs the write-back whatever else it does.
+    is_optimizer_graph = (tracer is None or frame_is_step or bool(attribute_stores)
+                          or any(role.kind in _OPTIMIZER_KINDS for role in roles)
+                          or _touches_optimizer(gm, values, candidates))
     if attribute_stores:
         # The one reason that matters: such a step is never compiled as a whole, so others would only add noise.
         names = ", ".join(sorted({name for _, name, _ in attribute_stores}))
