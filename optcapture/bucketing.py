@@ -262,6 +262,8 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
             candidates, lambda keys: traces(keys, chosen))
         if traces(accepted):
             return accepted
+        if accepted == candidates:  # that was the trace of every candidate on all groups: not again
+            return _probe_by_name(candidates, traces)
     if traces(candidates):
         return candidates
     return _probe_by_name(candidates, traces)
