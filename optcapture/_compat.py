@@ -103,6 +103,38 @@ def restart_errors() -> tuple[type[Exception], ...]:
     return (exc.RestartAnalysis,)
 
 
+def mark_floats_as_inputs(source_selected: Callable[[str], bool]) -> list[str]:
+    """Record the Python floats that ``source_selected`` picks as dynamic, so that Dynamo's next trace of a code
+    that reads them makes them graph inputs; returns their source names. Raise :func:`restart_request` from the
+    backend to have the frame being compiled traced again now.
+
+    Dynamo specializes a float until it has seen it change, then recompiles with it as an input ("automatic
+    dynamic", torch/_dynamo/pgo.py); this records the change ahead of time. A source already recorded as dynamic
+    is never selected again, so a caller that restarts only when this returned names restarts once per source,
+    whatever else keeps Dynamo specializing it.
+    """
+    from torch._dynamo import pgo
+
+    # Every code's state: the entry lives under the code that read the float, an inlined function's code when
+    # the read was inlined (``update_automatic_dynamic``).
+    marked = []
+    for state in pgo.get_code_state().values():
+        for name, entry in state.automatic_dynamic.items():
+            if type(entry.scalar) is float and source_selected(name):
+                entry.scalar = pgo.auto_dynamic
+                marked.append(name)
+    return marked
+
+
+def restart_request() -> Exception:
+    """The exception that, raised inside a backend, makes Dynamo trace the frame again: the one restart Dynamo
+    lets through a backend (torch/_dynamo/output_graph.py, ``_call_user_compiler``)."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    request: Exception = TensorifyScalarRestartAnalysis()
+    return request
+
+
 def compile_errors() -> tuple[type[Exception], ...]:
     """What a call of a ``torch.compile``'d function raises when compiling it failed, before any of it ran.
 

@@ -19,7 +19,7 @@ import torch
 
 from optcapture import _compat, bucketing, lowering, preparation, registry
 from optcapture.config import CaptureConfig, parse_options
-from optcapture.discovery import BucketKey, StepGraph, changed_since_traced, discover
+from optcapture.discovery import BucketKey, StepGraph, changed_since_traced, cycled_floats_held_constant, discover
 from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
 from optcapture.replay import COUNTERS, CapturedStep, GradBinding, _Live
 from optcapture.rewrites.indirect_grad_loads import triton_type
@@ -40,9 +40,10 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     step = discover(gm, example_inputs, tracer)
     if not step.is_optimizer_graph:
         return _not_an_optimizer_step(step, gm, example_inputs, config)
-    COUNTERS.captures += 1
     if not config.bucketing:
         step.blockers.append("bucketing=False")
+    _read_cycled_floats_as_inputs(step)
+    COUNTERS.captures += 1
     if step.optimizer is not None and not step.blockers:
         try:
             return _capture(step, gm, config, tracer, began)
@@ -53,6 +54,21 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     except UnsupportedStepError as error:
         # Dynamo wraps any other backend error in BackendCompilerFailed; the training loop must see this one.
         raise _compat.through_dynamo(error) from None
+
+
+def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
+    """Have Dynamo trace the frame again, now, with the floats a scheduler cycles as inputs, when the step can be
+    captured: the capture then follows their live values, and the step compiles once instead of again at the
+    scheduler's first change (issue #2)."""
+    if step.optimizer is None or any(_LAZY_STATE not in reason for reason in step.blockers):
+        return
+    cycled = cycled_floats_held_constant(step)
+    if not cycled:
+        return
+    marked = _compat.mark_floats_as_inputs(lambda name: _is_hyper_source(name, cycled))
+    if marked:
+        log.info("tracing the step again with %s as inputs: a scheduler cycles them", marked)
+        raise _compat.restart_request()
 
 
 def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -229,7 +245,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                 raise
             lowered = lowering.LoweredShadow(_raising(error), None)
     if tracer is not None:
-        dropped = _compat.drop_guards(tracer, lambda name: _is_tensor_hyper(name, tensor_hypers))
+        dropped = _compat.drop_guards(tracer, lambda name: _is_hyper_source(name, tensor_hypers))
         log.info("no recompile on changes of %s", dropped)
 
     bindings = []
@@ -325,9 +341,9 @@ def _raising(error: Exception) -> Callable[[], None]:
     return compile_failed
 
 
-def _is_tensor_hyper(source: str, tensor_hypers: set[tuple[int, str]]) -> bool:
+def _is_hyper_source(source: str, keys: set[tuple[int, str]]) -> bool:
     match = _HYPER_GUARD.search(source)
-    return match is not None and (int(match.group(1)), match.group(2)) in tensor_hypers
+    return match is not None and (int(match.group(1)), match.group(2)) in keys
 
 
 def _empty_output(gm: torch.fx.GraphModule) -> Any:

@@ -125,6 +125,25 @@ def changed_since_traced(step: StepGraph) -> str | None:
     return None
 
 
+def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
+    """(group, key) of each float a scheduler cycles that the graph holds as a constant: each new value would
+    make Dynamo recompile the step. OneCycleLR and CyclicLR with ``cycle_momentum=True`` store ``base_momentum``
+    and ``max_momentum`` in every group they cycle and write ``betas[0]`` or, without betas, ``momentum``
+    (torch/optim/lr_scheduler.py). ``betas`` need nothing: they become device tensors. ``momentum`` steers control
+    flow (``if momentum != 0``), so it must stay a float (issue #2)."""
+    optimizer = step.optimizer
+    if optimizer is None:
+        return set()
+    read = {(role.group, role.key) for role in step.roles if role.kind == "hyper"}
+    cycled = set()
+    for g in sorted({b.key.group for b in step.buckets}):
+        group = optimizer.param_groups[g]
+        if ("base_momentum" in group and "max_momentum" in group and "betas" not in group
+                and type(group.get("momentum")) is float and (g, "momentum") not in read):
+            cycled.add((g, "momentum"))
+    return cycled
+
+
 def bucketable(p: torch.Tensor) -> bool:
     """A param whose elements can live in a flat buffer in its own element order."""
     return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()

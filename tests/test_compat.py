@@ -42,6 +42,36 @@ def test_tracer_sources_and_guard_drop_inside_a_backend() -> None:
     assert torch.equal(compiled(x), torch.full((3,), 2.0))
 
 
+def test_a_float_marked_as_input_is_one_from_the_restarted_trace_on() -> None:
+    inputs_per_trace: list[list[str]] = []
+    marked: list[list[str]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        inputs_per_trace.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+        marked.append(_compat.mark_floats_as_inputs(lambda name: name.endswith("['scale']")))
+        if marked[-1]:
+            raise _compat.restart_request()
+        return gm.forward
+
+    config = {"scale": 2.0, "shift": 1.0}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x * config["scale"] + config["shift"]
+
+    compiled = torch.compile(fn, backend=backend)
+    x = torch.ones(3)
+    assert torch.equal(compiled(x), torch.full((3,), 3.0))
+    assert len(inputs_per_trace) == 2, "traced once more after the restart"
+    assert len(inputs_per_trace[0]) == 1 and len(inputs_per_trace[1]) == 2, inputs_per_trace
+    assert [len(names) for names in marked] == [1, 0] and marked[0][0].endswith("['config']['scale']"), marked
+    config["scale"] = 5.0
+    assert torch.equal(compiled(x), torch.full((3,), 6.0))
+    assert len(inputs_per_trace) == 2, "a new scale recompiled"
+    config["shift"] = 0.0  # specialized: recompiles, as Dynamo does for any float it has not seen change
+    assert torch.equal(compiled(x), torch.full((3,), 5.0))
+    assert len(inputs_per_trace) == 3
+
+
 def test_kernel_counter_is_an_int() -> None:
     assert isinstance(_compat.generated_kernel_count(), int)
 

@@ -293,7 +293,7 @@ SGD-momentum: 1""")
 
 
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])
-def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding_or_recompiling(name: str) -> None:
+def test_cycling_momentum_on_cuda_never_recompiles(name: str) -> None:
     _compat.reset_cudagraph_trees()
     pair = make_pair(lambda p: getattr(torch.optim, name)(p, lr=1e-2, momentum=0.9), device="cuda",
                      scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=40))
@@ -302,8 +302,9 @@ def test_cycling_momentum_on_cuda_follows_the_value_without_rebuilding_or_recomp
     _steady(pair, 2, 14)  # more momentum values than Dynamo's recompile limit
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
     assert optcapture.stats()["rebuilds"] == 0
-    assert optcapture.stats()["eager"] == {"SGD": 1, "RMSprop": 0}[name]  # SGD's first step creates its buffers
-    assert paths(pair.optimizer).count("bucketed") <= 2, paths(pair.optimizer)
+    # The step's frame reached the backend once, and once more for SGD, whose first step creates its buffers.
+    assert optcapture.stats()["captures"] == {"SGD": 2, "RMSprop": 1}[name]
+    assert paths(pair.optimizer) == {"SGD": ["eager", "bucketed"], "RMSprop": ["bucketed"]}[name]
     assert_matches_eager(pair)
 
 
