@@ -206,8 +206,22 @@ def _codes_of(fn: Any) -> set[Any]:
     return codes
 
 
+def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
+    """State keys that hold a tensor of the param's shape (``exp_avg``, ``momentum_buffer``), told apart from
+    scalars such as step counters by what params with dimensions store under them. A 0-dim param's value of such
+    a key is per-element state like every other param's, so such a param is bucketed with them (CLIP's
+    ``logit_scale``); before, its ``exp_avg`` looked like a step counter and its whole bucket ran per tensor."""
+    return frozenset(key for p, state in optimizer.state.items() if p.dim() > 0
+                     for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim() > 0)
+
+
+def is_per_element_state(p: torch.Tensor, key: str, value: torch.Tensor, per_element: frozenset[str]) -> bool:
+    return value.dim() > 0 or (p.dim() == 0 and key in per_element)
+
+
 def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, int, int | None, str | None]]:
     roles: dict[int, tuple[str, int, int | None, str | None]] = {}
+    per_element = per_element_state_keys(optimizer)
     for g, group in enumerate(optimizer.param_groups):
         for key, value in group.items():
             items = value if isinstance(value, tuple) else (value,)
@@ -221,7 +235,8 @@ def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, in
                 roles[id(p.grad)] = ("grad", g, i, None)
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
-                    roles[id(value)] = ("scalar_state" if value.dim() == 0 else "state", g, i, key)
+                    kind = "state" if is_per_element_state(p, key, value, per_element) else "scalar_state"
+                    roles[id(value)] = (kind, g, i, key)
     return roles
 
 

@@ -28,7 +28,7 @@ import torch
 
 from optcapture import _compat
 from optcapture.config import CaptureConfig
-from optcapture.discovery import BucketKey, StepGraph, bucketable
+from optcapture.discovery import BucketKey, StepGraph, bucketable, is_per_element_state, per_element_state_keys
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +272,11 @@ def _round_up(value: int, multiple: int) -> int:
 def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> tuple[list[str], list[str]]:
     tensor_keys: dict[str, None] = {}
     scalar_keys: dict[str, None] = {}
+    per_element = per_element_state_keys(optimizer)
     for p in params:
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
-                (scalar_keys if value.dim() == 0 else tensor_keys)[key] = None
+                (tensor_keys if is_per_element_state(p, key, value, per_element) else scalar_keys)[key] = None
     return list(tensor_keys), list(scalar_keys)
 
 

@@ -49,6 +49,54 @@ def test_grads_that_come_and_go_split_runs_and_stay_exact() -> None:
     assert max(r.runs for r in optcapture.explain(pair.optimizer)) >= 2
 
 
+class _WithScalarParam(torch.nn.Module):
+    """Two linears and a learned 0-dim scale, like CLIP's ``logit_scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+
+ELEMENTWISE = {
+    "Adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "Adam-foreach": lambda p: torch.optim.Adam(p, lr=0.01, foreach=True),
+    "AdamW-amsgrad": lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True),
+    "SGD-momentum-foreach": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, foreach=True),
+    "RMSprop-centered": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.1),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=0.01),
+    "Rprop": lambda p: torch.optim.Rprop(p, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_a_0_dim_param_is_bucketed_with_the_others(name: str) -> None:
+    # Its per-element state (exp_avg, ...) is 0-dim like a step counter; it once sent the whole bucket per tensor.
+    pair = make_pair(ELEMENTWISE[name], model=_WithScalarParam())
+    for seed in range(4):
+        step_both(pair, seed)
+    taken = paths(pair.optimizer)
+    assert taken[-1] == "bucketed" and taken.count("bucketed") == 1, taken
+    assert len(optcapture.explain(pair.optimizer)[-1].buckets) == 1
+    assert_matches_eager(pair)
+
+
+def test_a_0_dim_param_alone_in_its_group_is_bucketed() -> None:
+    def make(params: object) -> torch.optim.Optimizer:
+        *matrices, scale = list(params)  # type: ignore[call-overload]
+        return torch.optim.AdamW([{"params": matrices}, {"params": [scale], "weight_decay": 0.0}], lr=0.01)
+
+    pair = make_pair(make, model=_WithScalarParam())
+    for seed in range(4):
+        step_both(pair, seed)
+    assert paths(pair.optimizer)[-1] == "bucketed"
+    assert len(optcapture.explain(pair.optimizer)[-1].buckets) == 2
+    assert_matches_eager(pair)
+
+
 @pytest.mark.parametrize("options", [{"bucketing": False}])
 def test_bucketing_off_takes_the_per_tensor_path(options: dict[str, bool]) -> None:
     pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01), options=options)

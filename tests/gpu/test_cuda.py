@@ -219,6 +219,20 @@ def test_mixed_dtypes_and_grads_that_come_and_go_read_in_place() -> None:
     assert optcapture.stats()["grads_copied"] == 0
 
 
+def test_a_0_dim_param_is_bucketed_and_read_in_place_cuda() -> None:
+    # A learned 0-dim scale (CLIP's logit_scale) once sent its whole bucket per tensor.
+    _compat.reset_cudagraph_trees()
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)).cuda()
+    model.register_parameter("scale", torch.nn.Parameter(torch.tensor(2.0, device="cuda")))
+    pair = make_pair(lambda p: torch.optim.AdamW(p, lr=1e-2), device="cuda", model=model)
+    _steady(pair, 0, 5)
+    assert paths(pair.optimizer) == ["bucketed"]
+    assert optcapture.explain(pair.optimizer)[-1].grads == "in place"
+    assert len(optcapture.explain(pair.optimizer)[-1].buckets) == 1
+    assert _compat.cudagraphs_recorded() == 1
+    assert_matches_eager(pair)
+
+
 def test_grad_table_layout_and_binding() -> None:
     from optcapture import preparation
     from optcapture.discovery import BucketKey
