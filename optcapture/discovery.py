@@ -163,6 +163,15 @@ def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
     return list(found.values())
 
 
+def _globals_read(tracer: Any | None) -> list[Any]:
+    """The module globals the compiled frame's own code names: a user's step function reaches its optimizer
+    there as often as through an argument."""
+    code, f_globals = getattr(tracer, "f_code", None), getattr(tracer, "f_globals", None)
+    if code is None or f_globals is None:
+        return []
+    return [f_globals[name] for name in code.co_names if name in f_globals]
+
+
 def _touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Iterable[torch.optim.Optimizer]) -> bool:
     """Whether the graph reads a state tensor of any of ``candidates`` or writes one of their params (or any
     ``nn.Parameter``) in place: a piece of some optimizer's step even where no single owner claims it. Reading
@@ -264,7 +273,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     tracer = tracer if tracer is not None else _compat.current_tracer()
     blockers: list[str] = []
     local_values = dict(tracer.f_locals) if tracer is not None else {}
-    candidates = _candidate_optimizers(local_values.values())
+    candidates = _candidate_optimizers([*local_values.values(), *_globals_read(tracer)])
 
     nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
     placeholders = [n for n in nodes if n.op == "placeholder"]

@@ -250,6 +250,20 @@ def test_fullgraph_true_on_the_unwrapped_step() -> None:
     assert paths(pair.optimizer) == ["bucketed"]
 
 
+def test_a_user_function_reaching_its_optimizer_through_a_global_gets_the_right_reason() -> None:
+    # fullgraph=True over a user's function that runs the unwrapped step of a module-level optimizer: the graph is
+    # the whole function, so it runs per tensor, and the reason says so (it once said no optimizer was in reach).
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    namespace = {"torch": torch, "opt": pair.optimizer,
+                 "inner": type(pair.optimizer).step.__wrapped__.__wrapped__}  # type: ignore[attr-defined]
+    exec("def train_step():\n    with torch.no_grad():\n        inner(opt)\n", namespace)
+    pair.step = torch.compile(namespace["train_step"], backend="optcapture", fullgraph=True)
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3)])
+    assert any("not the optimizer's own step" in w for w in caught), caught
+    assert paths(pair.optimizer) == ["per-tensor"]
+    assert_matches_eager(pair)
+
+
 def test_mixed_devices_in_one_group_is_exact_or_a_clear_error() -> None:
     # Only CPU here; a group over CPU and CUDA is exercised in tests/gpu.
     params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]
