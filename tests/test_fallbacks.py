@@ -250,15 +250,25 @@ def test_fullgraph_true_on_the_unwrapped_step() -> None:
     assert paths(pair.optimizer) == ["bucketed"]
 
 
+MODULE_OPTIMIZER: torch.optim.Optimizer | None = None
+
+
+def _train_step_of_the_module_optimizer() -> None:
+    with torch.no_grad():
+        type(MODULE_OPTIMIZER).step.__wrapped__.__wrapped__(MODULE_OPTIMIZER)  # type: ignore[attr-defined]
+
+
 def test_a_user_function_reaching_its_optimizer_through_a_global_gets_the_right_reason() -> None:
     # fullgraph=True over a user's function that runs the unwrapped step of a module-level optimizer: the graph is
     # the whole function, so it runs per tensor, and the reason says so (it once said no optimizer was in reach).
+    global MODULE_OPTIMIZER
     pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
-    namespace = {"torch": torch, "opt": pair.optimizer,
-                 "inner": type(pair.optimizer).step.__wrapped__.__wrapped__}  # type: ignore[attr-defined]
-    exec("def train_step():\n    with torch.no_grad():\n        inner(opt)\n", namespace)
-    pair.step = torch.compile(namespace["train_step"], backend="optcapture", fullgraph=True)
-    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3)])
+    MODULE_OPTIMIZER = pair.optimizer
+    try:
+        pair.step = torch.compile(_train_step_of_the_module_optimizer, backend="optcapture", fullgraph=True)
+        caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3)])
+    finally:
+        MODULE_OPTIMIZER = None
     assert any("not the optimizer's own step" in w for w in caught), caught
     assert paths(pair.optimizer) == ["per-tensor"]
     assert_matches_eager(pair)
