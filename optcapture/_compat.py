@@ -260,10 +260,26 @@ def reset_cudagraph_trees() -> None:
 
 
 def compile_with_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], patches: dict[str, Any]) -> Any:
-    """Inductor's ``compile_fx`` with config patches applied only for this compile."""
+    """Inductor's ``compile_fx`` with config patches applied only for this compile.
+
+    A graph that reads Python floats as inputs is compiled without Inductor's and AOTAutograd's caches: where
+    Inductor specializes such a float (``add(x, y, alpha=momentum)``, SGD with Nesterov), only a ShapeEnv guard
+    records the value and the cache key is the same for every value, so the recompile at the next value gets
+    the first compile's artifact back and computes with the old value, silently (pytorch#194976, #197889; torch
+    2.11 and 2.13). Caches off, each value compiles as itself.
+    """
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    if not reads_python_floats(gm):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, config_patches={**patches, "fx_graph_cache": False})
+
+
+def reads_python_floats(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo passes ``gm`` a Python float as an input (as a 0-dim tensor it takes ``item()`` of)."""
+    return any(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False)
+               for node in gm.graph.nodes if node.op == "placeholder")
 
 
 KernelInputs = Callable[[int], "str | None"]

@@ -72,6 +72,29 @@ def test_a_float_marked_as_input_is_one_from_the_restarted_trace_on() -> None:
     assert len(inputs_per_trace) == 3
 
 
+def test_a_python_float_inductor_specializes_is_never_served_from_a_cache_at_another_value() -> None:
+    # pytorch#194976: Inductor specializes ``alpha=`` under a ShapeEnv guard only, so its caches returned the
+    # first value's artifact to every later compile of the same graph.
+    reads = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        reads.append(_compat.reads_python_floats(gm))
+        return _compat.compile_with_inductor(gm, list(example_inputs), {})
+
+    config = {"m": 0.9}
+
+    def fn(g: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        buf.mul_(config["m"])
+        return g.add(buf, alpha=config["m"])
+
+    compiled = torch.compile(fn, backend=backend)
+    for m in (0.9, 0.8, 0.7, 0.6):
+        config["m"] = m
+        g, buf = torch.ones(4), torch.ones(4)
+        torch.testing.assert_close(compiled(g, buf.clone()), g + m * (buf * m))
+    assert reads[0] is False and any(reads), reads
+
+
 def test_kernel_counter_is_an_int() -> None:
     assert isinstance(_compat.generated_kernel_count(), int)
 

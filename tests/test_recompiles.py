@@ -102,6 +102,19 @@ def test_cycling_momentum_never_recompiles(name: str, schedule: str) -> None:
     assert_matches_eager(pair)
 
 
+def test_nesterov_with_a_cycled_momentum_never_computes_with_an_old_value() -> None:
+    # Nesterov passes momentum as ``alpha=``, which Inductor specializes; its cache then handed every later
+    # value the first value's compile (pytorch#194976): 1.2e-2 off eager after 8 steps, with stock
+    # torch.compile as well. Each value now compiles as itself, and past Dynamo's recompile limit the step
+    # runs eagerly, warned once.
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+                     scheduler=lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=40))
+    with pytest.warns(RuntimeWarning, match="stepping eagerly"):
+        for seed in range(14):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
+
+
 def test_momentum_cycled_by_hand_recompiles_once_as_in_stock_torch_compile() -> None:
     # Without a scheduler's marks in the group nothing says momentum will change: it stays a constant (no frame
     # of the captured step is kept in Dynamo for it) until Dynamo sees it change and makes it an input.
