@@ -57,9 +57,8 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 
 
 def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
-    """Have Dynamo trace the frame again, now, with the floats a scheduler cycles as inputs, when the step can be
-    captured: the capture then follows their live values, and the step compiles once instead of again at the
-    scheduler's first change (issue #2)."""
+    """Have Dynamo trace a capturable step again, now, with the floats a scheduler cycles as inputs: the capture
+    follows them, and the step compiles once instead of again at the scheduler's first change (issue #2)."""
     if step.optimizer is None or any(_LAZY_STATE not in reason for reason in step.blockers):
         return
     cycled = cycled_floats_held_constant(step)

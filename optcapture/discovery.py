@@ -126,11 +126,10 @@ def changed_since_traced(step: StepGraph) -> str | None:
 
 
 def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
-    """(group, key) of each float a scheduler cycles that the graph holds as a constant: each new value would
-    make Dynamo recompile the step. OneCycleLR and CyclicLR with ``cycle_momentum=True`` store ``base_momentum``
-    and ``max_momentum`` in every group they cycle and write ``betas[0]`` or, without betas, ``momentum``
-    (torch/optim/lr_scheduler.py). ``betas`` need nothing: they become device tensors. ``momentum`` steers control
-    flow (``if momentum != 0``), so it must stay a float (issue #2)."""
+    """(group, key) of each float a scheduler cycles that the graph holds as a constant, so each new value would
+    recompile the step: OneCycleLR and CyclicLR (``cycle_momentum=True``) mark the groups they cycle with
+    ``base_momentum``/``max_momentum`` and write ``betas[0]`` (a device tensor here: nothing to do) or ``momentum``
+    (a float: it steers control flow) (torch/optim/lr_scheduler.py, issue #2)."""
     optimizer = step.optimizer
     if optimizer is None:
         return set()
@@ -164,8 +163,7 @@ def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
 
 
 def _globals_read(tracer: Any | None) -> list[Any]:
-    """The module globals the compiled frame's own code names: a user's step function reaches its optimizer
-    there as often as through an argument."""
+    """The module globals the frame's code names: a user's step function often reaches its optimizer there."""
     code, f_globals = getattr(tracer, "f_code", None), getattr(tracer, "f_globals", None)
     if code is None or f_globals is None:
         return []
@@ -216,10 +214,8 @@ def _codes_of(fn: Any) -> set[Any]:
 
 
 def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
-    """State keys that hold a tensor of the param's shape (``exp_avg``, ``momentum_buffer``), told apart from
-    scalars such as step counters by what params with dimensions store under them. A 0-dim param's value of such
-    a key is per-element state like every other param's, so such a param is bucketed with them (CLIP's
-    ``logit_scale``); before, its ``exp_avg`` looked like a step counter and its whole bucket ran per tensor."""
+    """State keys holding a tensor of the param's shape (``exp_avg``), told from scalars (step counters) by what
+    params with dimensions store: a 0-dim param's ``exp_avg`` is per-element state too (CLIP's ``logit_scale``)."""
     return frozenset(key for p, state in optimizer.state.items() if p.dim() > 0
                      for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim() > 0)
 
