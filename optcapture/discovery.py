@@ -15,13 +15,13 @@ import dataclasses
 import logging
 import re
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture import _compat, lanes
+from optcapture import _compat, lanes, reach
 
 log = logging.getLogger(__name__)
 
@@ -148,71 +148,6 @@ def bucketable(p: torch.Tensor) -> bool:
     return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()
 
 
-def _candidate_optimizers(values: Iterable[Any]) -> list[torch.optim.Optimizer]:
-    found: dict[int, torch.optim.Optimizer] = {}
-    for value in values:
-        nested: list[Any] = [value]
-        if isinstance(value, (tuple, list)):
-            nested.extend(value)
-        elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
-            nested.extend(vars(value).values())
-        for item in nested:
-            if isinstance(item, torch.optim.Optimizer):
-                found[id(item)] = item
-    return list(found.values())
-
-
-def _globals_read(tracer: Any | None) -> list[Any]:
-    """The module globals the frame's code names: a user's step function often reaches its optimizer there."""
-    code, f_globals = getattr(tracer, "f_code", None), getattr(tracer, "f_globals", None)
-    if code is None or f_globals is None:
-        return []
-    return [f_globals[name] for name in code.co_names if name in f_globals]
-
-
-def _touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Iterable[torch.optim.Optimizer]) -> bool:
-    """Whether the graph reads a state tensor of any of ``candidates`` or writes one of their params (or any
-    ``nn.Parameter``) in place: a piece of some optimizer's step even where no single owner claims it. Reading
-    grads is not enough: the forward of a training step reads params, and clipping (``clip_grad_norm_``) reads
-    and scales grads."""
-    state_ids: set[int] = set()
-    param_ids: set[int] = set()
-    for optimizer in candidates:
-        param_ids.update(id(p) for group in optimizer.param_groups for p in group["params"])
-        state_ids.update(id(v) for state in optimizer.state.values() for v in state.values()
-                         if isinstance(v, torch.Tensor))
-    if any(id(v) in state_ids for v in values.values()):
-        return True
-    # Any nn.Parameter counts: Dynamo may compile a function inside a step on its own (``_single_tensor_sgd``
-    # after the step's own frame was given up), where no optimizer is in reach.
-    params = {n for n, v in values.items() if id(v) in param_ids or isinstance(v, torch.nn.Parameter)}
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if not name.endswith("_") or name.endswith("__") or not node.args:
-            continue
-        written = node.args[0] if isinstance(node.args[0], (list, tuple)) else (node.args[0],)
-        if any(isinstance(t, Node) and t in params for t in written):
-            return True
-    return False
-
-
-def _step_codes(optimizer: torch.optim.Optimizer) -> set[Any]:
-    return _codes_of(type(optimizer).step)
-
-
-def _codes_of(fn: Any) -> set[Any]:
-    """The code objects of ``fn`` and of every function it wraps (``__wrapped__``)."""
-    codes = set()
-    while fn is not None:
-        code = getattr(fn, "__code__", None)
-        if code is not None:
-            codes.add(code)
-        fn = getattr(fn, "__wrapped__", None)
-    return codes
-
-
 def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
     """State keys holding a tensor of the param's shape (``exp_avg``), told from scalars (step counters) by what
     params with dimensions store: a 0-dim param's ``exp_avg`` is per-element state too (CLIP's ``logit_scale``)."""
@@ -269,7 +204,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     tracer = tracer if tracer is not None else _compat.current_tracer()
     blockers: list[str] = []
     local_values = dict(tracer.f_locals) if tracer is not None else {}
-    candidates = _candidate_optimizers([*local_values.values(), *_globals_read(tracer)])
+    candidates = reach.candidate_optimizers([*local_values.values(), *reach.globals_read(tracer)])
 
     nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -293,8 +228,8 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         blockers.append("the graph does not belong to exactly one optimizer"
                         + (f" (found {len(owners)})" if owners else ""))
     frame_is_step = bool(optimizer is not None and tracer is not None
-                         and tracer.f_code in _step_codes(optimizer)
-                         and optimizer in _candidate_optimizers(local_values.values()))
+                         and tracer.f_code in reach.step_codes(optimizer)
+                         and optimizer in reach.candidate_optimizers(local_values.values()))
     if isinstance(optimizer, _CLOSURE_COUPLED):
         # LBFGS's step calls the closure in a loop (line search) and keeps per-step history in Python: no
         # single elementwise update to bucket. Its frames reach the backend one piece at a time.
@@ -302,7 +237,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                         "and keeps a Python history); its pieces run per tensor")
     elif optimizer is not None and not frame_is_step and require_step_frame:
         inherited = next((cls for cls in type(optimizer).__mro__[1:] if tracer is not None
-                          and tracer.f_code in _codes_of(cls.__dict__.get("step"))), None)
+                          and tracer.f_code in reach.codes_of(cls.__dict__.get("step"))), None)
         if inherited is not None:
             # Bucketing it would run the subclass's whole step in the shadow, on top of the subclass's own frames.
             blockers.append(f"the compiled frame is {inherited.__name__}.step, called by the step that "
@@ -392,7 +327,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     # A frame that assigns attributes of an optimizer needs the write-back whatever else it does.
     is_optimizer_graph = (tracer is None or frame_is_step or bool(attribute_stores)
                           or any(role.kind in _OPTIMIZER_KINDS for role in roles)
-                          or _touches_optimizer(gm, values, candidates))
+                          or reach.touches_optimizer(gm, values, candidates))
     if attribute_stores:
         # The one reason that matters: such a step is never compiled as a whole, so others would only add noise.
         names = ", ".join(sorted({name for _, name, _ in attribute_stores}))
