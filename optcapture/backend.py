@@ -146,10 +146,8 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
 
 def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
                            config: CaptureConfig) -> Callable[..., Any]:
-    """A graph that is no piece of an optimizer step, such as the forward of a whole training step compiled
-    with this backend, is compiled as stock ``torch.compile`` compiles it. Nothing was to be captured, so
-    there is no fallback to warn about; before, a forward graph that returns its loss was taken for a step
-    creating lazy state and ran eagerly in every call."""
+    """A graph that is no piece of an optimizer step (the forward of a whole training step compiled with this
+    backend) is compiled as stock ``torch.compile`` compiles it, with nothing to warn about."""
     log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
     compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):
