@@ -59,7 +59,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
     """Have Dynamo trace a capturable step again, now, with the floats a scheduler cycles as inputs: the capture
     follows them, and the step compiles once instead of again at the scheduler's first change (issue #2)."""
-    if step.optimizer is None or any(_LAZY_STATE not in reason for reason in step.blockers):
+    if step.optimizer is None or _lasting_blockers(step):
         return
     cycled = cycled_floats_held_constant(step)
     if not cycled:
@@ -70,9 +70,14 @@ def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
         raise _compat.restart_request()
 
 
+def _lasting_blockers(step: StepGraph) -> list[str]:
+    """The reasons against capturing that the next call still has: all but the first step's lazy state."""
+    return [reason for reason in step.blockers if _LAZY_STATE not in reason]
+
+
 def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
               config: CaptureConfig) -> Callable[..., Any]:
-    lasting = [reason for reason in step.blockers if _LAZY_STATE not in reason]
+    lasting = _lasting_blockers(step)
     reason = "; ".join(lasting) or "unknown"
     owner = type(step.optimizer).__name__ if step.optimizer else "a function"
     # The first step of an optimizer that creates its state inside step() runs the traced graph once; the

@@ -27,7 +27,7 @@ import torch
 
 from optcapture import _compat
 from optcapture.discovery import BucketKey, StepGraph, discover
-from optcapture.preparation import NON_HYPER_KEYS, FlatGroup, PreparedOptimizer
+from optcapture.preparation import BOOKKEEPING_KEYS, NON_HYPER_KEYS, FlatGroup, PreparedOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -287,21 +287,17 @@ def _probe_by_name(candidates: set[HyperKey], traces: Callable[[set[HyperKey]], 
     return keys_of(names)
 
 
-# What param groups hold for LR schedulers and users, not for the step: they do not make a group another kind.
-# (A step that reads one anyway is caught by the confirming trace of all groups.)
-_BOOKKEEPING_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
-                               "max_momentum"})
-
-
 def _one_group_of_each_kind(optimizer: torch.optim.Optimizer, runs: list[Run],
                             candidates: set[HyperKey]) -> list[int]:
     """Indices of the runs of one param group per kind: groups of a kind differ only in candidate floats."""
+    # Bookkeeping keys do not make a group another kind (a step that reads one anyway is caught by the
+    # confirming trace of all groups).
     first_of_kind: dict[str, int] = {}
     for run in runs:
         g = run.key.group
         group = optimizer.param_groups[g]
         kind = repr(sorted((key, repr(value)) for key, value in group.items()
-                           if key not in _BOOKKEEPING_KEYS and (g, key) not in candidates))
+                           if key not in BOOKKEEPING_KEYS and (g, key) not in candidates))
         first_of_kind.setdefault(kind, g)
     keep = set(first_of_kind.values())
     return [i for i, run in enumerate(runs) if run.key.group in keep]
@@ -346,10 +342,8 @@ def followed_hypers(step: StepGraph, optimizer: torch.optim.Optimizer, runs: lis
     rebuilding the capture at every change (a scheduler cycling ``momentum`` changes it every step).
     A change that flips the control flow fails the real step's own guard, which recaptures.
     """
-    read_as_input = {(role.group, role.key) for role in step.roles if role.kind == "hyper" and role.group is not None}
-    candidates = hyper_candidates(optimizer, runs) - tensor_hypers
-    return {key for key in candidates if key in read_as_input
-            and type(optimizer.param_groups[key[0]][key[1]]) is float}
+    candidates = (hyper_candidates(optimizer, runs) - tensor_hypers) & step.hypers_read
+    return {key for key in candidates if type(optimizer.param_groups[key[0]][key[1]]) is float}
 
 
 def _same_program(real: Hashable, shadow: Hashable) -> bool:

@@ -91,6 +91,12 @@ class StepGraph:
         return self.optimizer_ref() if self.optimizer_ref is not None else None
 
     @property
+    def hypers_read(self) -> set[tuple[int, str]]:
+        """(group, key) of each hyperparameter the graph reads as an input rather than as a constant."""
+        return {(role.group, role.key) for role in self.roles
+                if role.kind == "hyper" and role.group is not None and role.key is not None}
+
+    @property
     def lanes_of_bucket(self) -> dict[BucketKey, list[lanes.LaneId]]:
         return {b.key: [(b.key.group, i) for i in b.members] for b in self.buckets}
 
@@ -133,14 +139,13 @@ def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
     optimizer = step.optimizer
     if optimizer is None:
         return set()
-    read = {(role.group, role.key) for role in step.roles if role.kind == "hyper"}
     cycled = set()
     for g in sorted({b.key.group for b in step.buckets}):
         group = optimizer.param_groups[g]
         if ("base_momentum" in group and "max_momentum" in group and "betas" not in group
-                and type(group.get("momentum")) is float and (g, "momentum") not in read):
+                and type(group.get("momentum")) is float):
             cycled.add((g, "momentum"))
-    return cycled
+    return cycled - step.hypers_read
 
 
 def bucketable(p: torch.Tensor) -> bool:

@@ -32,10 +32,12 @@ from optcapture.discovery import BucketKey, StepGraph, bucketable, is_per_elemen
 
 log = logging.getLogger(__name__)
 
+# What param groups hold for LR schedulers and users, not for the step.
+BOOKKEEPING_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
+                              "max_momentum"})
 # Keys of a param group that are never hyperparameters of the update itself.
-NON_HYPER_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
-                            "max_momentum", "foreach", "fused", "capturable", "differentiable", "maximize",
-                            "amsgrad", "nesterov", "centered", "decoupled_weight_decay"})
+NON_HYPER_KEYS = BOOKKEEPING_KEYS | {"foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad",
+                                    "nesterov", "centered", "decoupled_weight_decay"}
 
 
 class _CudaArrayInterface:
