@@ -10,7 +10,7 @@ _check_torch_version()
 
 from optcapture.backend import optcapture_backend  # noqa: E402
 from optcapture.config import CaptureConfig  # noqa: E402
-from optcapture.errors import CaptureError, UnsupportedStepError  # noqa: E402
+from optcapture.errors import CaptureError, OptionError, UnsupportedStepError  # noqa: E402
 from optcapture.registry import CaptureReport, explain, reset, stats  # noqa: E402
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "CaptureConfig",
     "CaptureError",
     "CaptureReport",
+    "OptionError",
     "UnsupportedStepError",
     "__version__",
     "explain",

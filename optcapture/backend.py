@@ -19,23 +19,35 @@ import torch
 
 from optcapture import _compat, bucketing, lowering, preparation, registry
 from optcapture.config import CaptureConfig, parse_options
-from optcapture.discovery import BucketKey, StepGraph, changed_since_traced, cycled_floats_held_constant, discover
-from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
+from optcapture.discovery import (
+    BucketKey,
+    StepGraph,
+    changed_since_traced,
+    cycled_floats_held_constant,
+    discover,
+    host_outputs,
+)
+from optcapture.errors import CaptureError, OptionError, UnsupportedStepError, warn_once
 from optcapture.replay import COUNTERS, CapturedStep, GradBinding, _Live
 from optcapture.rewrites.indirect_grad_loads import triton_type
 
 log = logging.getLogger(__name__)
 
-_LAZY_STATE = "lazy state"
+_FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
+               "one is captured")
 _HYPER_GUARD = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\]")
 
 
 def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     """Dynamo backend entry point (``torch.compile(opt.step, backend="optcapture")``)."""
     began = time.perf_counter()
-    config = parse_options(kwargs.pop("options", None), kwargs.pop("mode", None))
-    if kwargs:
-        raise TypeError(f"optcapture backend got unexpected arguments {sorted(kwargs)}")
+    try:
+        config = parse_options(kwargs.pop("options", None), kwargs.pop("mode", None))
+        if kwargs:
+            raise OptionError(f"optcapture backend got unexpected arguments {sorted(kwargs)}")
+    except OptionError as error:
+        # Before any of the step ran; as itself, not wrapped in Dynamo's BackendCompilerFailed.
+        raise _compat.through_dynamo(error) from None
     tracer = _compat.current_tracer()
     step = discover(gm, example_inputs, tracer)
     if not step.is_optimizer_graph:
@@ -44,7 +56,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         step.blockers.append("bucketing=False")
     _read_cycled_floats_as_inputs(step)
     COUNTERS.captures += 1
-    if step.optimizer is not None and not step.blockers:
+    if step.optimizer is not None and not step.blockers and not step.lazy_state:
         try:
             return _capture(step, gm, config, tracer, began)
         except CaptureError as error:
@@ -59,7 +71,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
     """Have Dynamo trace a capturable step again, now, with the floats a scheduler cycles as inputs: the capture
     follows them, and the step compiles once instead of again at the scheduler's first change (issue #2)."""
-    if step.optimizer is None or _lasting_blockers(step):
+    if step.optimizer is None or step.blockers:
         return
     cycled = cycled_floats_held_constant(step)
     if not cycled:
@@ -70,28 +82,21 @@ def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
         raise _compat.restart_request()
 
 
-def _lasting_blockers(step: StepGraph) -> list[str]:
-    """The reasons against capturing that the next call still has: all but the first step's lazy state."""
-    return [reason for reason in step.blockers if _LAZY_STATE not in reason]
-
-
 def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
               config: CaptureConfig) -> Callable[..., Any]:
-    lasting = _lasting_blockers(step)
-    reason = "; ".join(lasting) or "unknown"
     owner = type(step.optimizer).__name__ if step.optimizer else "a function"
     # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
     # state it creates changes the guards and the next call is captured, unless another reason stands in
     # the way, which is said now.
-    first_of_lazy_state = len(lasting) < len(step.blockers)
-    if lasting or not first_of_lazy_state:
+    if step.blockers or not step.lazy_state:
+        reason = "; ".join(step.blockers) or "unknown"
         if config.fallback == "raise":
             raise UnsupportedStepError(f"cannot capture this step: {reason}")
         warn_once(_not_bucketed(owner, reason))
     if step.attribute_stores:
         return _writing_back_attributes(step, gm)
-    if first_of_lazy_state:
-        return _as_traced(step, gm, step.blockers)
+    if step.lazy_state:
+        return _as_traced(step, gm, [*step.blockers, _FIRST_STEP])
     before = _compat.generated_kernel_count()
     compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):
@@ -146,7 +151,7 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
             "values in the optimizer's state or param_groups, or run this code eagerly")
     registry.record(step, "eager", step.blockers)
     COUNTERS.eager += 1
-    return _eager_replacement(stores[0][0], _empty_output(gm))
+    return _eager_replacement(stores[0][0], _outputs(gm))
 
 
 def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -237,11 +242,9 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
             raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
         shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
         followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
-        # (shadow param group, key, real group index) of each float the shadow follows.
-        followed_slots = [(shadow.groups[g], key, g) for g, key in sorted(followed)]
         try:
             lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables,
-                                            [(group, key) for group, key, _ in followed_slots])
+                                            [(shadow.groups[g], key) for g, key in sorted(followed)])
         except Exception as error:
             if tables:
                 raise
@@ -265,6 +268,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                    for table, run in zip(tables, runs if tables else [], strict=True)]
 
     optimizer_ref = weakref.ref(optimizer)
+    output = _outputs(gm)
 
     def rebuild() -> Callable[..., Any]:
         try:
@@ -273,16 +277,16 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                 raise CaptureError(changed)
             return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
         except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
-            return _stepping_eagerly_after(error, step, optimizer_ref, config, _empty_output(gm))
+            return _stepping_eagerly_after(error, step, optimizer_ref, config, output)
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                              seconds=time.perf_counter() - began, kernels=lowered.kernels,
                              grads="in place" if tables else "copied")
-    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report, _empty_output(gm)), bindings,
+    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report), bindings,
                  rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
-                 grad_tables, followed_slots)
-    captured = CapturedStep(optimizer, live, _empty_output(gm))
+                 grad_tables, shadow.mirrored)
+    captured = CapturedStep(optimizer, live, output)
     COUNTERS.bucketed += 1
     log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",
              type(optimizer).__name__, len(step.buckets), len(runs), "read in place" if tables else "copied",
@@ -312,23 +316,34 @@ def _give_up_on_the_capture(doing: str, name: str, error: Exception, config: Cap
     return reason
 
 
-def _eager_replacement(optimizer_ref: weakref.ref[torch.optim.Optimizer], output: Any) -> Callable[..., Any]:
-    """What Dynamo's frame calls instead of a capture that steps eagerly for good: the optimizer's own step, run
-    outside Dynamo and holding the optimizer weakly, returning the graph's (empty) output."""
+def _eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[], None]:
+    """The optimizer's own step, run outside Dynamo and holding the optimizer weakly."""
     optimizer = optimizer_ref()
     assert optimizer is not None
     inner = bucketing.unwrapped_step(optimizer)
     del optimizer
 
     @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
-    def step_eagerly(*args: Any) -> Any:
+    def step_eagerly() -> None:
         live_optimizer = optimizer_ref()
         assert live_optimizer is not None
         with torch.no_grad():
             inner(live_optimizer)
-        return output
 
-    replacement: Callable[..., Any] = step_eagerly
+    stepper: Callable[[], None] = step_eagerly
+    return stepper
+
+
+def _eager_replacement(optimizer_ref: weakref.ref[torch.optim.Optimizer],
+                       output: Callable[..., Any]) -> Callable[..., Any]:
+    """What Dynamo's frame calls instead of a capture that steps eagerly for good: the optimizer's own step,
+    returning the graph's outputs (the numbers the frame writes back after it, computed from its inputs)."""
+    step_eagerly = _eager_step(optimizer_ref)
+
+    def replacement(*args: Any) -> Any:
+        step_eagerly()
+        return output(*args)
+
     return replacement
 
 
@@ -348,20 +363,21 @@ def _is_hyper_source(source: str, keys: set[tuple[int, str]]) -> bool:
     return match is not None and (int(match.group(1)), match.group(2)) in keys
 
 
-def _empty_output(gm: torch.fx.GraphModule) -> Any:
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    value = output.args[0]
-    return type(value)() if isinstance(value, (list, tuple)) else None
+def _outputs(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """The graph's outputs from its inputs, for a graph that returns no tensor (checked by discovery)."""
+    outputs = host_outputs(gm)
+    if outputs is None:
+        raise CaptureError("the step returns tensors to its frame")
+    return outputs
 
 
 def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.optim.Optimizer],
-             config: CaptureConfig, report: registry.CaptureReport,
-             output: Any) -> Callable[[], Callable[..., Any] | None]:
+             config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], Callable[[], None] | None]:
     """Run the lowered step; if compiling it failed (at capture, at a lazy first compile, when its frame
     recompiles in a later step, or while its CUDA graph was recorded), step eagerly from then on and say so once.
     A failure while the step runs is raised, never retried: part of the step may have run. A lazy compile's
-    kernels and time complete ``report``. Returns None, or once it gave up, the eager step that replaces the
-    capture (called with the graph's inputs, returning ``output``).
+    kernels and time complete ``report``. Returns None, or once it gave up (and stepped eagerly this once), the
+    eager step that replaces the capture from the next step on.
     """
     holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
     compiled_lazily = lowered.kernels is None  # NB: not ``lowered`` itself, which the eager fallback lets go
@@ -372,9 +388,9 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     del optimizer
     # CaptureError: what _raising raises for a compile that failed at capture.
     compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
-    step_eagerly = _eager_replacement(optimizer_ref, output)
+    step_eagerly = _eager_step(optimizer_ref)
 
-    def step_eagerly_from_now_on(doing: str, error: Exception) -> Callable[..., Any]:
+    def step_eagerly_from_now_on(doing: str, error: Exception) -> Callable[[], None]:
         reason = _give_up_on_the_capture(doing, name, error, config)
         holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
         holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
@@ -383,7 +399,7 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
         # counter reads (each eager step moves the counters the capture would read again).
         return step_eagerly
 
-    def run() -> Callable[..., Any] | None:
+    def run() -> Callable[[], None] | None:
         compiled = holder["compiled"]
         lazy_first = holder["first"] and compiled_lazily
         holder["first"] = False

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from optcapture import _compat
-from optcapture.discovery import BucketKey, StepGraph, discover
+from optcapture.discovery import BucketKey, StepGraph, discover, global_state
 from optcapture.preparation import BOOKKEEPING_KEYS, NON_HYPER_KEYS, FlatGroup, PreparedOptimizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,10 @@ class ShadowStep:
     """(member vector, first member, the run's own scalar): the scalar state the shadow steps."""
     groups: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
     """The shadow's param groups by the real group index (their float values can be refreshed)."""
+    mirrored: list[tuple[dict[str, Any], int, frozenset[str]]] = dataclasses.field(default_factory=list)
+    """(shadow group, real group index, keys the shadow holds its own way): every other key of the real group is
+    written into the shadow's before each step, so Python numbers the step keeps in its groups (``group["step"]
+    += 1``) are the real optimizer's, never the shadow's own count."""
 
     @property
     def aliased(self) -> bool:
@@ -145,7 +149,11 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
         setattr(shadow, name, collections.OrderedDict())
     shadow.state = collections.defaultdict(dict)
+    # Tensors the step keeps under keys that are no param (MADGRAD's ``state["k"]``) are the real optimizer's own:
+    # the shadow's one step per real step reads and updates them as the real step would.
+    shadow.state.update(global_state(optimizer))
     groups: dict[int, dict[str, Any]] = {}
+    mirrored: list[tuple[dict[str, Any], int, frozenset[str]]] = []
     broadcasts: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
     run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]] = []
     for index, run in enumerate(runs):
@@ -168,6 +176,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
             if "differentiable" in group:
                 group["differentiable"] = False
             groups[g] = group
+            mirrored.append((group, g, frozenset(key for key in group if group[key] is not live[key])))
         # Every tensor the shadow step reads or writes keeps its address for the life of the capture;
         # marking them static is what lets CUDA graph trees replay a step that mutates them in place.
         param = _static(flat.flats["param"][run.start:run.end])
@@ -198,7 +207,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     # A code object of its own per shadow, so Dynamo's per-code cache never mixes two captures.
     code = step_runs.__code__.replace(co_name=f"optcapture_step_{next(_shadow_ids)}")
     call = types.FunctionType(code, step_runs.__globals__, code.co_name, None, step_runs.__closure__)
-    return ShadowStep(call, shadow, runs, set(tensor_hypers), run_scalars, groups)
+    return ShadowStep(call, shadow, runs, set(tensor_hypers), run_scalars, groups, mirrored)
 
 
 class _Traced(Exception):
@@ -334,16 +343,18 @@ def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hype
 
 def followed_hypers(step: StepGraph, optimizer: torch.optim.Optimizer, runs: list[Run],
                     tensor_hypers: set[HyperKey]) -> set[HyperKey]:
-    """Float hyperparameters that must stay Python numbers (they steer control flow, like SGD's ``momentum``)
-    but that the real step already reads as a graph input, i.e. Dynamo made them dynamic after a change.
+    """Numbers of the param groups that must stay Python numbers (floats that steer control flow, like SGD's
+    ``momentum``; an int the step counts itself, ``group["step"] += 1``) but that the real step already reads
+    as a graph input, i.e. Dynamo made them dynamic after a change.
 
     The shadow follows them: their live value is written into its param group before each step, and
     Dynamo recompiles the shadow's frame once, to read them as inputs too, instead of optcapture
     rebuilding the capture at every change (a scheduler cycling ``momentum`` changes it every step).
     A change that flips the control flow fails the real step's own guard, which recaptures.
     """
-    candidates = (hyper_candidates(optimizer, runs) - tensor_hypers) & step.hypers_read
-    return {key for key in candidates if type(optimizer.param_groups[key[0]][key[1]]) is float}
+    stepped = {run.key.group for run in runs}
+    return {key for key in step.hypers_read - tensor_hypers if key[0] in stepped and key[1] not in NON_HYPER_KEYS
+            and type(optimizer.param_groups[key[0]].get(key[1])) in (float, int)}
 
 
 def _same_program(real: Hashable, shadow: Hashable) -> bool:
@@ -355,7 +366,7 @@ def _same_program(real: Hashable, shadow: Hashable) -> bool:
     """
     if real == shadow:
         return True
-    if isinstance(shadow, tuple) and len(shadow) == 3 and shadow[:2] == ("c", "float") and \
+    if isinstance(shadow, tuple) and len(shadow) == 3 and shadow[:2] in (("c", "float"), ("c", "int")) and \
             isinstance(real, tuple) and len(real) == 2 and real[0] in ("in", "op"):
         return real[0] == "op" or str(real[1]).startswith("hyper:")
     if isinstance(real, tuple) and isinstance(shadow, tuple) and len(real) == len(shadow):

@@ -1,7 +1,8 @@
 """The one configuration object of optcapture and the parser of ``torch.compile(options=...)``.
 
 Invariant: every option a user can pass is a field of :class:`CaptureConfig`; an unknown key
-or a value of the wrong kind is a :class:`TypeError` / :class:`ValueError`, never ignored.
+or a value of the wrong kind is an :class:`~optcapture.OptionError` (a ``TypeError`` and a ``ValueError``),
+never ignored.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
+
+from optcapture.errors import OptionError
 
 FallbackPolicy = Literal["eager", "raise"]
 
@@ -48,29 +51,35 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         if self.fallback not in ("eager", "raise"):
-            raise ValueError(f"optcapture option 'fallback' must be 'eager' or 'raise', got {self.fallback!r}")
+            raise OptionError(f"optcapture option 'fallback' must be 'eager' or 'raise', got {self.fallback!r}")
         for name in ("bucketing", "cudagraphs", "grads_in_place", "autotune"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"optcapture option {name!r} must be a bool, got {getattr(self, name)!r}")
+                raise OptionError(f"optcapture option {name!r} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.align_elements, int) or self.align_elements < 1:
-            raise ValueError(f"optcapture option 'align_elements' must be a positive int, got {self.align_elements!r}")
+            raise OptionError(f"optcapture option 'align_elements' must be a positive int, got {self.align_elements!r}")
 
 
 _FIELDS = {f.name for f in dataclasses.fields(CaptureConfig)}
 
 
-def parse_options(options: Mapping[str, Any] | None = None, mode: str | None = None) -> CaptureConfig:
-    """Build a :class:`CaptureConfig` from ``torch.compile(..., options=..., mode=...)``.
+def parse_options(options: Mapping[str, Any] | CaptureConfig | None = None, mode: str | None = None) -> CaptureConfig:
+    """Build a :class:`CaptureConfig` from ``torch.compile(..., options=..., mode=...)``; ``options`` may be a
+    :class:`CaptureConfig` itself.
 
     ``mode`` is accepted for ``torch.compile`` compatibility: ``"reduce-overhead"`` means CUDA-graph
     replay, which is already the default; the ``"max-autotune"`` modes also autotune kernel launches.
     """
     if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        raise ValueError(f"optcapture does not know torch.compile mode {mode!r}")
+        raise OptionError(f"optcapture does not know torch.compile mode {mode!r}")
+    if isinstance(options, CaptureConfig):
+        options = dataclasses.asdict(options)
+    if options is not None and not isinstance(options, Mapping):
+        raise OptionError(f"optcapture options must be a dict or an optcapture.CaptureConfig, got "
+                          f"{type(options).__name__}")
     options = dict(options or {})
     unknown = sorted(set(options) - _FIELDS)
     if unknown:
-        raise TypeError(f"unknown optcapture option(s) {unknown}; known options are {sorted(_FIELDS)}")
+        raise OptionError(f"unknown optcapture option(s) {unknown}; known options are {sorted(_FIELDS)}")
     if mode == "max-autotune-no-cudagraphs":
         options.setdefault("cudagraphs", False)
     if mode in ("max-autotune", "max-autotune-no-cudagraphs"):

@@ -1,8 +1,9 @@
 """Stage 1, discovery: map every input of the graph Dynamo hands us to its role, and bucket params.
 
 Roles: ``param``, ``grad``, ``state`` (a per-param tensor of ``optimizer.state``), ``scalar_state``
-(a 0-dim one: step counters, NAdam's mu_product, ASGD's eta/mu), ``hyper`` (a param-group float
-Dynamo lifted to an input) and ``other``. Buckets are param group x device x dtype over the params
+(a 0-dim one: step counters, NAdam's mu_product, ASGD's eta/mu), ``hyper`` (a param-group value
+Dynamo lifted to an input), ``global_state`` (a tensor ``optimizer.state`` keeps under a key that is
+no param) and ``other``. Buckets are param group x device x dtype over the params
 that have a grad in this graph.
 
 Invariant: discovery never mutates the optimizer, its tensors or the graph; it only reads. Its
@@ -15,8 +16,8 @@ import dataclasses
 import logging
 import re
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch.fx import GraphModule, Node
@@ -28,13 +29,16 @@ log = logging.getLogger(__name__)
 _HYPER_SOURCE = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\](?:\[(\d+)\])?$")
 
 
+RoleKind = Literal["param", "grad", "state", "scalar_state", "hyper", "global_state", "other"]
+
+
 @dataclasses.dataclass(frozen=True)
 class InputRole:
     """The role of one graph input (a placeholder or a lifted attribute)."""
 
     node: str
     source: str | None
-    kind: str
+    kind: RoleKind
     group: int | None = None
     param_index: int | None = None
     key: str | None = None
@@ -46,7 +50,7 @@ class InputRole:
         return f"{self.node}: {self.kind}{where}{key}" + (f" <- {self.source}" if self.source else "")
 
 
-_OPTIMIZER_KINDS = frozenset({"state", "scalar_state", "hyper"})
+_OPTIMIZER_KINDS = frozenset({"state", "scalar_state", "hyper", "global_state"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,9 @@ class StepGraph:
     is_optimizer_graph: bool = True
     """False for a graph that is no piece of an optimizer step: it is not the step's own frame, reads no optimizer
     state or hyperparameter and writes no param (the forward of a whole training step, grad clipping)."""
+    lazy_state: bool = False
+    """The first step of an optimizer that creates its state inside ``step()``: this call runs the graph as traced
+    (the state it creates changes the guards) and the next call is captured."""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -156,17 +163,27 @@ def bucketable(p: torch.Tensor) -> bool:
 def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
     """State keys holding a tensor of the param's shape (``exp_avg``), told from scalars (step counters) by what
     params with dimensions store: a 0-dim param's ``exp_avg`` is per-element state too (CLIP's ``logit_scale``)."""
-    return frozenset(key for p, state in optimizer.state.items() if p.dim() > 0
+    return frozenset(key for p, state in optimizer.state.items() if isinstance(p, torch.Tensor) and p.dim() > 0
+                     and isinstance(state, dict)
                      for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim() > 0)
+
+
+def global_state(optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
+    """Tensors ``optimizer.state`` keeps under a key that is not a param (``self.state["k"]``: MADGRAD's step
+    counter): one value for the whole step, read and written by every call, like a hyperparameter the step owns."""
+    return {key: value for key, value in optimizer.state.items()
+            if not isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)}
 
 
 def is_per_element_state(p: torch.Tensor, key: str, value: torch.Tensor, per_element: frozenset[str]) -> bool:
     return value.dim() > 0 or (p.dim() == 0 and key in per_element)
 
 
-def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, int, int | None, str | None]]:
-    roles: dict[int, tuple[str, int, int | None, str | None]] = {}
+def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[RoleKind, int | None, int | None, str | None]]:
+    roles: dict[int, tuple[RoleKind, int | None, int | None, str | None]] = {}
     per_element = per_element_state_keys(optimizer)
+    for key, value in global_state(optimizer).items():
+        roles[id(value)] = ("global_state", None, None, str(key))
     for g, group in enumerate(optimizer.param_groups):
         for key, value in group.items():
             items = value if isinstance(value, tuple) else (value,)
@@ -178,26 +195,58 @@ def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[str, in
             roles[id(p)] = ("param", g, i, None)
             if p.grad is not None:
                 roles[id(p.grad)] = ("grad", g, i, None)
-            for key, value in optimizer.state.get(p, {}).items():
+            for key, value in _state_of(optimizer, p).items():
                 if isinstance(value, torch.Tensor):
-                    kind = "state" if is_per_element_state(p, key, value, per_element) else "scalar_state"
+                    kind: RoleKind = "state" if is_per_element_state(p, key, value, per_element) else "scalar_state"
                     roles[id(value)] = (kind, g, i, key)
     return roles
 
 
-def _graph_outputs(gm: GraphModule) -> list[Any]:
+def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[Any, Any]:
+    state = optimizer.state.get(p)
+    return state if isinstance(state, dict) else {}
+
+
+def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
+    """``gm``'s outputs computed from its inputs without running its kernels, when it returns no new tensor:
+    numbers the frame writes back after the graph (``group["step"] = s0 + 1``) and input tensors it stores again
+    (``state["step"] += 1`` outputs the counter it increments in place). None when the graph returns a tensor it
+    creates (lazily made state), which only the graph itself can give."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    flat: list[Any] = []
-
-    def collect(value: Any) -> None:
-        if isinstance(value, (list, tuple)):
-            for item in value:
-                collect(item)
-        elif value is not None:
-            flat.append(value)
-
-    collect(output.args)
-    return flat
+    inputs = {id(n.meta.get("example_value")): n for n in gm.graph.nodes if n.op == "placeholder"
+              and isinstance(n.meta.get("example_value"), torch.Tensor)}
+    needed: set[Node] = set()
+    replaced: dict[Node, Node] = {}
+    stack = list(output.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in needed or node in replaced:
+            continue
+        example = node.meta.get("example_value")
+        if node.op != "placeholder" and isinstance(example, torch.Tensor):
+            if id(example) not in inputs:
+                return None
+            replaced[node] = inputs[id(example)]  # an in-place op's result: the input tensor itself
+            stack.append(replaced[node])
+            continue
+        if node.op not in ("placeholder", "call_function", "call_method"):
+            return None
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    if not needed:
+        value = output.args[0]
+        empty = type(value)() if isinstance(value, (list, tuple)) else None
+        return lambda *args: empty
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.placeholder(node.name)
+        elif node in needed:
+            env[node] = graph.node_copy(node, lambda arg: env[replaced.get(arg, arg)])
+    graph.output(torch.fx.map_arg(output.args[0], lambda arg: env[replaced.get(arg, arg)]))
+    forward: Callable[..., Any] = torch.fx.GraphModule(torch.nn.Module(), graph).forward
+    return forward
 
 
 _CLOSURE_COUPLED = (torch.optim.LBFGS,)
@@ -259,13 +308,13 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         source = _compat.placeholder_source(n) if n.op == "placeholder" else None
         value = values.get(n)
         hit = identity.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if hit is not None and hit[0] == "hyper":
-            _, g, _, key = hit
-            roles.append(InputRole(n.name, source, "hyper", g, None, key))
-            lane_inputs[n] = (None, f"hyper:{key}")
+        if hit is not None and hit[0] in ("hyper", "global_state"):
+            kind, g, _, key = hit
+            roles.append(InputRole(n.name, source, kind, g, None, key))
+            lane_inputs[n] = (None, f"{kind}:{key}")
         elif hit is not None:
             kind, g, i, key = hit
-            assert i is not None
+            assert g is not None and i is not None
             roles.append(InputRole(n.name, source, kind, g, i, key))
             lane_inputs[n] = ((g, i), kind if key is None else f"{kind}:{key}")
             if kind == "grad":
@@ -338,14 +387,19 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         names = ", ".join(sorted({name for _, name, _ in attribute_stores}))
         blockers[:] = [f"the step assigns attributes of the optimizer ({names}), which Dynamo does not write back "
                        "for torch.optim.Optimizer objects: optcapture writes them itself, or steps eagerly"]
-    returns_tensors = bool(_graph_outputs(gm))
-    if returns_tensors and is_optimizer_graph:
-        blockers.append("the step creates tensors its frame keeps (lazy state initialisation); "
-                        "this call runs the traced graph and the next one is captured")
+    # New tensors only: a number the frame writes back (``group["step"] = s0 + 1``) is no state it keeps.
+    returns_tensors = host_outputs(gm) is None
+    # The first step of an optimizer that creates its state inside step(): the state it creates changes the guards
+    # and the next call is captured. Tensors returned by a step whose params all have state are no such thing.
+    lazy_state = returns_tensors and is_optimizer_graph and (optimizer is None or any(
+        not _state_of(optimizer, optimizer.param_groups[b.key.group]["params"][i]) for b in buckets for i in b.members))
+    if returns_tensors and is_optimizer_graph and not lazy_state:
+        blockers.append("the step returns new tensors to its frame every step (Python state Dynamo rebuilds from "
+                        "the graph's outputs)")
     step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
                      buckets, report, blockers,
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
-                     is_optimizer_graph)
+                     is_optimizer_graph, lazy_state)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

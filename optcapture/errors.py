@@ -23,6 +23,11 @@ class UnsupportedStepError(CaptureError):
     """The step uses something optcapture does not capture (and ``fallback="raise"`` was set)."""
 
 
+class OptionError(CaptureError, TypeError, ValueError):
+    """An option optcapture does not know, or a value it cannot take. Raised at the first call of the compiled
+    step, before any of it runs (``torch.compile`` hands a backend its options only then)."""
+
+
 def warn_once(reason: str) -> None:
     """Warn about ``reason`` the first time it is seen in this process; always log it."""
     log.info("fallback: %s", reason)

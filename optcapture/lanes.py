@@ -27,7 +27,17 @@ POINTWISE = frozenset(
     """abs add addcdiv addcmul clamp clamp_max clamp_min clone copy detach div eq exp expm1 fill fma ge
     gt le lerp log log1p logical_and logical_not logical_or lt maximum minimum mul ne neg pow reciprocal
     rsqrt sgn sigmoid sign sqrt square sub tanh to true_divide where zero float double half bfloat16
-    iadd isub imul itruediv truediv floordiv mod full_like zeros_like ones_like""".split()
+    iadd isub imul itruediv truediv floordiv mod full_like zeros_like ones_like conj conj_physical resolve_conj
+    resolve_neg _get_data_attr""".split()
+)
+# Ops allowed only where no lane flows in: they compute one value shared by every lane from hyperparameters,
+# numbers and the step's own counters (``bias_correction = 1 - beta1 ** step``, ``math.sqrt(...)`` on a number
+# Dynamo made symbolic, a constant built with ``torch.tensor``/``full``). Random ops are not here: a shared
+# random value would draw from the generator once for a bucket where eager draws once per tensor.
+SHARED_ONLY = frozenset(
+    """_sym_sqrt sym_sqrt sym_float sym_int sym_max sym_min sym_not sym_ite sym_sum floor ceil trunc round
+    pow sqrt log log2 log10 exp cos sin tan atan tanh max min full zeros ones tensor scalar_tensor as_tensor
+    empty fill_ eq ne lt le gt ge and_ or_ not_ truth neg pos abs""".split()
 )
 # Ops that produce nothing per element: allowed anywhere, they are recorded but never block.
 NEUTRAL = frozenset({"_set_grad_enabled", "getitem", "item", "record_function", "_record_function_enter_new"})
@@ -169,10 +179,14 @@ class _Analyzer:
             value = self._value(container)
             if isinstance(value, _List) and isinstance(index, int):
                 return value.items[index]
-        if base not in POINTWISE and base not in NEUTRAL:
-            raise _Reject(f"op {name!r} is not elementwise")
         args = [self._value(a) for a in node.args]
         kwargs = {k: self._value(v) for k, v in node.kwargs.items()}
+        if base not in POINTWISE and base not in NEUTRAL:
+            touched: set[LaneId] = set()
+            for value in (*args, *kwargs.values()):
+                self._lanes_in(value, touched)
+            if touched or (base not in SHARED_ONLY and name not in SHARED_ONLY):
+                raise _Reject(f"op {name!r} is not elementwise")
         example = node.meta.get("example_value")
         if name.startswith("_foreach_"):
             return self._foreach(node, base, args, kwargs, example)

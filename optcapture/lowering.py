@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from optcapture import _compat
+from optcapture import _compat, discovery
 from optcapture.bucketing import ShadowStep, is_stock
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError
@@ -145,10 +145,14 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     frame reads them as inputs from its first step on (:func:`_prime_followed`).
     Raises :class:`CaptureError` when a table capture cannot be proven to read every grad through its table.
     """
-    patches = shadow_patches(config, device, cudagraphs=not shadow.aliased)
-    if shadow.aliased and inductor_patches(config, device, cudagraphs=True)["triton.cudagraphs"]:
-        log.info("%d runs share flat buffers (grads that come and go, or diverged step counts): "
-                 "this capture replays without CUDA graphs", len(shadow.runs))
+    # A followed int (the step's own counter in its param group) reaches the kernels as a scalar argument; CUDA
+    # graph trees record a graph per distinct int input (cudagraph_trees.py, ``get_ints``), a new one each step.
+    counts = [key for group, key in followed if type(group[key]) is int]
+    patches = shadow_patches(config, device, cudagraphs=not shadow.aliased and not counts)
+    if (shadow.aliased or counts) and inductor_patches(config, device, cudagraphs=True)["triton.cudagraphs"]:
+        log.info("this capture replays without CUDA graphs: %s", f"the step reads its counters {counts} as numbers"
+                 if counts else f"{len(shadow.runs)} runs share flat buffers (grads that come and go, or diverged "
+                 "step counts)")
     if tables:
         patches.update(_TABLE_PATCHES)
     armed = [False]
@@ -161,10 +165,11 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 
     def capture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         _log_inputs(gm, example_inputs)
-        if not armed[0] and _has_outputs(gm):
-            # Dynamo would rebuild Python state from the graph's outputs: only a real step may run this frame.
-            # (Side effects without outputs, like SGD re-storing its momentum buffers into the shadow's state,
-            # are replayed on the shadow once by the trace call; the shadow's state is its own.)
+        outputs = discovery.host_outputs(gm)
+        if not armed[0] and outputs is None:
+            # Dynamo would rebuild Python state from the graph's tensor outputs: only a real step may run this
+            # frame. (Side effects without outputs, like SGD re-storing its momentum buffers into the shadow's
+            # state, are replayed on the shadow once by the trace call; the shadow's state is its own.)
             if tables:
                 raise CaptureError("the shadow step returns tensors to Python; grads are copied instead")
             raise _Deferred("the shadow step returns tensors to Python")
@@ -174,9 +179,11 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
         kernels.append(count)
 
         def gate(*args: Any) -> Any:
-            # The capture's own trace call must not step: the graph runs only once the capture is armed.
+            # The capture's own trace call must not step: the graph runs only once the capture is armed. Numbers
+            # the frame writes back (``group["step"] = s0 + 1``) are computed on the host as the graph would.
             if not armed[0]:
-                return ()
+                assert outputs is not None
+                return outputs(*args)
             live_runner = runner[0]() if runner else None
             if live_runner is not None:
                 live_runner.record(compiled, args, effects_stay_in_shadow)
@@ -184,13 +191,21 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 
         return gate
 
-    # Followed floats need Dynamo's automatic dynamic: with ``dynamic=False`` it specializes the frame on each
+    # Followed numbers need Dynamo's automatic dynamic: with ``dynamic=False`` it specializes the frame on each
     # value, recompiling at every change until the recompile limit fails the step (fullgraph=True).
     shadow_step: Callable[[], None] = torch.compile(shadow.call, backend=capture_backend, fullgraph=True,
                                                     dynamic=None if followed else False)
-    deferred = _run_trace(shadow_step)
-    if followed and not deferred:
-        _prime_followed(shadow_step, followed)
+    # The trace calls replay the frame's Python side effects on the shadow (``group["step"] += 1``): its groups
+    # are put back as they were, so the first real step starts where the real optimizer is.
+    before = [(group, dict(group)) for group in shadow.groups.values()]
+    try:
+        deferred = _run_trace(shadow_step)
+        if followed and not deferred:
+            _prime_followed(shadow_step, followed)
+    finally:
+        for group, values in before:
+            group.clear()
+            group.update(values)
     armed[0] = True
     if not deferred:
         steady = _ShadowRunner(shadow_step, shadow.shadow, may_skip=not followed)
@@ -210,19 +225,20 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 
 
 def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[dict[str, Any], str]]) -> None:
-    """Trace the shadow once more with each followed float moved a little towards zero, so that Dynamo's
-    automatic dynamic makes them inputs now, at capture, instead of recompiling at the first change a
-    scheduler makes during training (issue #2: a cycled ``momentum`` never recompiles the step).
+    """Trace the shadow once more with each followed number moved, so that Dynamo's automatic dynamic makes them
+    inputs now, at capture, instead of recompiling at the first change (issue #2: a cycled ``momentum`` never
+    recompiles the step; a counter the step keeps in its param group changes every step).
 
-    Best effort: if this trace fails, the shadow recompiles once at the first change instead. A value of zero
-    is left alone: any other value could take another branch (``if momentum != 0``).
+    Best effort: if this trace fails, the shadow recompiles once at the first change instead. A float is moved a
+    little towards zero and a float of zero is left alone: any other value could take another branch (``if
+    momentum != 0``). An int moves to its next value, the one a counter takes next.
     """
-    moved = [(group, key, group[key]) for group, key in followed if group[key] != 0]
+    moved = [(group, key, group[key]) for group, key in followed if type(group[key]) is int or group[key] != 0]
     if not moved:
         return
     try:
         for group, key, value in moved:
-            group[key] = value * (1 - 2.0**-20)
+            group[key] = value + 1 if type(value) is int else value * (1 - 2.0**-20)
         _run_trace(shadow_step)
     except Exception as error:  # noqa: BLE001 - priming only saves a recompile
         log.info("priming the followed values %s failed (%s: %s)", [key for _, key, _ in moved],
@@ -254,12 +270,6 @@ def _run_trace(shadow_step: Callable[[], None]) -> bool:
             return True
         raise CaptureError(str(found)) from None
     return False
-
-
-def _has_outputs(gm: torch.fx.GraphModule) -> bool:
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    value = output.args[0]
-    return bool(value) if isinstance(value, (list, tuple)) else value is not None
 
 
 def _indirect_loads(tables: Sequence[GradTable], example_inputs: list[Any]) -> IndirectGradLoads:

@@ -45,8 +45,9 @@ def touches_optimizer(gm: GraphModule, values: dict[Node, Any], candidates: Iter
     param_ids: set[int] = set()
     for optimizer in candidates:
         param_ids.update(id(p) for group in optimizer.param_groups for p in group["params"])
-        state_ids.update(id(v) for state in optimizer.state.values() for v in state.values()
-                         if isinstance(v, torch.Tensor))
+        for state in optimizer.state.values():
+            values_of_state = state.values() if isinstance(state, dict) else (state,)
+            state_ids.update(id(v) for v in values_of_state if isinstance(v, torch.Tensor))
     if any(id(v) in state_ids for v in values.values()):
         return True
     # Any nn.Parameter counts: Dynamo may compile a function inside a step on its own (``_single_tensor_sgd``

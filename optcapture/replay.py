@@ -61,16 +61,17 @@ class _Live:
     """The heavy part of a capture; emptied when the optimizer dies so no storage outlives it."""
 
     def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
-                 compiled: Callable[[], Callable[..., Any] | None], grad_bindings: Sequence[GradBinding],
+                 compiled: Callable[[], Callable[[], None] | None], grad_bindings: Sequence[GradBinding],
                  rebuild: Callable[[], Callable[..., Any]],
                  run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
                  frozen_hypers: dict[tuple[int, str], Any],
                  grad_tables: Sequence[tuple[GradTable, list[int]]] = (),
-                 followed: Sequence[tuple[dict[str, Any], str, int]] = ()) -> None:
+                 mirrored: Sequence[tuple[dict[str, Any], int, frozenset[str]]] = ()) -> None:
         self.prepared = prepared
         self.frozen_hypers = frozen_hypers
-        # (shadow param group, key, real group index): floats written into the shadow before each step.
-        self.followed = list(followed)
+        # (shadow param group, real group index, keys the shadow holds its own way): the rest is written into the
+        # shadow before each step (:attr:`optcapture.bucketing.ShadowStep.mirrored`).
+        self.mirrored = list(mirrored)
         self.run_scalars = list(run_scalars)
         self.flats = flats
         self.runs = runs
@@ -140,6 +141,14 @@ def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]
     return operator.itemgetter(*indices)
 
 
+def _stepping_then(step: Callable[[], None], output: Callable[..., Any]) -> Callable[..., Any]:
+    def replacement(*args: Any) -> Any:
+        step()
+        return output(*args)
+
+    return replacement
+
+
 class _Cell:
     def __init__(self, live: _Live) -> None:
         self.live: _Live | None = live
@@ -161,8 +170,8 @@ class CapturedStep:
       - when the optimizer is garbage collected it drops every tensor it referenced.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, live: _Live, output: Any) -> None:
-        self.output = output
+    def __init__(self, optimizer: torch.optim.Optimizer, live: _Live, output: Callable[..., Any]) -> None:
+        self.output = output  # the graph's outputs from its inputs: numbers the frame writes back, or nothing
         # NB: Dynamo wraps this object with functools.wraps, which copies __dict__ into the wrapper;
         # a shared holder is what lets release() drop the storage for both.
         self._cell = _Cell(live)
@@ -183,19 +192,20 @@ class CapturedStep:
             return cell.replacement(*args)
         self._bind_grads(live, args)
         live.prepared.refresh_hypers()
-        if live.followed:
-            groups = live.prepared.optimizer_ref().param_groups  # type: ignore[union-attr]
-            for shadow_group, key, g in live.followed:
-                shadow_group[key] = groups[g][key]
+        groups = live.prepared.optimizer_ref().param_groups  # type: ignore[union-attr]
+        for shadow_group, g, own in live.mirrored:
+            for key, value in groups[g].items():
+                if key not in own:
+                    shadow_group[key] = value
         replacement = live.compiled()
         COUNTERS.steps += 1
         if replacement is not None:
             # The capture gave up (and stepped eagerly this once): its replacement runs from the next step on.
-            cell.replacement = replacement
+            cell.replacement = _stepping_then(replacement, self.output)
             cell.live = None
-            return self.output
+            return self.output(*args)
         live.prepared.last_runner = self
-        return self.output
+        return self.output(*args)
 
     def _storage_is_current(self, live: _Live) -> bool:
         optimizer = live.prepared.optimizer_ref()

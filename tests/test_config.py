@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from optcapture import CaptureConfig
+from optcapture import CaptureConfig, OptionError
 from optcapture.config import parse_options
 
 
@@ -71,10 +71,30 @@ def test_config_is_frozen() -> None:
         CaptureConfig().fallback = "raise"  # type: ignore[misc]
 
 
-def test_unknown_option_through_torch_compile_fails_loudly() -> None:
+def test_unknown_option_through_torch_compile_is_optcaptures_own_error_before_the_step() -> None:
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
     opt = torch.optim.SGD([p], lr=0.1)
-    step = torch.compile(opt.step, backend="optcapture", options={"no_such_option": 1})
-    with pytest.raises(Exception, match="no_such_option"):
+    step = torch.compile(opt.step, backend="optcapture", options={"fallbak": "raise"})
+    with pytest.raises(OptionError, match=r"unknown optcapture option\(s\) \['fallbak'\]") as raised:
         step()
+    assert not isinstance(raised.value, torch._dynamo.exc.BackendCompilerFailed)
+    assert "report this bug" not in str(raised.value)
+    assert torch.equal(p.detach(), torch.ones(3))  # nothing was applied
+
+
+def test_a_capture_config_is_accepted_as_options() -> None:
+    assert parse_options(CaptureConfig(fallback="raise", cudagraphs=False)) == CaptureConfig(fallback="raise",
+                                                                                             cudagraphs=False)
+    # A CaptureConfig is complete: each of its fields is explicit and wins over the mode, as an option does.
+    assert parse_options(CaptureConfig(), mode="max-autotune").autotune is False
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p], lr=0.1)
+    torch.compile(opt.step, backend="optcapture", options=CaptureConfig(fallback="raise"))()
+    assert torch.allclose(p.detach(), torch.full((3,), 0.9))
+
+
+def test_options_of_another_kind_are_an_error() -> None:
+    with pytest.raises(OptionError, match="must be a dict or an optcapture.CaptureConfig, got list"):
+        parse_options(["fallback"])  # type: ignore[arg-type]

@@ -1,0 +1,203 @@
+"""Small optimizers written the ways third-party libraries write them (timm, pytorch_optimizer, lion-pytorch),
+one pattern each, for the tests of optimizers users bring."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+
+class GroupStepAdam(torch.optim.Optimizer):
+    """Adam counting steps as a Python int in its param groups (pytorch_optimizer, timm's Adan)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            group["step"] = group["step"] + 1 if "step" in group else 1
+            b1, b2 = group["betas"]
+            bc1, bc2 = 1 - b1 ** group["step"], 1 - b2 ** group["step"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (st["v"].sqrt() / math.sqrt(bc2)).add_(group["eps"])
+                p.addcdiv_(st["m"], denom, value=-group["lr"] / bc1)
+
+
+class GlobalCounterSGD(torch.optim.Optimizer):
+    """A step counter kept in ``optimizer.state`` under a string key (pytorch_optimizer's MADGRAD)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if "k" not in self.state:
+            self.state["k"] = torch.tensor([0], dtype=torch.long)
+        scale = math.pow(self.state["k"].item() + 1, 0.5)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"] = torch.zeros_like(p)
+                st["buf"].mul_(group["momentum"]).add_(p.grad)
+                p.add_(st["buf"], alpha=-group["lr"] / scale)
+        self.state["k"].add_(1)
+
+
+class GlobalTensorCounterSGD(torch.optim.Optimizer):
+    """MADGRAD's counter as pytorch_optimizer keeps it (``self.state["k"]``), read as a tensor (no ``.item()``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if "k" not in self.state:
+            self.state["k"] = torch.tensor([0], dtype=torch.long)
+        scale = torch.pow(self.state["k"] + 1, 0.5)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"] = torch.zeros_like(p)
+                st["buf"].mul_(group["momentum"]).add_(p.grad)
+                p.sub_(st["buf"] * group["lr"] / scale)
+        self.state["k"].add_(1)
+
+
+class ConjAdam(torch.optim.Optimizer):
+    """Adam squaring its grad with ``grad.conj()`` (timm's Adopt): a no-op on real tensors."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["step"] = torch.tensor(0.0)
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                st["m"].lerp_(p.grad, 1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad.conj(), value=1 - b2)
+                p.addcdiv_(st["m"], st["v"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+
+class DataWritingLion(torch.optim.Optimizer):
+    """Lion writing params through ``p.data`` (lion-pytorch)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["exp_avg"] = torch.zeros_like(p)
+                b1, b2 = group["betas"]
+                p.data.mul_(1 - group["lr"] * group["weight_decay"])
+                update = st["exp_avg"].clone().mul_(b1).add(p.grad, alpha=1 - b1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                st["exp_avg"].mul_(b2).add_(p.grad, alpha=1 - b2)
+
+
+def _module_level_update(p: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float) -> None:
+    buf.mul_(momentum).add_(grad)
+    p.add_(buf, alpha=-lr)
+
+
+class ModuleFunctionSGD(torch.optim.Optimizer):
+    """SGD whose update is a module-level function called per param (timm's NAdamW)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, momentum: float = 0.9) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if "buf" not in st:
+                    st["buf"] = torch.zeros_like(p)
+                _module_level_update(p, p.grad, st["buf"], group["lr"], group["momentum"])
+
+
+class FloatStateAdam(torch.optim.Optimizer):
+    """Adam keeping a Python float in per-param state (pytorch_optimizer's LaProp): its step count."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["count"] = 0.0
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["count"] += 1.0
+                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                bias = 1 - b2 ** st["count"]
+                p.addcdiv_(st["m"], (st["v"] / bias).sqrt_().add_(group["eps"]), value=-group["lr"])
+
+
+class ConstantBuildingAdam(torch.optim.Optimizer):
+    """Adam building its constants with ``torch.tensor``/``torch.full`` (AdaBound, CAME)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lower = torch.tensor(1e-3)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                step_size = torch.full_like(p, group["lr"]).div_(st["v"].sqrt().add_(group["eps"])).clamp_(min=lower)
+                p.add_(st["m"] * step_size, alpha=-1.0)
+
+
+USER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    cls.__name__: cls for cls in (GroupStepAdam, GlobalCounterSGD, GlobalTensorCounterSGD, ConjAdam, DataWritingLion,
+                                  ModuleFunctionSGD, FloatStateAdam, ConstantBuildingAdam)
+}
