@@ -88,21 +88,31 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
     # state it creates changes the guards and the next call is captured, unless another reason stands in
     # the way, which is said now.
-    if step.blockers or not step.lazy_state:
-        reason = "; ".join(step.blockers) or "unknown"
-        if config.fallback == "raise":
-            raise UnsupportedStepError(f"cannot capture this step: {reason}")
-        warn_once(_not_bucketed(owner, reason))
+    said = bool(step.blockers) or not step.lazy_state
+    reason = "; ".join(step.blockers) or "unknown"
+    if said and config.fallback == "raise":
+        raise UnsupportedStepError(f"cannot capture this step of {owner}: {reason}")
+
+    def say(what_runs: str) -> None:
+        # Said once per reason: the first step (run as traced) and the steps after it share it.
+        if said:
+            warn_once(f"step of {owner} is not bucketed ({reason}): {what_runs}", key=f"{owner}: {reason}")
+
     if step.attribute_stores:
-        return _writing_back_attributes(step, gm)
+        writing_back, what_runs = _writing_back_attributes(step, gm)
+        say(what_runs)
+        return writing_back
     if step.lazy_state:
-        return _as_traced(step, gm, [*step.blockers, _FIRST_STEP])
+        say("this first step, which creates the optimizer's state, runs as Dynamo traced it, and the steps after "
+            "it as Inductor's per-tensor graph while the reason holds")
+        return _as_traced(step, gm, [*step.blockers, _FIRST_STEP], "first-step")
     before = _compat.generated_kernel_count()
     compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):
-        warn_once(f"Inductor could not compile the per-tensor step ({type(compiled).__name__}: {compiled}); "
-                  "running eagerly")
+        say(f"it runs eagerly, as Dynamo traced it: Inductor could not compile the per-tensor step "
+            f"({type(compiled).__name__}: {compiled})")
         return _as_traced(step, gm, [*step.blockers, str(compiled)])
+    say("it runs as Inductor's per-tensor graph, as stock torch.compile runs it")
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled
@@ -121,13 +131,14 @@ def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
     return compiled
 
 
-def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Callable[..., Any]:
+def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any], str]:
     """A step that assigns attributes of its optimizer (a user's ``self._k += 1``), which Dynamo drops.
 
     Constant values are exact for every call the frame's guards admit (Dynamo guarded the attributes it read to
     compute them): the graph runs as traced and the stores are written after it. A value Dynamo holds as a
     symbol cannot be written back, so the optimizer's own step runs eagerly instead; that is exact only when the
     frame keeps no tensors of the graph (no lazily created state), else it is an error that names the cause.
+    Returns the callable and what it does, for the warning.
     """
     stores = step.attribute_stores
     owners = {id(ref()) for ref, _, _ in stores}
@@ -142,7 +153,7 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
                     setattr(owner, name, value)
             return out
 
-        return run_and_write_back
+        return run_and_write_back, "it runs as Dynamo traced it, and optcapture writes the attributes back after it"
     # Only the step's own frame, keeping no tensors of the graph, can be replaced by the optimizer's eager step.
     if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
         raise UnsupportedStepError(
@@ -151,7 +162,8 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> Calla
             "values in the optimizer's state or param_groups, or run this code eagerly")
     registry.record(step, "eager", step.blockers)
     COUNTERS.eager += 1
-    return _eager_replacement(stores[0][0], _outputs(gm))
+    return (_eager_replacement(stores[0][0], _outputs(gm)),
+            "the optimizer's own step runs eagerly (Dynamo holds a new value of an attribute as a symbol)")
 
 
 def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -168,15 +180,14 @@ def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_in
     return compiled
 
 
-def _not_bucketed(owner: str, reason: str) -> str:
-    # One text whether this call runs as traced (its first step) or per tensor, so a reason is said once.
-    return f"step of {owner} is not bucketed; it runs on the stock path (per-tensor Inductor, or eager): {reason}"
-
-
-def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str]) -> Callable[..., Any]:
-    """Run the graph as Dynamo traced it (eagerly), and report that."""
-    registry.record(step, "eager", reasons)
-    COUNTERS.eager += 1
+def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
+               path: registry.Path = "eager") -> Callable[..., Any]:
+    """Run the graph as Dynamo traced it (eagerly), and report that: a fallback, or an optimizer's first step."""
+    registry.record(step, path, reasons)
+    if path == "first-step":
+        COUNTERS.first_steps += 1
+    else:
+        COUNTERS.eager += 1
     traced: Callable[..., Any] = gm.forward
     return traced
 

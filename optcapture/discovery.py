@@ -386,7 +386,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
         # The one reason that matters: such a step is never compiled as a whole, so others would only add noise.
         names = ", ".join(sorted({name for _, name, _ in attribute_stores}))
         blockers[:] = [f"the step assigns attributes of the optimizer ({names}), which Dynamo does not write back "
-                       "for torch.optim.Optimizer objects: optcapture writes them itself, or steps eagerly"]
+                       "for torch.optim.Optimizer objects"]
     # New tensors only: a number the frame writes back (``group["step"] = s0 + 1``) is no state it keeps.
     returns_tensors = host_outputs(gm) is None
     # The first step of an optimizer that creates its state inside step(): the state it creates changes the guards

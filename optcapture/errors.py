@@ -8,7 +8,12 @@ Invariant: a fallback is never silent. Each distinct reason is warned once per p
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import sysconfig
 import warnings
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +33,30 @@ class OptionError(CaptureError, TypeError, ValueError):
     step, before any of it runs (``torch.compile`` hands a backend its options only then)."""
 
 
-def warn_once(reason: str) -> None:
-    """Warn about ``reason`` the first time it is seen in this process; always log it."""
+# Frames a warning must not point at: optcapture's, torch's (Dynamo's, between the user's call and the backend) and
+# the standard library's. The first frame outside them is the user's line that called the compiled step.
+_NOT_USER = tuple(os.path.dirname(path) + os.sep for path in (__file__, torch.__file__)) + (
+    sysconfig.get_paths()["stdlib"] + os.sep, "<")
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` at which ``warnings.warn``, called by the caller of this function, names the user's line."""
+    frame = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level if frame is not None else 2
+
+
+def warn_once(reason: str, key: str | None = None) -> None:
+    """Warn about ``reason`` the first time it (or ``key``, where given) is seen in this process, at the user's line;
+    always log it."""
     log.info("fallback: %s", reason)
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"optcapture: {reason}", RuntimeWarning, stacklevel=3)
+    seen = reason if key is None else key
+    if seen not in _warned:
+        _warned.add(seen)
+        warnings.warn(f"optcapture: {reason}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def clear_warnings() -> None:

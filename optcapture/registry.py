@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Iterator, Mapping
+from typing import Literal
 
 import torch
 
@@ -17,19 +19,33 @@ from optcapture.discovery import InputRole, StepGraph
 from optcapture.preparation import PreparedOptimizer
 from optcapture.replay import COUNTERS, Counters
 
+Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
+"""What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
+``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
+(the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
+optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class CaptureReport:
-    """One compile of one optimizer step, as :func:`optcapture.explain` returns it."""
+    """One compile of one optimizer step, as :func:`optcapture.explain` returns it; ``print`` it to read it."""
 
     optimizer: str
-    path: str  # "bucketed", "per-tensor" or "eager"
+    """The optimizer's class name."""
+    path: Path
     reasons: tuple[str, ...]
+    """Why the graph is not bucketed (empty when it is)."""
     roles: tuple[InputRole, ...]
+    """What each input of Dynamo's graph is: param, grad, state, scalar_state, hyper, global_state or other."""
     buckets: tuple[str, ...]
+    """Param group x device x dtype of the params bucketed together, with their count and size."""
     runs: int
+    """Bucketed captures: how many flat tensors the step is run on (a bucket splits into several runs where
+    members' step counters differ, e.g. after grads came and went)."""
     tensor_hyperparameters: tuple[str, ...]
+    """Float hyperparameters held in device tensors: a scheduler changes them without a recompile."""
     kernels: int
+    """Kernels Inductor generated for this compile."""
     seconds: float = 0.0
     """Time optcapture spent after Dynamo handed over the graph: the backend plus the first compile."""
     grads: str = ""
@@ -37,12 +53,55 @@ class CaptureReport:
 
     def describe(self) -> str:
         grads = f", grads {self.grads}" if self.grads else ""
-        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} run(s){grads})"]
+        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} flat run(s){grads}, "
+                 f"{self.seconds:.1f} s)"]
         lines += [f"  bucket {b}" for b in self.buckets]
-        lines += [f"  device hyperparameter {h}" for h in self.tensor_hyperparameters]
+        lines += [f"  hyperparameter in a device tensor: {h}" for h in self.tensor_hyperparameters]
         lines += [f"  not bucketed: {r}" for r in self.reasons]
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        return self.describe()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats(Mapping[str, int]):
+    """Process-wide counts since the last :func:`reset`, as :func:`stats` returns them (also readable as a dict:
+    ``stats()["steps"]``)."""
+
+    captures: int = 0
+    """Graphs of optimizer steps handed to optcapture by Dynamo."""
+    bucketed: int = 0
+    """Of those, captured as bucketed steps."""
+    per_tensor: int = 0
+    """Of those, compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
+    eager: int = 0
+    """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
+    first_steps: int = 0
+    """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
+    steps: int = 0
+    """Steps run by bucketed captures."""
+    grads_copied: int = 0
+    """Grads copied into flat storage by bucketed steps (CPU, or ``grads_in_place=False``)."""
+    grad_tables_written: int = 0
+    """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
+    rebuilds: int = 0
+    """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
+
+    def __getitem__(self, key: str) -> int:
+        if key not in _STAT_NAMES:
+            raise KeyError(key)
+        value: int = getattr(self, key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_STAT_NAMES)
+
+    def __len__(self) -> int:
+        return len(_STAT_NAMES)
+
+
+_STAT_NAMES = tuple(field.name for field in dataclasses.fields(Stats))
 
 _prepared: weakref.WeakKeyDictionary[torch.optim.Optimizer, PreparedOptimizer] = weakref.WeakKeyDictionary()
 _reports: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[CaptureReport]] = weakref.WeakKeyDictionary()
@@ -56,7 +115,7 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
     return prepared
 
 
-def record(step: StepGraph, path: str, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
+def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
            kernels: int | None = 0, seconds: float = 0.0, grads: str = "") -> CaptureReport:
     report = CaptureReport(
         optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
@@ -83,9 +142,10 @@ def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
     return list(_reports.get(optimizer, []))
 
 
-def stats() -> dict[str, int]:
-    """Process-wide counts: captures, bucketed/per-tensor/eager paths, steps, grads copied, rebuilds."""
-    return COUNTERS.as_dict()
+def stats() -> Stats:
+    """Process-wide counts: captures, bucketed/per-tensor/eager paths, steps, grads copied, rebuilds (:class:`Stats`
+    says what each counts)."""
+    return Stats(**COUNTERS.as_dict())
 
 
 def reset() -> None:

@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Counters:
-    """Process-wide counts; :func:`optcapture.stats` returns a copy."""
+    """Process-wide counts; :func:`optcapture.stats` returns a frozen copy (:class:`optcapture.Stats`, which says
+    what each one counts)."""
 
     captures: int = 0
     bucketed: int = 0
     per_tensor: int = 0
     eager: int = 0
+    first_steps: int = 0
     steps: int = 0
     grads_copied: int = 0
     grad_tables_written: int = 0

@@ -34,7 +34,7 @@ def test_user_optimizer_lion_is_bucketed_and_exact() -> None:
     pair = make_pair(lambda p: Lion(p, lr=1e-2, weight_decay=0.1))
     for seed in range(4):
         step_both(pair, seed)
-    assert paths(pair.optimizer) == ["eager", "bucketed"]  # its state appears inside the first step
+    assert paths(pair.optimizer) == ["first-step", "bucketed"]  # its state appears inside the first step
     assert_matches_eager(pair)
 
 

@@ -86,7 +86,7 @@ def test_a_reason_is_warned_once_whether_the_first_step_runs_as_traced_or_per_te
     assert len(first) == 1 and "not provably elementwise" in first[0], first
     assert later == []
     assert_matches_eager(pair)
-    assert paths(pair.optimizer) == ["eager", "per-tensor"]
+    assert paths(pair.optimizer) == ["first-step", "per-tensor"]
 
 
 def test_fallback_raise_names_the_reason() -> None:
@@ -318,8 +318,9 @@ def test_a_recompile_failing_in_a_later_step_falls_back_to_a_correct_eager_step(
     _failing_after_warm_up(monkeypatch, torch._dynamo.exc.FailOnRecompileLimitHit("simulated: recompile limit"))
     caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3, 6)])
     assert [w for w in caught if "stepping eagerly" in w and "FailOnRecompileLimitHit" in w], caught
-    assert optcapture.stats()["eager"] == 2  # SGD's first step, which creates its buffers; then this one
-    assert paths(pair.optimizer) == ["eager", "eager"]  # the capture's report now says it steps eagerly
+    # SGD's first step, which creates its buffers, is no fallback; this one is.
+    assert (optcapture.stats()["first_steps"], optcapture.stats()["eager"]) == (1, 1)
+    assert paths(pair.optimizer) == ["first-step", "eager"]  # the capture's report now says it steps eagerly
     assert_matches_eager(pair)
 
 
@@ -630,3 +631,19 @@ def test_attributes_assigned_outside_the_step_are_never_replaced_by_a_step() -> 
     with pytest.raises(optcapture.UnsupportedStepError, match="not the optimizer's own step"):
         compiled(pair.optimizer, data)
     assert all(torch.equal(a, p) for a, p in zip(before, pair.model.parameters(), strict=True))
+
+
+def test_a_fallback_warning_says_what_runs_and_points_at_the_users_line() -> None:
+    import warnings
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    step = torch.compile(NormalizedSGD([p]).step, backend="optcapture")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+    (warning,) = [w for w in caught if "optcapture" in str(w.message)]
+    assert str(warning.message) == ("optcapture: step of NormalizedSGD is not bucketed (the update is not provably "
+                                    "elementwise: op 'norm' is not elementwise): it runs as Inductor's per-tensor "
+                                    "graph, as stock torch.compile runs it")
+    assert warning.filename == __file__, warning.filename

@@ -82,5 +82,5 @@ def test_matches_eager(optim_cls: type[torch.optim.Optimizer], kwargs: dict[str,
     assert_matches_eager(pair, **TOLERANCES.get(name, {}))
     taken = paths(pair.optimizer)
     if name in ELEMENTWISE:
-        expected = ["eager", "bucketed"] if name in LAZY_STATE and kwargs.get("momentum", 0) else ["bucketed"]
+        expected = ["first-step", "bucketed"] if name in LAZY_STATE and kwargs.get("momentum", 0) else ["bucketed"]
         assert taken == expected, f"{name}{kwargs}: paths {taken}"

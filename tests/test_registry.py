@@ -25,8 +25,10 @@ def test_explain_describes_each_capture() -> None:
     bucketed = reports[0]
     assert bucketed.kernels == 3 and bucketed.runs == 1 and bucketed.grads == "copied"
     text = bucketed.describe()
-    assert text.startswith("Adam: bucketed (3 kernel(s) generated, 1 run(s), grads copied)")
+    assert text.startswith("Adam: bucketed (3 kernel(s) generated, 1 flat run(s), grads copied, ")
     assert "bucket group 0 cpu torch.float32: 4 tensors, 220 elements" in text
+    assert "hyperparameter in a device tensor: group 0 lr" in text
+    assert str(bucketed) == text  # print(explain(opt)[0]) reads as the description, not a dataclass repr
     reports.clear()  # explain returns a copy
     assert len(optcapture.explain(pair.optimizer)) == 1  # type: ignore[attr-defined]
 
@@ -35,6 +37,8 @@ def test_stats_count_steps_and_reset_clears_everything() -> None:
     pair = _captured_pair()
     stats = optcapture.stats()
     assert (stats["captures"], stats["bucketed"], stats["eager"], stats["steps"]) == (1, 1, 0, 3)
+    assert isinstance(stats, optcapture.Stats) and stats.steps == 3 and stats.first_steps == 0
+    assert dict(stats) == {name: getattr(stats, name) for name in stats}
     optcapture.reset()
     assert set(optcapture.stats().values()) == {0}
     assert optcapture.explain(pair.optimizer) == []  # type: ignore[attr-defined]
@@ -46,3 +50,12 @@ def test_reports_do_not_keep_the_optimizer_alive() -> None:
     del pair
     gc.collect()
     assert optimizer() is None
+
+
+def test_a_first_step_that_creates_state_is_no_fallback() -> None:
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    for seed in range(3):
+        step_both(pair, seed)
+    stats = optcapture.stats()
+    assert (stats.first_steps, stats.eager, stats.bucketed) == (1, 0, 1)
+    assert [r.path for r in optcapture.explain(pair.optimizer)] == ["first-step", "bucketed"]

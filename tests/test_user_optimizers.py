@@ -29,7 +29,7 @@ def test_user_optimizer_matches_eager_and_takes_its_path(name: str) -> None:
         for seed in range(6):
             step_both(pair, seed)
             assert_matches_eager(pair)
-    assert paths(pair.optimizer)[0] == "eager"  # the first step creates the state
+    assert paths(pair.optimizer)[0] == "first-step"  # the first step creates the state
     assert paths(pair.optimizer)[-1] == LAST_PATH[name]
 
 
@@ -47,7 +47,7 @@ def test_python_int_step_counter_in_param_groups_is_exact_and_followed() -> None
         assert [g["step"] for g in pair.optimizer.param_groups] == [seed + 1, seed + 1]
     reports = optcapture.explain(pair.optimizer)
     # First step (state), then the count held as a constant, then read as an input: never again after that.
-    assert [r.path for r in reports] == ["eager", "bucketed", "bucketed"]
+    assert [r.path for r in reports] == ["first-step", "bucketed", "bucketed"]
     assert optcapture.stats()["steps"] == 7
 
 

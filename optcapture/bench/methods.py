@@ -11,7 +11,10 @@ import torch
 METHODS = ("eager", "fused", "compile", "reduce-overhead", "optcapture", "optcapture-zero-grad")
 HAS_FUSED = {"adamw", "adam", "sgd"}
 # Bytes one step must move per param (fp32): reads of param, grad and state, writes of param and state.
-BYTES_PER_PARAM = {"adamw": 28, "adam": 28, "sgd": 20, "lion": 20}
+# "adabelief" is pytorch_optimizer's AdaBelief (installed separately): a third-party optimizer that counts steps as a
+# Python int in its param groups.
+BYTES_PER_PARAM = {"adamw": 28, "adam": 28, "sgd": 20, "lion": 20, "adabelief": 28}
+USER_WRITTEN = {"lion", "adabelief"}  # lr stays a Python number, as their users pass it
 
 
 class Lion(torch.optim.Optimizer):  # type: ignore[misc]
@@ -47,7 +50,11 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: Any, **kwargs: Any
         return torch.optim.SGD(params, lr=lr, momentum=0.9, **kwargs)
     if name == "lion":
         return Lion(params, lr=lr, weight_decay=0.01)
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adam, sgd or lion")
+    if name == "adabelief":
+        from pytorch_optimizer import AdaBelief
+
+        return AdaBelief(params, lr=lr, weight_decay=0.01)  # type: ignore[no-any-return]
+    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adam, sgd, lion or adabelief")
 
 
 @dataclasses.dataclass
@@ -72,8 +79,9 @@ def setup(method: str, optimizer_name: str, params: list[torch.Tensor], device: 
         return Setup(opt, opt.step)
     if method in ("compile", "reduce-overhead"):
         # PyTorch's recipe: a tensor lr (capturable on CUDA) so the scheduler does not recompile.
-        extra: dict[str, Any] = {"capturable": True} if device.type == "cuda" and optimizer_name != "sgd" else {}
-        tensor_lr = optimizer_name != "lion"  # Lion passes lr as a Python number (alpha), like user code does
+        extra: dict[str, Any] = ({"capturable": True} if device.type == "cuda" and optimizer_name != "sgd"
+                                 and optimizer_name not in USER_WRITTEN else {})
+        tensor_lr = optimizer_name not in USER_WRITTEN  # they pass lr as a Python number (alpha), like user code does
         opt = make_optimizer(optimizer_name, params, torch.tensor(lr) if tensor_lr else lr, **extra)
         mode = "reduce-overhead" if method == "reduce-overhead" else None
         return Setup(opt, torch.compile(opt.step, mode=mode))
