@@ -12,6 +12,7 @@ from optcapture.backend import optcapture_backend  # noqa: E402
 from optcapture.config import CaptureConfig  # noqa: E402
 from optcapture.errors import CaptureError, OptionError, UnsupportedStepError  # noqa: E402
 from optcapture.registry import CaptureReport, Stats, explain, reset, stats  # noqa: E402
+from optcapture.wrapping import capture  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "Stats",
     "UnsupportedStepError",
     "__version__",
+    "capture",
     "explain",
     "optcapture_backend",
     "reset",

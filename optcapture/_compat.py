@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -66,6 +67,31 @@ def optimizer_attribute_stores(tracer: Any) -> list[tuple[Any, str, Any]]:
             except Exception:  # noqa: BLE001 - NotImplementedError for symbols and tensors; any failure: not a constant
                 stores.append((owner, name, NOT_CONSTANT))
     return stores
+
+
+def rewrap_scheduler_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Point an LR scheduler's wrapper of ``optimizer.step`` at the optimizer's class's step; True if there was one.
+
+    An LR scheduler replaces ``opt.step`` by an instance attribute that marks ``opt._opt_called`` and calls the
+    function ``opt.step.__func__`` had when the scheduler was built (torch/optim/lr_scheduler.py,
+    ``patch_track_step_called``), so a class changed afterwards would not be reached. The new wrapper does the
+    same, calling ``type(opt).step``.
+    """
+    patched = optimizer.__dict__.get("step")
+    if not getattr(patched, "_wrapped_by_lr_sched", False):
+        return False
+    optimizer_ref = weakref.ref(optimizer)
+
+    @functools.wraps(type(optimizer).step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = optimizer_ref()
+        assert opt is not None
+        opt._opt_called = True  # type: ignore[attr-defined]
+        return type(opt).step(opt, *args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
+    return True
 
 
 def begin_compiled_call() -> None:
@@ -165,6 +191,29 @@ def raised_while_recording_cuda_graph(error: BaseException) -> bool:
             return True
         frame = frame.tb_next
     return False
+
+
+def frame_compiles() -> tuple[int, int] | None:
+    """(how many times Dynamo compiled the frame being compiled before, its recompile limit), or None outside a
+    compile. Past the limit Dynamo runs the frame uncompiled without calling any backend again."""
+    from torch._dynamo import config
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    count = getattr(compile_id, "frame_compile_id", None)
+    if count is None:
+        return None
+    return int(count), int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+
+
+def skip_frame_request(reason: str) -> Exception:
+    """The exception that, raised inside a backend, makes Dynamo run the frame being compiled uncompiled, as plain
+    Python, instead of failing the call (``_call_user_compiler`` re-raises ``SkipFrame``: "the backend compiler has
+    requested that we skip the frame", torch/_dynamo/output_graph.py)."""
+    from torch._dynamo.exc import SkipFrame
+
+    request: Exception = SkipFrame(reason)
+    return request
 
 
 def through_dynamo(error: Exception) -> Exception:

@@ -54,6 +54,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         return _not_an_optimizer_step(step, gm, example_inputs, config)
     if not config.bucketing:
         step.blockers.append("bucketing=False")
+    _say_if_recompiling_every_step(step)
     _read_cycled_floats_as_inputs(step)
     COUNTERS.captures += 1
     if step.optimizer is not None and not step.blockers and not step.lazy_state:
@@ -66,6 +67,22 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     except UnsupportedStepError as error:
         # Dynamo wraps any other backend error in BackendCompilerFailed; the training loop must see this one.
         raise _compat.through_dynamo(error) from None
+
+
+def _say_if_recompiling_every_step(step: StepGraph) -> None:
+    """Dynamo compiles a step again whenever a guard fails; past its recompile limit it runs the step uncompiled,
+    calling no backend, so optcapture could not say so then: it says so at the third compile of a step's frame.
+    What often does it: an int the step counts in its param groups passed to a math function
+    (``math.pow(beta, group["step"])``, pytorch_optimizer), which Dynamo specializes at every value."""
+    compiles = _compat.frame_compiles()
+    if compiles is None or compiles[0] < 3 or step.optimizer is None:
+        return
+    count, limit = compiles
+    warn_once(f"Dynamo compiled the step of {type(step.optimizer).__name__} {count + 1} times: a guard fails at "
+              f"(nearly) every step. After {limit} compiles (torch._dynamo.config.recompile_limit) the step runs "
+              "uncompiled, as with any backend. TORCH_LOGS=recompiles names the guard; an int the step counts in its "
+              "param groups and passes to a math function (math.pow(beta, group['step'])) is specialized by Dynamo "
+              "at every value", key=f"recompiling {type(step.optimizer).__name__}")
 
 
 def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
@@ -93,18 +110,26 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     if said and config.fallback == "raise":
         raise UnsupportedStepError(f"cannot capture this step of {owner}: {reason}")
 
-    def say(what_runs: str) -> None:
-        # Said once per reason: the first step (run as traced) and the steps after it share it.
+    def say(what_runs: str, key: str | None = None) -> None:
         if said:
-            warn_once(f"step of {owner} is not bucketed ({reason}): {what_runs}", key=f"{owner}: {reason}")
+            warn_once(f"step of {owner} is not bucketed ({reason}): {what_runs}", key=key)
+
+    per_tensor = "it runs as Inductor's per-tensor graph, as stock torch.compile runs it"
 
     if step.attribute_stores:
         writing_back, what_runs = _writing_back_attributes(step, gm)
-        say(what_runs)
+        # Once per reason whether its graph runs as traced or the optimizer's own step runs; a frame run as plain
+        # Python is said on its own.
+        say(what_runs, key=None if writing_back is None else f"attributes of {owner}: {reason}")
+        if writing_back is None:
+            # Run the frame uncompiled, as plain Python: Dynamo skips it at the backend's request.
+            raise _compat.skip_frame_request(f"optcapture: {reason}")
         return writing_back
     if step.lazy_state:
+        # Said once for both: this first step (run as traced) and the per-tensor steps after it.
         say("this first step, which creates the optimizer's state, runs as Dynamo traced it, and the steps after "
-            "it as Inductor's per-tensor graph while the reason holds")
+            "it as Inductor's per-tensor graph while the reason holds",
+            key=f"optcapture: step of {owner} is not bucketed ({reason}): {per_tensor}")
         return _as_traced(step, gm, [*step.blockers, _FIRST_STEP], "first-step")
     before = _compat.generated_kernel_count()
     compiled = _inductor_or_error(gm, example_inputs, config)
@@ -112,7 +137,7 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         say(f"it runs eagerly, as Dynamo traced it: Inductor could not compile the per-tensor step "
             f"({type(compiled).__name__}: {compiled})")
         return _as_traced(step, gm, [*step.blockers, str(compiled)])
-    say("it runs as Inductor's per-tensor graph, as stock torch.compile runs it")
+    say(per_tensor)
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     COUNTERS.per_tensor += 1
     return compiled
@@ -131,14 +156,14 @@ def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
     return compiled
 
 
-def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any], str]:
+def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any] | None, str]:
     """A step that assigns attributes of its optimizer (a user's ``self._k += 1``), which Dynamo drops.
 
     Constant values are exact for every call the frame's guards admit (Dynamo guarded the attributes it read to
     compute them): the graph runs as traced and the stores are written after it. A value Dynamo holds as a
     symbol cannot be written back, so the optimizer's own step runs eagerly instead; that is exact only when the
-    frame keeps no tensors of the graph (no lazily created state), else it is an error that names the cause.
-    Returns the callable and what it does, for the warning.
+    frame is the step's own and keeps no tensors of the graph (no lazily created state); any other such frame must
+    run uncompiled (None). Returns the callable, or None, and what runs, for the warning.
     """
     stores = step.attribute_stores
     owners = {id(ref()) for ref, _, _ in stores}
@@ -155,13 +180,11 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple
 
         return run_and_write_back, "it runs as Dynamo traced it, and optcapture writes the attributes back after it"
     # Only the step's own frame, keeping no tensors of the graph, can be replaced by the optimizer's eager step.
-    if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
-        raise UnsupportedStepError(
-            f"cannot run this step correctly compiled: {'; '.join(step.blockers)}, and Dynamo holds a new value as "
-            "a symbol in a frame that is not the optimizer's own step or keeps tensors of the graph; keep such "
-            "values in the optimizer's state or param_groups, or run this code eagerly")
     registry.record(step, "eager", step.blockers)
     COUNTERS.eager += 1
+    if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
+        return None, ("the frame runs uncompiled, as plain Python (Dynamo holds a new value of an attribute as a "
+                      "symbol in a frame that is not the optimizer's own step or keeps tensors of its graph)")
     return (_eager_replacement(stores[0][0], _outputs(gm)),
             "the optimizer's own step runs eagerly (Dynamo holds a new value of an attribute as a symbol)")
 

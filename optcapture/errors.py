@@ -50,13 +50,13 @@ def user_stacklevel() -> int:
 
 
 def warn_once(reason: str, key: str | None = None) -> None:
-    """Warn about ``reason`` the first time it (or ``key``, where given) is seen in this process, at the user's line;
-    always log it."""
+    """Warn about ``reason`` the first time it is seen in this process, at the user's line; always log it. ``key``:
+    the text of another warning that says this one too (it is then not said again, nor this one after it)."""
     log.info("fallback: %s", reason)
-    seen = reason if key is None else key
-    if seen not in _warned:
-        _warned.add(seen)
-        warnings.warn(f"optcapture: {reason}", RuntimeWarning, stacklevel=user_stacklevel())
+    message = f"optcapture: {reason}"
+    if message not in _warned and key not in _warned:
+        _warned.update({message} if key is None else {message, key})
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def clear_warnings() -> None:

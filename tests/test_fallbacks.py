@@ -609,27 +609,37 @@ def test_a_subclass_overriding_step_matches_eager_and_says_why_it_is_not_buckete
     assert len(caught) == 1 and "called by the step that ClampedAdamW overrides" in caught[0], caught
 
 
-def test_attributes_assigned_outside_the_step_are_never_replaced_by_a_step() -> None:
+@pytest.mark.parametrize("fallback", ["eager", "raise"])
+def test_attributes_assigned_outside_the_step_are_never_replaced_by_a_step(fallback: str) -> None:
     # The eager replacement of a frame whose attribute store Dynamo holds as a symbol is the optimizer's own step:
-    # right for the step's frame, a whole extra step for any other frame. There it is an error that names it.
+    # right for the step's frame, a whole extra step for any other frame. Such a frame runs uncompiled, as plain
+    # Python (Dynamo skips it at the backend's request), or with fallback="raise" is an error raised before it ran.
     _skip_where_dynamo_refuses_optimizer_attribute_stores()
     pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.1))
     pair.optimizer.calls = 0  # type: ignore[attr-defined]
     data = torch.zeros(3)
+    options = {"fallback": fallback}
 
     def count_calls(optimizer: torch.optim.Optimizer, data: torch.Tensor) -> None:
         optimizer.calls += 1  # type: ignore[attr-defined]
         data.add_(1)
 
-    compiled = torch.compile(count_calls, backend="optcapture")
+    compiled = torch.compile(count_calls, backend="optcapture", options=options)
     from helpers import set_grads
 
     set_grads(pair, 0)
     before = [p.detach().clone() for p in pair.model.parameters()]
-    compiled(pair.optimizer, data)  # the first value is a constant: written back after the graph
+    if fallback == "raise":
+        with pytest.raises(optcapture.UnsupportedStepError, match=r"assigns attributes of the optimizer \(calls\)"):
+            compiled(pair.optimizer, data)
+        assert pair.optimizer.calls == 0 and data.tolist() == [0.0, 0.0, 0.0]  # type: ignore[attr-defined]
+        return
+    with pytest.warns(RuntimeWarning, match="runs as Dynamo traced it, and optcapture writes the attributes back"):
+        compiled(pair.optimizer, data)  # the first value is a constant: written back after the graph
     assert pair.optimizer.calls == 1 and data.tolist() == [1.0, 1.0, 1.0]  # type: ignore[attr-defined]
-    with pytest.raises(optcapture.UnsupportedStepError, match="not the optimizer's own step"):
+    with pytest.warns(RuntimeWarning, match="the frame runs uncompiled, as plain Python"):
         compiled(pair.optimizer, data)
+    assert pair.optimizer.calls == 2 and data.tolist() == [2.0, 2.0, 2.0]  # type: ignore[attr-defined]
     assert all(torch.equal(a, p) for a, p in zip(before, pair.model.parameters(), strict=True))
 
 

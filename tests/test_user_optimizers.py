@@ -62,3 +62,15 @@ def test_string_key_in_optimizer_state_does_not_crash() -> None:
     assert torch.equal(pair.optimizer.state["k"], pair.eager.state["k"])
     roles = {role.kind for role in optcapture.explain(pair.optimizer)[-1].roles}
     assert "global_state" in roles
+
+
+def test_a_step_dynamo_recompiles_at_every_step_is_said_and_stays_exact() -> None:
+    # math.pow(beta, group["step"]): Dynamo specializes the count, so every step compiles again (with any backend)
+    # until Dynamo's recompile limit, after which it runs uncompiled without calling the backend: said at the 3rd.
+    from user_optimizers import MathPowAdam
+
+    pair = make_pair(lambda p: MathPowAdam(p))
+    with pytest.warns(RuntimeWarning, match=r"Dynamo compiled the step of MathPowAdam 4 times.*recompile_limit"):
+        for seed in range(5):
+            step_both(pair, seed)
+            assert_matches_eager(pair)

@@ -35,6 +35,27 @@ class GroupStepAdam(torch.optim.Optimizer):
                 p.addcdiv_(st["m"], denom, value=-group["lr"] / bc1)
 
 
+class MathPowAdam(GroupStepAdam):
+    """GroupStepAdam computing its bias corrections with ``math.pow`` (pytorch_optimizer's ``debias``): Dynamo
+    specializes the count at every value, so the step compiles again at every step, with any backend."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            group["step"] = group["step"] + 1 if "step" in group else 1
+            b1, b2 = group["betas"]
+            bc1, bc2 = 1 - math.pow(b1, group["step"]), 1 - math.pow(b2, group["step"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(st["m"], (st["v"].sqrt() / math.sqrt(bc2)).add_(group["eps"]), value=-group["lr"] / bc1)
+
+
 class GlobalCounterSGD(torch.optim.Optimizer):
     """A step counter kept in ``optimizer.state`` under a string key (pytorch_optimizer's MADGRAD)."""
 
@@ -67,7 +88,7 @@ class GlobalTensorCounterSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         if "k" not in self.state:
-            self.state["k"] = torch.tensor([0], dtype=torch.long)
+            self.state["k"] = torch.tensor([0], dtype=torch.long, device=self.param_groups[0]["params"][0].device)
         scale = torch.pow(self.state["k"] + 1, 0.5)
         for group in self.param_groups:
             for p in group["params"]:
@@ -184,10 +205,10 @@ class ConstantBuildingAdam(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            lower = torch.tensor(1e-3)
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                lower = torch.tensor(1e-3, device=p.device)
                 st = self.state[p]
                 if len(st) == 0:
                     st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)

@@ -466,6 +466,5 @@ def test_user_optimizers_match_eager_cuda(name: str) -> None:
             step_both(pair, seed)
             assert_matches_eager(pair)
     assert paths(pair.optimizer)[-1] == "bucketed", paths(pair.optimizer)
-    expected_graphs = {"GroupStepAdam": 0, "GlobalTensorCounterSGD": 0}.get(name, 1)
-    if name != "GlobalTensorCounterSGD":  # its counter is a CPU tensor: Inductor replays it without a CUDA graph
-        assert _compat.cudagraphs_recorded() == expected_graphs
+    if name != "GlobalTensorCounterSGD":  # Dynamo recompiles its frame at every step, as with every backend
+        assert _compat.cudagraphs_recorded() == (0 if name == "GroupStepAdam" else 1)

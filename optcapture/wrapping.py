@@ -1,0 +1,161 @@
+"""``optcapture.capture(optimizer)``: the one public way to hand a framework an optimizer whose step is compiled.
+
+Frameworks build and step the optimizer themselves (Lightning's ``configure_optimizers`` and ``closure=``,
+``torch.amp.GradScaler.step``, ZeroRedundancyOptimizer's local optimizer, the Hugging Face Trainer's
+``optimizers=``), so replacing ``opt.step`` by a ``torch.compile``'d function does not reach them, and it breaks LR
+schedulers built afterwards (they wrap ``opt.step.__func__``). :func:`capture` changes the optimizer's class to a
+subclass whose ``step`` runs the compiled step: the same object, ``isinstance`` and ``state_dict`` unchanged.
+
+Invariant: a captured optimizer steps exactly as its own ``step`` would. A closure is evaluated before the compiled
+step only where the class's own step provably does just that first (every ``torch.optim`` class but LBFGS, and
+users' steps that open with the same pattern); any other step given a closure runs uncompiled, said once.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import logging
+import textwrap
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+
+from optcapture import _compat
+from optcapture.config import CaptureConfig, parse_options
+from optcapture.errors import OptionError, UnsupportedStepError, warn_once
+
+log = logging.getLogger(__name__)
+
+OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
+
+# The compiled step of each captured optimizer. Not a cache (``optcapture.reset()`` keeps it): it is what the
+# optimizer's class now runs. Weak: the compiled function takes the optimizer as its argument and holds none.
+_compiled: weakref.WeakKeyDictionary[torch.optim.Optimizer, Callable[..., Any]] = weakref.WeakKeyDictionary()
+# One subclass per (class, config), so two optimizers captured alike share a class.
+_classes: dict[tuple[type, CaptureConfig], type] = {}
+
+
+def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | None = None) -> OptimizerT:
+    """Compile ``optimizer``'s step with the optcapture backend, in place, and return ``optimizer``.
+
+    ``options`` are the backend's (:class:`CaptureConfig`), checked now. The optimizer stays the same object:
+    ``isinstance``, ``state_dict``/``load_state_dict``, hooks and LR schedulers built before or after work as
+    before, and ``opt.step()`` (also called by ``GradScaler.step`` or a framework) runs the compiled step.
+    ``opt.step(closure)`` evaluates the closure with grad enabled, then runs the compiled step, where the class's
+    step only evaluates its closure first (all of ``torch.optim`` but LBFGS); other steps run uncompiled when given
+    a closure, said once. Capturing an optimizer twice with the same options returns it as it is.
+    """
+    config = parse_options(options)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise OptionError(f"optcapture.capture takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise UnsupportedStepError("LBFGS re-evaluates its closure inside step() (line search): its step cannot be "
+                                   "compiled as one; step it eagerly")
+    current = type(optimizer)
+    base: type = getattr(current, "_optcapture_base", current)
+    if base is not current and getattr(current, "_optcapture_config", None) != config:
+        raise OptionError(f"this {base.__name__} was captured with other options "
+                          f"({getattr(current, '_optcapture_config', None)}); capture a new optimizer instead")
+    optimizer.__class__ = _captured_class(base, config)
+    _compat.rewrap_scheduler_step(optimizer)
+    log.info("captured %s: its step runs compiled with optcapture (%s)", base.__name__, config)
+    return optimizer
+
+
+def _captured_class(base: type, config: CaptureConfig) -> type:
+    key = (base, config)
+    cls = _classes.get(key)
+    if cls is not None:
+        return cls
+    base_step: Callable[..., Any] = base.step  # type: ignore[attr-defined]
+    closure_first = evaluates_closure_first(base_step)
+
+    @functools.wraps(base_step)  # NB: sets __wrapped__, which discovery and the shadow follow to the real step
+    def step(self: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+        compiled = _compiled.get(self)
+        if compiled is None:
+            compiled = _compiled[self] = torch.compile(base_step, backend="optcapture",
+                                                       options=dataclasses.asdict(config))
+        if closure is None:
+            return compiled(self)
+        if not closure_first:
+            warn_once(f"{base.__name__}.step uses its closure beyond evaluating it first; steps given a closure run "
+                      "uncompiled")
+            return base_step(self, closure)
+        with torch.enable_grad():
+            loss = closure()
+        compiled(self)
+        return loss
+
+    cls = type(base.__name__, (base,), {"step": step, "_optcapture_base": base, "_optcapture_config": config,
+                                        "__module__": base.__module__, "__qualname__": base.__qualname__})
+    _classes[key] = cls
+    return cls
+
+
+# torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).
+_ALLOWED_BEFORE_CLOSURE = frozenset({"_cuda_graph_capture_health_check", "_accelerator_graph_capture_health_check"})
+
+
+@functools.cache
+def evaluates_closure_first(step: Callable[..., Any]) -> bool:
+    """Whether ``step`` (unwrapped) only evaluates its closure, first, as ``torch.optim`` steps do::
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+    and never reads the closure afterwards. Then evaluating the closure before the compiled step is the same step.
+    Nothing but constants, a docstring and torch.optim's capture health check may come before it.
+    """
+    fn = inspect.unwrap(step)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    func = tree.body[0]
+    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(func.args.args) < 2:
+        return False
+    name = func.args.args[1].arg
+    uses = [node for node in ast.walk(func) if isinstance(node, ast.Name) and node.id == name]
+    for index, statement in enumerate(func.body):
+        if not any(isinstance(node, ast.Name) and node.id == name for node in ast.walk(statement)):
+            if not _harmless_before_closure(statement):
+                return False
+            continue
+        later = [node for rest in func.body[index + 1:] for node in ast.walk(rest)
+                 if isinstance(node, ast.Name) and node.id == name]
+        return not later and _is_closure_evaluation(statement, name) and len(uses) == 2
+    return False
+
+
+def _harmless_before_closure(statement: ast.stmt) -> bool:
+    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+        return True  # a docstring
+    if isinstance(statement, (ast.Assign, ast.AnnAssign)) and isinstance(statement.value, ast.Constant):
+        return True  # loss = None
+    call = statement.value if isinstance(statement, ast.Expr) else None
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+            and call.func.attr in _ALLOWED_BEFORE_CLOSURE and not call.args)
+
+
+def _is_closure_evaluation(statement: ast.stmt, name: str) -> bool:
+    """``if closure is not None: [with torch.enable_grad():] loss = closure()``, with no else."""
+    if not (isinstance(statement, ast.If) and not statement.orelse and isinstance(statement.test, ast.Compare)
+            and isinstance(statement.test.left, ast.Name) and statement.test.left.id == name
+            and len(statement.test.ops) == 1 and isinstance(statement.test.ops[0], ast.IsNot)):
+        return False
+    body = statement.body
+    if len(body) == 1 and isinstance(body[0], ast.With):
+        body = body[0].body
+    if len(body) != 1 or not isinstance(body[0], (ast.Assign, ast.AnnAssign)):
+        return False
+    value = body[0].value
+    return (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == name
+            and not value.args and not value.keywords)

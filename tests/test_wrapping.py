@@ -1,0 +1,139 @@
+"""optcapture.capture(optimizer): the compiled step behind the optimizer's own ``step``, for frameworks."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import warnings
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from helpers import assert_matches_eager, make_model, paths
+
+import optcapture
+from optcapture.wrapping import evaluates_closure_first
+
+
+class _Pair:
+    def __init__(self, make: Any, capture_after_scheduler: bool = False, **options: Any) -> None:
+        self.eager_model = make_model()
+        self.model = copy.deepcopy(self.eager_model)
+        self.eager, self.optimizer = make(self.eager_model.parameters()), make(self.model.parameters())
+        if not capture_after_scheduler:
+            optcapture.capture(self.optimizer, options or None)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 2, gamma=0.5)
+        self.eager_scheduler = torch.optim.lr_scheduler.StepLR(self.eager, 2, gamma=0.5)
+        if capture_after_scheduler:
+            optcapture.capture(self.optimizer, options or None)
+        self.data = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+
+    def closures(self) -> list[Any]:
+        def closure_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+            def closure() -> torch.Tensor:
+                optimizer.zero_grad()
+                loss = model(self.data).square().mean()
+                loss.backward()
+                return loss
+            return closure
+        return [closure_of(self.eager_model, self.eager), closure_of(self.model, self.optimizer)]
+
+
+@pytest.mark.parametrize("capture_after_scheduler", [False, True])
+def test_the_same_optimizer_steps_compiled_under_a_scheduler_with_a_closure(capture_after_scheduler: bool) -> None:
+    # Lightning calls opt.step(closure=...); the scheduler wraps opt.step when it is built (before the capture:
+    # its wrapper is pointed at the captured class; after it: it wraps the captured step).
+    pair = _Pair(lambda p: torch.optim.AdamW(p, lr=1e-2), capture_after_scheduler)
+    assert isinstance(pair.optimizer, torch.optim.AdamW) and type(pair.optimizer).__name__ == "AdamW"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
+        warnings.filterwarnings("error", message=".*(overridden|before `optimizer.step\\(\\)`).*")
+        for _ in range(5):
+            eager_closure, closure = pair.closures()
+            loss_eager, loss = pair.eager.step(eager_closure), pair.optimizer.step(closure)
+            torch.testing.assert_close(loss, loss_eager)
+            pair.eager_scheduler.step()
+            pair.scheduler.step()
+    assert_matches_eager(pair)  # type: ignore[arg-type]
+    assert paths(pair.optimizer) == ["bucketed"]
+    assert optcapture.stats()["steps"] == 5
+    assert pair.optimizer.param_groups[0]["lr"] == pair.eager.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+
+
+def test_grad_scaler_steps_the_captured_optimizer() -> None:
+    pair = _Pair(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**4), torch.amp.GradScaler("cpu", init_scale=2.0**4)]
+    for _ in range(4):
+        for model, optimizer, scaler in ((pair.eager_model, pair.eager, scalers[0]),
+                                         (pair.model, pair.optimizer, scalers[1])):
+            optimizer.zero_grad()
+            scaler.scale(model(pair.data).square().mean()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    assert_matches_eager(pair)  # type: ignore[arg-type]
+    assert paths(pair.optimizer) == ["first-step", "bucketed"]
+
+
+def test_state_dict_and_deepcopy_of_a_captured_optimizer() -> None:
+    pair = _Pair(lambda p: torch.optim.Adam(p, lr=1e-2))
+    for _ in range(2):
+        for optimizer, closure in zip((pair.eager, pair.optimizer), pair.closures(), strict=True):
+            optimizer.step(closure)
+    fresh = torch.optim.Adam(make_model().parameters(), lr=1e-2)
+    fresh.load_state_dict(pair.optimizer.state_dict())
+    torch.testing.assert_close(fresh.state_dict()["state"], pair.eager.state_dict()["state"])
+    twin = copy.deepcopy(pair.optimizer)
+    assert isinstance(twin, torch.optim.Adam)
+    torch.testing.assert_close(twin.state_dict()["state"], pair.eager.state_dict()["state"])
+
+
+def test_a_step_that_uses_its_closure_later_runs_uncompiled_and_says_so() -> None:
+    class TwoLook(torch.optim.SGD):
+        """Evaluates the closure twice (as SAM does): evaluating it once before the step would change it."""
+
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            loss = closure()
+            with torch.no_grad():
+                for p in self.param_groups[0]["params"]:
+                    p.mul_(0.5)
+            closure()
+            super().step()
+            return loss
+
+    assert not evaluates_closure_first(TwoLook.step)
+    pair = _Pair(lambda p: TwoLook(p, lr=0.1))
+    eager_closure, closure = pair.closures()
+    pair.eager.step(eager_closure)
+    with pytest.warns(RuntimeWarning, match="TwoLook.step uses its closure beyond evaluating it first"):
+        pair.optimizer.step(closure)
+    assert_matches_eager(pair)  # type: ignore[arg-type]
+
+
+def test_stock_closures_are_evaluated_first_except_lbfgs() -> None:
+    for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
+        assert evaluates_closure_first(cls.step), cls
+    assert not evaluates_closure_first(torch.optim.LBFGS.step)
+    with pytest.raises(optcapture.UnsupportedStepError, match="LBFGS"):
+        optcapture.capture(torch.optim.LBFGS(make_model().parameters()))
+
+
+def test_options_are_checked_at_capture_and_a_second_capture_must_agree() -> None:
+    optimizer = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    with pytest.raises(optcapture.OptionError, match="fallbak"):
+        optcapture.capture(optimizer, {"fallbak": "raise"})
+    assert type(optimizer) is torch.optim.SGD  # nothing changed
+    assert optcapture.capture(optimizer, {"fallback": "raise"}) is optimizer
+    assert optcapture.capture(optimizer, optcapture.CaptureConfig(fallback="raise")) is optimizer
+    with pytest.raises(optcapture.OptionError, match="captured with other options"):
+        optcapture.capture(optimizer)
+
+
+def test_a_captured_optimizer_is_freed() -> None:
+    pair = _Pair(lambda p: torch.optim.Adam(p, lr=1e-2))
+    for optimizer, closure in zip((pair.eager, pair.optimizer), pair.closures(), strict=True):
+        optimizer.step(closure)
+    ref = weakref.ref(pair.optimizer)
+    del pair, optimizer, closure
+    gc.collect()
+    assert ref() is None
