@@ -11,7 +11,8 @@ _check_torch_version()
 from optcapture.backend import optcapture_backend  # noqa: E402
 from optcapture.config import CaptureConfig  # noqa: E402
 from optcapture.errors import CaptureError, OptionError, UnsupportedStepError  # noqa: E402
-from optcapture.registry import CaptureReport, Stats, explain, reset, stats  # noqa: E402
+from optcapture.registry import CaptureReport, explain, reset, stats  # noqa: E402
+from optcapture.replay import Stats  # noqa: E402
 from optcapture.wrapping import capture  # noqa: E402
 
 __version__ = "0.1.0"

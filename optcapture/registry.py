@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Iterator, Mapping
 from typing import Literal
 
 import torch
@@ -17,7 +16,7 @@ from optcapture import errors
 from optcapture.config import CaptureConfig
 from optcapture.discovery import InputRole, StepGraph
 from optcapture.preparation import PreparedOptimizer
-from optcapture.replay import COUNTERS, Counters
+from optcapture.replay import COUNTERS, Stats
 
 Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
 """What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
@@ -64,44 +63,6 @@ class CaptureReport:
         return self.describe()
 
 
-@dataclasses.dataclass(frozen=True)
-class Stats(Mapping[str, int]):
-    """Process-wide counts since the last :func:`reset`, as :func:`stats` returns them (also readable as a dict:
-    ``stats()["steps"]``)."""
-
-    captures: int = 0
-    """Graphs of optimizer steps handed to optcapture by Dynamo."""
-    bucketed: int = 0
-    """Of those, captured as bucketed steps."""
-    per_tensor: int = 0
-    """Of those, compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
-    eager: int = 0
-    """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
-    first_steps: int = 0
-    """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
-    steps: int = 0
-    """Steps run by bucketed captures."""
-    grads_copied: int = 0
-    """Grads copied into flat storage by bucketed steps (CPU, or ``grads_in_place=False``)."""
-    grad_tables_written: int = 0
-    """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
-    rebuilds: int = 0
-    """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
-
-    def __getitem__(self, key: str) -> int:
-        if key not in _STAT_NAMES:
-            raise KeyError(key)
-        value: int = getattr(self, key)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(_STAT_NAMES)
-
-    def __len__(self) -> int:
-        return len(_STAT_NAMES)
-
-
-_STAT_NAMES = tuple(field.name for field in dataclasses.fields(Stats))
 
 _prepared: weakref.WeakKeyDictionary[torch.optim.Optimizer, PreparedOptimizer] = weakref.WeakKeyDictionary()
 _reports: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[CaptureReport]] = weakref.WeakKeyDictionary()
@@ -145,7 +106,7 @@ def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
 def stats() -> Stats:
     """Process-wide counts: captures, bucketed/per-tensor/eager paths, steps, grads copied, rebuilds (:class:`Stats`
     says what each counts)."""
-    return Stats(**COUNTERS.as_dict())
+    return dataclasses.replace(COUNTERS)
 
 
 def reset() -> None:
@@ -157,6 +118,5 @@ def reset() -> None:
     _prepared.clear()
     _reports.clear()
     errors.clear_warnings()
-    fresh = Counters()
-    for field in dataclasses.fields(Counters):
-        setattr(COUNTERS, field.name, getattr(fresh, field.name))
+    for field in dataclasses.fields(Stats):
+        setattr(COUNTERS, field.name, 0)

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,25 +31,44 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class Counters:
-    """Process-wide counts; :func:`optcapture.stats` returns a frozen copy (:class:`optcapture.Stats`, which says
-    what each one counts)."""
+class Stats(Mapping[str, int]):
+    """Process-wide counts since the last :func:`optcapture.reset`; :func:`optcapture.stats` returns a copy (also
+    readable as a dict: ``stats()["steps"]``). The one live instance, ``COUNTERS``, is written by the backend and
+    this stage."""
 
     captures: int = 0
+    """Graphs of optimizer steps handed to optcapture by Dynamo."""
     bucketed: int = 0
+    """Of those, captured as bucketed steps."""
     per_tensor: int = 0
+    """Of those, compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
     eager: int = 0
+    """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
     first_steps: int = 0
+    """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
     steps: int = 0
+    """Steps run by bucketed captures."""
     grads_copied: int = 0
+    """Grads copied into flat storage by bucketed steps (CPU, or ``grads_in_place=False``)."""
     grad_tables_written: int = 0
+    """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
     rebuilds: int = 0
+    """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
 
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+    def __getitem__(self, key: str) -> int:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        value: int = getattr(self, key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
 
 
-COUNTERS = Counters()
+COUNTERS = Stats()
 
 
 @dataclasses.dataclass

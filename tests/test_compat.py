@@ -222,3 +222,37 @@ def test_an_error_out_of_cuda_graph_recording_is_told_from_any_other() -> None:
         raise AssertionError("not while recording")
     assert not _compat.raised_while_recording_cuda_graph(elsewhere.value)
     assert not _compat.raised_while_recording_cuda_graph(RuntimeError("never raised, no traceback"))
+
+
+def test_a_backend_asking_to_skip_the_frame_gets_it_run_as_plain_python() -> None:
+    calls = []
+
+    def skipping(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        calls.append(_compat.frame_compiles())
+        raise _compat.skip_frame_request("test: run me uncompiled")
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x * 2 + 1
+
+    assert torch.equal(torch.compile(f, backend=skipping)(torch.ones(3)), torch.full((3,), 3.0))
+    (first,) = calls
+    assert first is not None and first[0] == 0 and first[1] >= 1  # the first compile of the frame, and the limit
+    assert _compat.frame_compiles() is None  # outside a compile
+
+
+def test_rewrap_scheduler_step_points_the_schedulers_wrapper_at_the_class() -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    assert not _compat.rewrap_scheduler_step(opt)  # no scheduler yet
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    seen = []
+
+    class Marked(torch.optim.SGD):
+        def step(self, closure: object = None) -> None:  # type: ignore[override]
+            seen.append(self)
+
+    opt.__class__ = Marked
+    assert _compat.rewrap_scheduler_step(opt)
+    opt._opt_called = False  # type: ignore[attr-defined]
+    opt.step()
+    assert seen == [opt] and opt._opt_called is True  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ class GroupStepAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             group["step"] = group["step"] + 1 if "step" in group else 1
             b1, b2 = group["betas"]
-            bc1, bc2 = 1 - b1 ** group["step"], 1 - b2 ** group["step"]
+            bc1, bc2 = self.bias_corrections(b1, b2, group["step"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -34,26 +34,18 @@ class GroupStepAdam(torch.optim.Optimizer):
                 denom = (st["v"].sqrt() / math.sqrt(bc2)).add_(group["eps"])
                 p.addcdiv_(st["m"], denom, value=-group["lr"] / bc1)
 
+    @staticmethod
+    def bias_corrections(b1: float, b2: float, step: int) -> tuple[float, float]:
+        return 1 - b1**step, 1 - b2**step
+
 
 class MathPowAdam(GroupStepAdam):
     """GroupStepAdam computing its bias corrections with ``math.pow`` (pytorch_optimizer's ``debias``): Dynamo
     specializes the count at every value, so the step compiles again at every step, with any backend."""
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            group["step"] = group["step"] + 1 if "step" in group else 1
-            b1, b2 = group["betas"]
-            bc1, bc2 = 1 - math.pow(b1, group["step"]), 1 - math.pow(b2, group["step"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if len(st) == 0:
-                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                st["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
-                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                p.addcdiv_(st["m"], (st["v"].sqrt() / math.sqrt(bc2)).add_(group["eps"]), value=-group["lr"] / bc1)
+    @staticmethod
+    def bias_corrections(b1: float, b2: float, step: int) -> tuple[float, float]:
+        return 1 - math.pow(b1, step), 1 - math.pow(b2, step)
 
 
 class GlobalCounterSGD(torch.optim.Optimizer):
