@@ -28,7 +28,7 @@ POINTWISE = frozenset(
     gt le lerp log log1p logical_and logical_not logical_or lt maximum minimum mul ne neg pow reciprocal
     rsqrt sgn sigmoid sign sqrt square sub tanh to true_divide where zero float double half bfloat16
     iadd isub imul itruediv truediv floordiv mod full_like zeros_like ones_like conj conj_physical resolve_conj
-    resolve_neg _get_data_attr""".split()
+    resolve_neg _get_data_attr masked_fill nan_to_num clip type_as""".split()
 )
 # Ops allowed only where no lane flows in: they compute one value shared by every lane from hyperparameters,
 # numbers and the step's own counters (``bias_correction = 1 - beta1 ** step``, ``math.sqrt(...)`` on a number

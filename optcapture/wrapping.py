@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from optcapture import _compat
+from optcapture import _compat, registry
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.errors import OptionError, UnsupportedStepError, warn_once
 
@@ -56,6 +56,14 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     if isinstance(optimizer, torch.optim.LBFGS):
         raise UnsupportedStepError("LBFGS re-evaluates its closure inside step() (line search): its step cannot be "
                                    "compiled as one; step it eagerly")
+    fused = [g for g, group in enumerate(optimizer.param_groups) if group.get("fused")]
+    if fused:
+        # torch.optim's fused step never reaches a backend (Dynamo runs it as is): say so now, not never.
+        reason = (f"param group(s) {fused} of {type(optimizer).__name__} use fused=True: its step is one fused kernel "
+                  "already and runs as it is, uncompiled")
+        if config.fallback == "raise":
+            raise UnsupportedStepError(reason)
+        warn_once(reason)
     current = type(optimizer)
     base: type = getattr(current, "_optcapture_base", current)
     if base is not current and getattr(current, "_optcapture_config", None) != config:
@@ -82,7 +90,9 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             compiled = _compiled[self] = torch.compile(base_step, backend="optcapture",
                                                        options=dataclasses.asdict(config))
         if closure is None:
-            return compiled(self)
+            result = compiled(self)
+            _say_if_never_seen(self, base)
+            return result
         if not closure_first:
             warn_once(f"{base.__name__}.step uses its closure beyond evaluating it first; steps given a closure run "
                       "uncompiled")
@@ -90,6 +100,7 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         with torch.enable_grad():
             loss = closure()
         compiled(self)
+        _say_if_never_seen(self, base)
         return loss
 
     cls = type(base.__name__, (base,), {"step": step, "_optcapture_base": base, "_optcapture_config": config,
@@ -99,6 +110,14 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
 
 
 # torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).
+def _say_if_never_seen(optimizer: torch.optim.Optimizer, base: type) -> None:
+    """A compiled step Dynamo ran without handing optcapture any graph of it (a graph break around everything, a
+    frame Dynamo skips: Adafactor's ``.item()`` on torch 2.13) ran uncompiled: said once, after its first call."""
+    if not registry.explain(optimizer):
+        warn_once(f"Dynamo handed optcapture no graph of the step of {base.__name__}: it ran uncompiled, as plain "
+                  "Python (TORCH_LOGS=graph_breaks says why)")
+
+
 _ALLOWED_BEFORE_CLOSURE = frozenset({"_cuda_graph_capture_health_check", "_accelerator_graph_capture_health_check"})
 
 

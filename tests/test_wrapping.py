@@ -137,3 +137,23 @@ def test_a_captured_optimizer_is_freed() -> None:
     del pair, optimizer, closure
     gc.collect()
     assert ref() is None
+
+
+def test_a_step_dynamo_never_hands_over_is_said_and_fused_is_said_at_capture() -> None:
+    # Adafactor breaks its graph at step_t.item() (torch 2.13): no backend sees its step, which ran uncompiled.
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    p.grad = torch.ones(4, 4)
+    adafactor = optcapture.capture(torch.optim.Adafactor([p], lr=0.01))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adafactor.step()
+    said = [w for w in caught if "Dynamo handed optcapture no graph of the step of Adafactor" in str(w.message)]
+    # Said exactly when optcapture saw nothing of it (torch 2.13 breaks the graph; other versions may differ).
+    assert len(said) == (0 if optcapture.explain(adafactor) else 1)
+    if torch.__version__.startswith("2.13"):
+        assert len(said) == 1
+    fused = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.warns(RuntimeWarning, match=r"param group\(s\) \[0\] of AdamW use fused=True"):
+        optcapture.capture(torch.optim.AdamW(fused, fused=True))
+    with pytest.raises(optcapture.UnsupportedStepError, match="fused=True"):
+        optcapture.capture(torch.optim.AdamW(fused, fused=True), {"fallback": "raise"})

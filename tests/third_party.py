@@ -2,11 +2,15 @@
 
 A helper module, not a test file (pytest does not collect it). Each optimizer steps an eager copy and a
 ``torch.compile(opt.step, backend=...)`` copy of the same small model on the same grads; params and the whole
-optimizer state are then compared. From the command line every optimizer runs in its own subprocess::
+optimizer state are then compared. From the command line every optimizer runs in its own subprocess (all the
+backends of one optimizer in one process, optcapture first; a backend that crashes or times out gets an error
+result and the next backend runs in a new process)::
 
     python tests/third_party.py --out .probe/survey.json                  # everything, optcapture + inductor
     python tests/third_party.py --only Lion --only timm.Adan --backends optcapture
-    python tests/third_party.py --one pytorch_optimizer.Lion --backend optcapture   # one JSON line
+    python tests/third_party.py --list                                    # what is found, kwargs, exclusions
+    python tests/third_party.py --optcapture DIR --budget 2700 --out F    # optcapture from DIR; stop after 45 min
+    python tests/third_party.py --one pytorch_optimizer.Lion --backend optcapture,inductor   # JSON lines
 
 timm is loaded without importing ``timm`` itself (its ``__init__`` imports torchvision): see
 :func:`timm_optimizers`.
