@@ -71,7 +71,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 
 def _say_if_recompiling_every_step(step: StepGraph) -> None:
     """Dynamo compiles a step again whenever a guard fails; past its recompile limit it runs the step uncompiled,
-    calling no backend, so optcapture could not say so then: it says so at the third compile of a step's frame.
+    calling no backend, so optcapture could not say so then: it says so at the fourth compile of a step's frame.
     What often does it: an int the step counts in its param groups passed to a math function
     (``math.pow(beta, group["step"])``, pytorch_optimizer), which Dynamo specializes at every value."""
     compiles = _compat.frame_compiles()

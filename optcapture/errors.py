@@ -51,7 +51,8 @@ def user_stacklevel() -> int:
 
 def warn_once(reason: str, key: str | None = None) -> None:
     """Warn about ``reason`` the first time it is seen in this process, at the user's line; always log it. ``key``:
-    the text of another warning that says this one too (it is then not said again, nor this one after it)."""
+    what several warnings share (another warning's text, or a name of its own): once one of them was said, the
+    others are not."""
     log.info("fallback: %s", reason)
     message = f"optcapture: {reason}"
     if message not in _warned and key not in _warned:
