@@ -325,6 +325,37 @@ def compile_with_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], p
         return compile_fx(gm, example_inputs, config_patches={**patches, "fx_graph_cache": False})
 
 
+def trace_without_running(fn: Callable[..., Any], args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
+    """``fn`` traced to an ATen graph over fake copies of ``args`` (``make_fx``): nothing runs, no Dynamo frame.
+    In-place writes to ``args`` stay in the graph; Inductor's AOT stage turns them into writes back into the inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.no_grad(), _vmap_fallback_disabled():
+        return make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=False)(*args)
+
+
+@contextlib.contextmanager
+def _vmap_fallback_disabled() -> Iterator[None]:
+    """vmap raises on an op without a batching rule instead of running it once per batch member (its fallback,
+    aten/src/ATen/functorch/BatchedFallback.cpp): a traced batch then has a kernel per member, not per batch."""
+    functorch = torch._C._functorch
+    enabled = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        functorch._set_vmap_fallback_enabled(enabled)
+
+
+@contextlib.contextmanager
+def outside_dynamo_tracing() -> Iterator[None]:
+    """No Dynamo tracing context while a backend compiles a program of its own: ``compile_fx`` would otherwise take
+    the frame's fake mode and shape environment (``detect_fake_mode`` reads the tracing context first) and issue
+    guards for symbols that frame never had."""
+    with torch._guards.tracing(None):
+        yield
+
+
 def reads_python_floats(gm: torch.fx.GraphModule) -> bool:
     """Whether Dynamo passes ``gm`` a Python float as an input (as a 0-dim tensor it takes ``item()`` of)."""
     return any(getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False)

@@ -12,12 +12,12 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from optcapture import _compat, bucketing, lowering, preparation, registry
+from optcapture import _compat, bucketing, lane_batches, lowering, preparation, registry
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
@@ -59,7 +59,9 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     COUNTERS.captures += 1
     if step.optimizer is not None and not step.blockers and not step.lazy_state:
         try:
-            return _capture(step, gm, config, tracer, began)
+            if step.update == "lane-local":
+                return _capture_batches(step, gm, example_inputs, config, began)
+            return _capture(step, gm, example_inputs, config, tracer, began)
         except CaptureError as error:
             step.blockers.append(str(error))
     try:
@@ -215,7 +217,8 @@ def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
     return traced
 
 
-def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, began: float,
+def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: CaptureConfig,
+             tracer: Any, began: float,
              required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
@@ -225,11 +228,89 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, t
     tables = _grad_tables(step, runs, flats, config)
     if tables:
         try:
-            return _capture_runs(step, gm, config, tracer, began, required_hypers, prepared, flats, runs, tables)
+            return _capture_runs(step, gm, example_inputs, config, tracer, began, required_hypers, prepared, flats,
+                                 runs, tables)
         except Exception as error:  # noqa: BLE001 - any failure of the in-place form: capture with grad copies
             log.info("grads are copied into flat storage for this capture: in-place grads failed (%s: %s)",
                      type(error).__name__, error)
-    return _capture_runs(step, gm, config, tracer, began, required_hypers, prepared, flats, runs, [])
+    return _capture_runs(step, gm, example_inputs, config, tracer, began, required_hypers, prepared, flats, runs, [])
+
+
+def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any], config: CaptureConfig,
+                     began: float) -> CapturedStep:
+    """A lane-local update (not elementwise): params of one shape stepped as one vmapped batch
+    (:mod:`optcapture.lane_batches`). Grads are copied into flat storage; float hyperparameters stay the real
+    graph's constants, guarded by Dynamo as stock ``torch.compile`` guards them."""
+    optimizer = step.optimizer
+    assert optimizer is not None and step.lane_report is not None
+    reason = step.lane_report.reason
+    try:
+        prepared = registry.prepared_for(optimizer, config)
+        flats = preparation.prepare(step, prepared)
+        batches = lane_batches.plan_batches(step, flats)
+        batched = lane_batches.build_batched_step(step, gm, example_inputs, flats, batches)
+        lowered = lowering.lower_batched(batched.call, batched.inputs, config, batches[0].key.device)
+    except _compat.restart_errors():
+        raise
+    except Exception as error:  # noqa: BLE001 - refused before any of the step ran: the per-tensor graph runs
+        raise CaptureError(f"the update is not elementwise ({reason}) and batching params of one shape failed "
+                           f"({type(error).__name__}: {error})") from None
+    runs = [bucketing.Run(b.key, b.positions, b.start, b.end) for b in batches]
+    optimizer_ref = weakref.ref(optimizer)
+    output = _outputs(gm)
+
+    def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
+        try:
+            changed = changed_since_traced(step)
+            if changed is not None:
+                raise CaptureError(changed)
+            return _capture_batches(step, gm, list(args), config, time.perf_counter())
+        except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
+            return _stepping_eagerly_after(error, step, optimizer_ref, config, output)
+
+    report = registry.record(step, "bucketed", [], runs=len(runs), seconds=time.perf_counter() - began,
+                             kernels=lowered.kernels, grads="copied", batches=len(batches))
+    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report),
+                 _grad_bindings(step, gm, flats), rebuild, [],
+                 bucketing.frozen_hypers(optimizer, runs, set()), runs_share_scalars=False,
+                 grads_written=batched.writes_grads, held_inputs=_held_inputs(step, gm, example_inputs))
+    COUNTERS.bucketed += 1
+    log.info("captured %s (lane-local update): %d batch(es) of one shape over %d bucket(s)", type(optimizer).__name__,
+             len(batches), len(step.buckets))
+    return CapturedStep(optimizer, live, output)
+
+
+# Not "hyper": a tensor in a param group is checked by identity (frozen_hypers), and a float Dynamo passes as a tensor
+# is a new tensor at every call.
+_HELD_ROLES = frozenset({"param", "state", "scalar_state", "global_state"})
+
+
+def _held_inputs(step: StepGraph, gm: torch.fx.GraphModule,
+                 example_inputs: Sequence[Any]) -> list[tuple[int, torch.Tensor]]:
+    """(index, tensor) of each graph input the capture reads from where it lies now (not a grad, which moves)."""
+    roles = {role.node: role for role in step.roles}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [(index, example_inputs[index]) for index, node in enumerate(placeholders)
+            if index < len(example_inputs) and isinstance(example_inputs[index], torch.Tensor)
+            and (role := roles.get(node.name)) is not None and role.kind in _HELD_ROLES]
+
+
+def _grad_bindings(step: StepGraph, gm: torch.fx.GraphModule,
+                   flats: dict[BucketKey, preparation.FlatGroup]) -> list[GradBinding]:
+    """Where each grad input of ``gm`` is copied to in flat storage."""
+    optimizer = step.optimizer
+    assert optimizer is not None
+    bindings = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roles = {role.node: role for role in step.roles}
+    for index, node in enumerate(placeholders):
+        role = roles.get(node.name)
+        if role is not None and role.kind == "grad":
+            assert role.group is not None and role.param_index is not None
+            p = optimizer.param_groups[role.group]["params"][role.param_index]
+            flat = flats[BucketKey(role.group, p.device, p.dtype)]
+            bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
+    return bindings
 
 
 def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
@@ -254,7 +335,8 @@ def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketK
     return [preparation.GradTable(flats[run.key], run.positions, config.align_elements) for run in runs]
 
 
-def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig, tracer: Any, began: float,
+def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: CaptureConfig,
+                  tracer: Any, began: float,
                   required_hypers: frozenset[tuple[int, str]], prepared: preparation.PreparedOptimizer,
                   flats: dict[BucketKey, preparation.FlatGroup], runs: list[bucketing.Run],
                   tables: list[preparation.GradTable]) -> CapturedStep:
@@ -287,16 +369,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
         dropped = _compat.drop_guards(tracer, lambda name: _is_hyper_source(name, tensor_hypers))
         log.info("no recompile on changes of %s", dropped)
 
-    bindings = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    roles = {role.node: role for role in step.roles}
-    for index, node in enumerate(placeholders):
-        role = roles.get(node.name)
-        if role is not None and role.kind == "grad":
-            assert role.group is not None and role.param_index is not None
-            p = optimizer.param_groups[role.group]["params"][role.param_index]
-            flat = flats[BucketKey(role.group, p.device, p.dtype)]
-            bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
+    bindings = _grad_bindings(step, gm, flats)
     arg_of = {(b.flat.key, b.position): b.arg_index for b in bindings}
     grad_tables = [(table, [arg_of[(run.key, j)] for j in run.positions])
                    for table, run in zip(tables, runs if tables else [], strict=True)]
@@ -304,12 +377,12 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
-    def rebuild() -> Callable[..., Any]:
+    def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
         try:
             changed = changed_since_traced(step)
             if changed is not None:
                 raise CaptureError(changed)
-            return _capture(step, gm, config, None, time.perf_counter(), frozenset(tensor_hypers))
+            return _capture(step, gm, args, config, None, time.perf_counter(), frozenset(tensor_hypers))
         except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
             return _stepping_eagerly_after(error, step, optimizer_ref, config, output)
 
@@ -319,7 +392,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConf
                              grads="in place" if tables else "copied")
     live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report), bindings,
                  rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
-                 grad_tables, shadow.mirrored)
+                 grad_tables, shadow.mirrored, held_inputs=_held_inputs(step, gm, example_inputs))
     captured = CapturedStep(optimizer, live, output)
     COUNTERS.bucketed += 1
     log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 _HYPER_SOURCE = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\](?:\[(\d+)\])?$")
 
 
+UpdateKind = Literal["elementwise", "lane-local"]
+"""``elementwise``: each element of a param is updated from the same element of its tensors (flat runs);
+``lane-local``: each param is updated from its own tensors alone, reductions included (batches of one shape)."""
 RoleKind = Literal["param", "grad", "state", "scalar_state", "hyper", "global_state", "other"]
 
 
@@ -92,6 +95,14 @@ class StepGraph:
     lazy_state: bool = False
     """The first step of an optimizer that creates its state inside ``step()``: this call runs the graph as traced
     (the state it creates changes the guards) and the next call is captured."""
+
+    @property
+    def update(self) -> UpdateKind | None:
+        """How the update reads its tensors, when it can be bucketed at all (see :mod:`optcapture.lanes`)."""
+        report = self.lane_report
+        if report is None:
+            return None
+        return "elementwise" if report.elementwise else "lane-local" if report.lane_local else None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -370,9 +381,9 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             report = lanes.analyze(gm, lane_inputs, shapes)
         except Exception as error:  # noqa: BLE001 - a graph the analysis did not foresee: not bucketed, said once
             report = lanes.LaneReport(False, f"the analysis failed ({type(error).__name__}: {error})", {})
-        if not report.elementwise:
+        if not report.elementwise and not report.lane_local:
             blockers.append(f"the update is not provably elementwise: {report.reason}")
-        else:
+        elif report.elementwise:
             for bucket in buckets:
                 programs = {report.programs[(bucket.key.group, i)] for i in bucket.members}
                 if len(programs) != 1:

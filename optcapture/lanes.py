@@ -6,7 +6,11 @@ bucket, which is what makes it legal to run it once over flat storage (issue #4)
 Invariant: :func:`analyze` only reports ``elementwise=True`` when every op touching a lane is
 on the pointwise allowlist, no op mixes two lanes, every lane value has its param's shape (or
 is a 0-dim scalar), and so each lane's event list is a complete description of its update.
-Anything it does not understand makes it return ``elementwise=False`` with the reason.
+It reports ``lane_local=True`` (an update that may reduce or multiply within a param, like LAMB's trust
+ratio or Muon's Newton-Schulz iteration) only when no op mixes two lanes, no op writes into a value shared
+by all lanes, no op draws random numbers and every lane op is a single-tensor op: each lane's update is
+then a function of that lane's tensors and the shared values alone (:func:`lane_program` extracts it).
+Anything it does not understand makes it return both False with the reason.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ SHARED_ONLY = frozenset(
 )
 # Ops that produce nothing per element: allowed anywhere, they are recorded but never block.
 NEUTRAL = frozenset({"_set_grad_enabled", "getitem", "item", "record_function", "_record_function_enter_new"})
+# Foreach ops that are not pointwise but reduce each list item on its own (``_foreach_norm``).
+FOREACH_LANE_LOCAL = frozenset({"norm"})
+# Ops that draw from a random generator: eager draws once per param, a batched program once per batch.
+RANDOM = frozenset("""bernoulli dropout exponential geometric multinomial normal poisson rand rand_like randint
+    randint_like randn randn_like randperm uniform""".split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +60,12 @@ class LaneReport:
     reason: str
     programs: Mapping[LaneId, tuple[Hashable, ...]]
     """Per lane, its events in graph order; equal tuples mean the same update program."""
+    lane_local: bool = False
+    """Every lane's update reads only its own tensors and shared values (true of every elementwise update)."""
+    lane_of: Mapping[str, LaneId | None] = dataclasses.field(default_factory=dict)
+    """Graph node name -> the lane it computes, or None for a value shared by all lanes (when ``lane_local``)."""
+    foreach_lanes: Mapping[str, tuple[LaneId | None, ...]] = dataclasses.field(default_factory=dict)
+    """Foreach node name -> the lane of each position of its lists (when ``lane_local``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +125,9 @@ class _Analyzer:
         self.shapes = shapes
         self.values: dict[Node, Any] = {}
         self.programs: dict[LaneId, list[Hashable]] = {lane: [] for lane in shapes}
+        self.not_elementwise: str | None = None  # why not, once seen; the analysis goes on for lane locality
+        self.foreach_beyond_pointwise = False
+        self.foreach_lanes: dict[str, tuple[LaneId | None, ...]] = {}
         for node, (lane, name) in inputs.items():
             self.values[node] = _Shared(("in", name)) if lane is None else _LaneValue(lane, ("in", name))
 
@@ -145,9 +163,13 @@ class _Analyzer:
         constant: Hashable = value
         return constant
 
+    def _not_elementwise(self, reason: str) -> None:
+        if self.not_elementwise is None:
+            self.not_elementwise = reason
+
     def _check_shape(self, lane: LaneId, example: Any) -> None:
         if isinstance(example, torch.Tensor) and example.dim() != 0 and example.shape != self.shapes[lane]:
-            raise _Reject(f"a value of param {lane} has shape {tuple(example.shape)}, not the param's")
+            self._not_elementwise(f"a value of param {lane} has shape {tuple(example.shape)}, not the param's")
 
     def _emit(self, lane: LaneId | None, event: Hashable, example: Any) -> Any:
         if lane is None:
@@ -157,6 +179,16 @@ class _Analyzer:
         program = self.programs[lane]
         program.append(event)
         return _LaneValue(lane, ("v", len(program)))
+
+    def lane_of(self) -> dict[str, LaneId | None]:
+        """Node name -> its lane, or None for shared values; foreach results (lists) are left out."""
+        found: dict[str, LaneId | None] = {}
+        for node, value in self.values.items():
+            if isinstance(value, _LaneValue):
+                found[node.name] = value.lane
+            elif isinstance(value, _Shared):
+                found[node.name] = None
+        return found
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -181,21 +213,27 @@ class _Analyzer:
                 return value.items[index]
         args = [self._value(a) for a in node.args]
         kwargs = {k: self._value(v) for k, v in node.kwargs.items()}
+        touched: set[LaneId] = set()
+        for value in (*args, *kwargs.values()):
+            self._lanes_in(value, touched)
+        if base in RANDOM and touched:
+            raise _Reject(f"op {name!r} draws random numbers for each param")
         if base not in POINTWISE and base not in NEUTRAL:
-            touched: set[LaneId] = set()
-            for value in (*args, *kwargs.values()):
-                self._lanes_in(value, touched)
-            if touched or (base not in SHARED_ONLY and name not in SHARED_ONLY):
-                raise _Reject(f"op {name!r} is not elementwise")
+            if touched:
+                self._not_elementwise(f"op {name!r} is not elementwise")
+                self.foreach_beyond_pointwise |= name.startswith("_foreach_") and base not in FOREACH_LANE_LOCAL
+            elif base not in SHARED_ONLY and name not in SHARED_ONLY:
+                raise _Reject(f"op {name!r} is not elementwise and computes no per-param value")
+        if touched and _writes_first_argument(node, name) and node.args and not isinstance(
+                self._value(node.args[0]), (_LaneValue, _List)):
+            # E.g. ``total.add_(p.grad.norm())``: a value shared by all params accumulates every param's.
+            raise _Reject(f"op {name!r} writes a per-param value into a value shared by all params")
         example = node.meta.get("example_value")
         if name.startswith("_foreach_"):
             return self._foreach(node, base, args, kwargs, example)
-        lanes: set[LaneId] = set()
-        for value in (*args, *kwargs.values()):
-            self._lanes_in(value, lanes)
-        if len(lanes) > 1:
-            raise _Reject(f"op {name!r} mixes params {sorted(lanes)}")
-        lane = next(iter(lanes)) if lanes else None
+        if len(touched) > 1:
+            raise _Reject(f"op {name!r} mixes params {sorted(touched)}")
+        lane = next(iter(touched)) if touched else None
         event = (name, tuple(self._canon(a, lane) for a in args),
                  tuple(sorted((k, self._canon(v, lane)) for k, v in kwargs.items())))
         return self._emit(lane, event, example)
@@ -205,7 +243,12 @@ class _Analyzer:
         if len(lengths) != 1:
             raise _Reject(f"foreach op {node.target} has lists of different lengths")
         (length,) = lengths
+        if base in ("addcmul", "addcdiv") and len(node.args) > 3 and not isinstance(args[3], _List) \
+                and isinstance(_example(node.args[3]), torch.Tensor):
+            # The ScalarList-as-tensor overload: one scalar per position, not one value for all.
+            raise _Reject(f"foreach op {node.target} takes one scalar per param from a tensor")
         outputs = []
+        lanes_at: list[LaneId | None] = []
         for j in range(length):
             def at(value: Any, j: int = j) -> Any:
                 return value.items[j] if isinstance(value, _List) else value
@@ -217,11 +260,22 @@ class _Analyzer:
             if len(lanes) > 1:
                 raise _Reject(f"foreach op {node.target} mixes params {sorted(lanes)} at position {j}")
             lane = next(iter(lanes)) if lanes else None
+            lanes_at.append(lane)
             event = ("foreach." + base, tuple(self._canon(a, lane) for a in pos_args),
                      tuple(sorted((k, self._canon(v, lane)) for k, v in pos_kwargs.items())))
             item_example = example[j] if isinstance(example, (list, tuple)) and len(example) > j else None
             outputs.append(self._emit(lane, event, item_example))
+        self.foreach_lanes[node.name] = tuple(lanes_at)
         return _List(tuple(outputs))
+
+
+def _example(arg: Any) -> Any:
+    return arg.meta.get("example_value") if isinstance(arg, Node) else arg
+
+
+def _writes_first_argument(node: Node, name: str) -> bool:
+    """An in-place op (``add_``, ``_foreach_mul_``, ``copy_``) or one with ``out=``."""
+    return (name.endswith("_") and not name.startswith("__")) or "out" in node.kwargs
 
 
 def analyze(gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],
@@ -238,4 +292,10 @@ def analyze(gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],
     except _Reject as rejection:
         return LaneReport(False, str(rejection), {})
     programs = {lane: tuple(events) for lane, events in analyzer.programs.items()}
-    return LaneReport(True, "", programs)
+    if analyzer.not_elementwise is None:
+        return LaneReport(True, "", programs, lane_local=True, lane_of=analyzer.lane_of(),
+                          foreach_lanes=analyzer.foreach_lanes)
+    if analyzer.foreach_beyond_pointwise:
+        return LaneReport(False, f"{analyzer.not_elementwise} (in a foreach op)", programs)
+    return LaneReport(False, analyzer.not_elementwise, programs, lane_local=True, lane_of=analyzer.lane_of(),
+                      foreach_lanes=analyzer.foreach_lanes)

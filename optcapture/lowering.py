@@ -308,6 +308,22 @@ def _log_inputs(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
             log.debug("  shadow input %s: %s", node.name, what)
 
 
+def lower_batched(call: Callable[..., None], inputs: Sequence[torch.Tensor], config: CaptureConfig,
+                  device: torch.device) -> LoweredShadow:
+    """The batched-lanes step (:mod:`optcapture.lane_batches`) traced to an ATen graph without running it and
+    compiled by Inductor now, at capture. Steps call the compiled graph directly on ``inputs`` (flat buffers and
+    the tensors the step shares), whose addresses stay fixed: no Dynamo frame, no guards. Not under CUDA graphs."""
+    with _compat.outside_dynamo_tracing():
+        gm = _compat.trace_without_running(call, inputs)
+        compiled, count = _compile(gm, list(inputs), inductor_patches(config, device, cudagraphs=False), None)
+    arguments = tuple(inputs)
+
+    def step() -> None:
+        compiled(*arguments)
+
+    return LoweredShadow(step, count)
+
+
 def lower_graph(gm: torch.fx.GraphModule, example_inputs: list[Any], config: CaptureConfig) -> Callable[..., Any]:
     """The per-tensor graph compiled by Inductor, without CUDA graphs (they would copy every grad)."""
     devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}

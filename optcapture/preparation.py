@@ -285,6 +285,12 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
 def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: int) -> FlatGroup:
     group = optimizer.param_groups[key.group]["params"]
     indices = [i for i, p in enumerate(group) if p.device == key.device and p.dtype == key.dtype and bucketable(p)]
+    # Params of one shape lie next to each other, at one stride: a lane-local update (LAMB, Muon) views them as one
+    # [k, *shape] batch (optcapture.lane_batches). Elementwise runs do not care about the order.
+    kind_of_shape: dict[torch.Size, int] = {}
+    for i in indices:
+        kind_of_shape.setdefault(group[i].shape, len(kind_of_shape))
+    indices.sort(key=lambda i: kind_of_shape[group[i].shape])
     params = [group[i] for i in indices]
     offsets, total = [], 0
     for p in params:

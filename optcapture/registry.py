@@ -49,10 +49,14 @@ class CaptureReport:
     """Time optcapture spent after Dynamo handed over the graph: the backend plus the first compile."""
     grads: str = ""
     """Bucketed captures: "in place" (read through a grad table, no copy) or "copied" (into flat storage)."""
+    batches: int = 0
+    """Bucketed captures of a lane-local update (per-param norms: LAMB, LARS; matrices: Muon): how many batches of
+    same-shape params the step runs on, each as one vmapped program (0 for elementwise updates, which use runs)."""
 
     def describe(self) -> str:
         grads = f", grads {self.grads}" if self.grads else ""
-        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} flat run(s){grads}, "
+        layout = f"{self.batches} same-shape batch(es)" if self.batches else f"{self.runs} flat run(s)"
+        lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {layout}{grads}, "
                  f"{self.seconds:.1f} s)"]
         lines += [f"  bucket {b}" for b in self.buckets]
         lines += [f"  hyperparameter in a device tensor: {h}" for h in self.tensor_hyperparameters]
@@ -77,13 +81,14 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
 
 
 def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
-           kernels: int | None = 0, seconds: float = 0.0, grads: str = "") -> CaptureReport:
+           kernels: int | None = 0, seconds: float = 0.0, grads: str = "", batches: int = 0) -> CaptureReport:
     report = CaptureReport(
         optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
         path=path, reasons=tuple(reasons), roles=tuple(step.roles),
         buckets=tuple(f"group {b.key.group} {b.key.device} {b.key.dtype}: {len(b.members)} tensors, {b.numel} elements"
                       for b in step.buckets),
-        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels or 0, seconds=seconds, grads=grads)
+        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels or 0, seconds=seconds, grads=grads,
+        batches=batches)
     if step.optimizer is not None:
         _reports.setdefault(step.optimizer, []).append(report)
     return report

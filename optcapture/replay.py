@@ -83,12 +83,25 @@ class _Live:
 
     def __init__(self, prepared: PreparedOptimizer, flats: dict[BucketKey, FlatGroup], runs: list[Run],
                  compiled: Callable[[], Callable[[], None] | None], grad_bindings: Sequence[GradBinding],
-                 rebuild: Callable[[], Callable[..., Any]],
+                 rebuild: Callable[[Sequence[Any]], Callable[..., Any]],
                  run_scalars: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
                  frozen_hypers: dict[tuple[int, str], Any],
                  grad_tables: Sequence[tuple[GradTable, list[int]]] = (),
-                 mirrored: Sequence[tuple[dict[str, Any], int, frozenset[str]]] = ()) -> None:
+                 mirrored: Sequence[tuple[dict[str, Any], int, frozenset[str]]] = (),
+                 runs_share_scalars: bool = True, grads_written: bool = False,
+                 held_inputs: Sequence[tuple[int, torch.Tensor]] = ()) -> None:
         self.prepared = prepared
+        # (graph input index, tensor) of every input the capture reads from its own storage (params, state, tensor
+        # hyperparameters): Dynamo guards a user optimizer's state tensors by metadata, not identity, so after
+        # ``load_state_dict`` it hands the capture new tensors of the same shape; their addresses tell.
+        self.pick_held = _picker([index for index, _ in held_inputs])
+        self.held_ptrs = [tensor.data_ptr() for _, tensor in held_inputs]
+        # The step writes into its grads (NovoGrad divides them by their norm): eager leaves them written, so the
+        # copies the step wrote are copied back into the user's grads after it.
+        self.grads_written = grads_written
+        # Runs of an elementwise update step one copy of their members' scalar state, which must be equal; a batch
+        # of a lane-local update steps each member's own.
+        self.runs_share_scalars = runs_share_scalars
         self.frozen_hypers = frozen_hypers
         # (shadow param group, real group index, keys the shadow holds its own way): the rest is written into the
         # shadow before each step (:attr:`optcapture.bucketing.ShadowStep.mirrored`).
@@ -205,10 +218,10 @@ class CapturedStep:
         live = cell.live
         if live is None:
             raise RuntimeError("optcapture: this captured step belongs to an optimizer that no longer exists")
-        if not self._storage_is_current(live):
+        if not self._storage_is_current(live) or not _compat.data_ptrs_equal(live.pick_held(args), live.held_ptrs):
             COUNTERS.rebuilds += 1
             log.info("captured storage was replaced (load_state_dict, new state or p.data=...): rebuilding")
-            cell.replacement = live.rebuild()
+            cell.replacement = live.rebuild(args)
             cell.live = None  # the old flat storage, shadow and CUDA graph: the replacement does not use them
             return cell.replacement(*args)
         self._bind_grads(live, args)
@@ -219,6 +232,9 @@ class CapturedStep:
                 if key not in own:
                     shadow_group[key] = value
         replacement = live.compiled()
+        if live.grads_written and replacement is None and live.grad_homes:
+            with torch.no_grad():
+                torch._foreach_copy_(list(live.pick_grads(args)), live.grad_homes)
         COUNTERS.steps += 1
         if replacement is not None:
             # The capture gave up (and stepped eagerly this once): its replacement runs from the next step on.
@@ -248,7 +264,7 @@ class CapturedStep:
         # Another capture (another grad pattern) ran since ours, or the scalar state was written outside any
         # capture (an eager ``opt.step()``, a reset counter): members of one of our runs may have been stepped a
         # different number of times. Reading the counters syncs, but only here.
-        for run in live.runs:
+        for run in live.runs if live.runs_share_scalars else ():
             flat = live.flats[run.key]
             for vector in flat.scalars.values():
                 values = vector[run.positions[0]:run.positions[-1] + 1]

@@ -89,7 +89,7 @@ def paths(optimizer: torch.optim.Optimizer) -> list[str]:
 
 
 class NormalizedSGD(torch.optim.Optimizer):
-    """Divides each update by the tensor's norm: a per-tensor reduction, so never bucketed."""
+    """Divides each update by the tensor's norm: a per-tensor reduction (lane-local: bucketed in same-shape batches)."""
 
     def __init__(self, params: Any, lr: float = 0.1) -> None:
         super().__init__(params, {"lr": lr})
@@ -99,6 +99,22 @@ class NormalizedSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.add_(p.grad / (p.grad.norm() + 1e-8), alpha=-group["lr"])
+
+
+class GlobalNormSGD(torch.optim.Optimizer):
+    """Divides every update by the norm of all grads together: a reduction across params, so never bucketed."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad / (total + 1e-8), alpha=-group["lr"])
 
 
 def squared_loss_closure(model: nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor) -> Callable[[], Any]:

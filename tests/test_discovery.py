@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from helpers import NormalizedSGD
+from helpers import GlobalNormSGD, NormalizedSGD
 
 from optcapture.discovery import StepGraph, discover
 
@@ -77,9 +77,16 @@ class ShapeDependentSGD(torch.optim.Optimizer):
                 p.add_(p.grad * scale, alpha=-group["lr"])
 
 
-def test_reductions_are_not_elementwise() -> None:
+def test_a_per_param_reduction_is_lane_local_not_elementwise() -> None:
     (step,) = _discovered(NormalizedSGD(_params((4, 4), (4,))))
-    assert any("not provably elementwise" in b and "norm" in b for b in step.blockers), step.blockers
+    assert step.blockers == [] and step.update == "lane-local"
+    assert step.lane_report is not None and "norm" in step.lane_report.reason
+
+
+def test_a_reduction_across_params_is_not_bucketed() -> None:
+    (step,) = _discovered(GlobalNormSGD(_params((4, 4), (4,))))
+    assert step.update is None
+    assert any("not provably elementwise" in b and "mixes params" in b for b in step.blockers), step.blockers
 
 
 def test_shape_dependent_programs_are_not_flattened() -> None:

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import NormalizedSGD, assert_matches_eager, make_model, make_pair, paths, squared_loss_closure, step_both
+from helpers import GlobalNormSGD, assert_matches_eager, make_model, make_pair, paths, squared_loss_closure, step_both
 
 import optcapture
 from optcapture import errors
@@ -50,7 +50,7 @@ def test_differentiable_runs_as_traced_and_matches_eager() -> None:
 
 
 def test_fallback_is_warned_once_per_reason() -> None:
-    pair = make_pair(lambda p: NormalizedSGD(p))
+    pair = make_pair(lambda p: GlobalNormSGD(p))
     first = _warnings_of(lambda: step_both(pair, 0))
     second = _warnings_of(lambda: step_both(pair, 1))
     assert len(first) == 1 and "not provably elementwise" in first[0], first
@@ -60,7 +60,7 @@ def test_fallback_is_warned_once_per_reason() -> None:
 
 
 class NormalizedMomentum(torch.optim.Optimizer):
-    """Not elementwise (a per-tensor norm), and creates its state in its first step."""
+    """Not bucketable (a norm over every param's grad), and creates its state in its first step."""
 
     def __init__(self, params: object, lr: float = 0.1) -> None:
         super().__init__(params, {"lr": lr})
@@ -68,11 +68,12 @@ class NormalizedMomentum(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: object = None) -> None:
         for group in self.param_groups:
+            total = torch.stack([p.grad.norm() for p in group["params"]]).norm()
             for p in group["params"]:
                 state = self.state[p]
                 if "buf" not in state:
                     state["buf"] = torch.zeros_like(p)
-                state["buf"].mul_(0.9).add_(p.grad / p.grad.norm())
+                state["buf"].mul_(0.9).add_(p.grad / total)
                 p.add_(state["buf"], alpha=-group["lr"])
 
 
@@ -91,13 +92,13 @@ def test_a_reason_is_warned_once_whether_the_first_step_runs_as_traced_or_per_te
 
 def test_fallback_raise_names_the_reason() -> None:
     # The error reaches the training loop as itself: Dynamo wraps other backend errors in BackendCompilerFailed.
-    pair = make_pair(lambda p: NormalizedSGD(p), options={"fallback": "raise"})
+    pair = make_pair(lambda p: GlobalNormSGD(p), options={"fallback": "raise"})
     with pytest.raises(optcapture.UnsupportedStepError, match="not provably elementwise"):
         step_both(pair, 0)
 
 
 def test_fallback_raise_on_a_graph_that_is_never_bucketed() -> None:
-    pair = make_pair(lambda p: torch.optim.Muon(p), bias=False, options={"fallback": "raise"})
+    pair = make_pair(lambda p: GlobalNormSGD(p), options={"fallback": "raise"})
     before = [p.detach().clone() for p in pair.model.parameters()]
     with pytest.raises(optcapture.UnsupportedStepError, match="cannot capture this step"):
         step_both(pair, 0)
@@ -646,14 +647,15 @@ def test_attributes_assigned_outside_the_step_are_never_replaced_by_a_step(fallb
 def test_a_fallback_warning_says_what_runs_and_points_at_the_users_line() -> None:
     import warnings
 
-    p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
-    step = torch.compile(NormalizedSGD([p]).step, backend="optcapture")
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    step = torch.compile(GlobalNormSGD(params).step, backend="optcapture")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step()
     (warning,) = [w for w in caught if "optcapture" in str(w.message)]
-    assert str(warning.message) == ("optcapture: step of NormalizedSGD is not bucketed (the update is not provably "
-                                    "elementwise: op 'norm' is not elementwise): it runs as Inductor's per-tensor "
-                                    "graph, as stock torch.compile runs it")
+    assert str(warning.message) == ("optcapture: step of GlobalNormSGD is not bucketed (the update is not provably "
+                                    "elementwise: op 'stack' mixes params [(0, 0), (0, 1)]): it runs as Inductor's "
+                                    "per-tensor graph, as stock torch.compile runs it")
     assert warning.filename == __file__, warning.filename

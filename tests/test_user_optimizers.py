@@ -74,3 +74,21 @@ def test_a_step_dynamo_recompiles_at_every_step_is_said_and_stays_exact() -> Non
         for seed in range(5):
             step_both(pair, seed)
             assert_matches_eager(pair)
+
+
+@pytest.mark.parametrize("name", ["GroupStepAdam", "ConjAdam", "DataWritingLion"])
+def test_a_checkpoint_loaded_into_a_user_optimizer_is_stepped_not_its_old_storage(name: str) -> None:
+    # Dynamo guards a user optimizer's state tensors by shape and dtype, not identity: after load_state_dict it passes
+    # the capture new tensors, which the capture must notice (it stepped its old flat storage, silently).
+    import copy
+
+    pair = make_pair(lambda p: USER_OPTIMIZERS[name](p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(3):
+            step_both(pair, seed)
+        pair.optimizer.load_state_dict(copy.deepcopy(pair.optimizer.state_dict()))
+        for seed in range(3, 6):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
+    assert paths(pair.optimizer)[-1] == "bucketed"

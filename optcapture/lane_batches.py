@@ -1,0 +1,322 @@
+"""Stage 3, batched lanes: one vmapped program per batch of same-shape params, for updates that are not elementwise.
+
+LAMB and LARS scale each param's update by a ratio of per-tensor norms, NovoGrad keeps a per-tensor norm, Muon
+orthogonalises each matrix with a Newton-Schulz iteration: the update of one param reads only that param's
+tensors and values shared by all params, but it reduces or multiplies within the param, so the flat runs of the
+elementwise path (:mod:`optcapture.bucketing`) would mix params. Here params of one shape are instead laid out
+at a fixed stride in flat storage (:mod:`optcapture.preparation` orders a bucket by shape) and viewed as one
+``[k, *shape]`` tensor, and the update of one param, cut out of the real graph Dynamo traced, runs over the
+batch under ``torch.func.vmap``: one program per batch, whose kernels (a segmented reduction is a reduction over
+the trailing dims, a matmul a batched matmul) follow the number of distinct shapes, not of tensors.
+
+Invariant: a batch holds only params whose lane programs in the real graph are event for event equal
+(:attr:`optcapture.lanes.LaneReport.programs`) and whose shapes are equal, and its program is the real graph's
+own nodes for its first member, so each slice of the batch runs exactly what the real step runs for its member
+(vmap's per-example semantics); what cannot be laid out that way is refused with the reason, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from optcapture.discovery import BucketKey, StepGraph
+from optcapture.errors import CaptureError
+from optcapture.lanes import LaneId
+from optcapture.preparation import FlatGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneBatch:
+    """Members ``positions`` (consecutive in ``key``'s flat group) of one shape and one program."""
+
+    key: BucketKey
+    positions: tuple[int, ...]
+    shape: torch.Size
+    start: int
+    end: int
+    stride: int
+    """Elements from one member's slot to the next (its numel rounded up to the flat group's alignment)."""
+
+
+@dataclasses.dataclass
+class BatchedStep:
+    """A callable that steps every batch of a capture, and what it is made of."""
+
+    call: Callable[..., None]
+    """Steps every batch; takes ``inputs``."""
+    inputs: list[torch.Tensor]
+    """The flat buffers and shared tensors the step reads and writes, each once."""
+    batches: list[LaneBatch]
+    writes_grads: bool
+    """The update writes into its grads (it reads copies: the caller copies them back after each step)."""
+
+
+def plan_batches(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[LaneBatch]:
+    """Split each bucket into batches of consecutive members of one shape and one lane program."""
+    report = step.lane_report
+    assert report is not None
+    batches = []
+    for bucket in step.buckets:
+        flat = flats[bucket.key]
+        position_of = {index: j for j, index in enumerate(flat.param_indices)}
+        current: list[int] = []
+        last: tuple[torch.Size, Hashable] | None = None
+        for j in sorted(position_of[i] for i in bucket.members):
+            kind = (flat.params[j].shape, report.programs[(bucket.key.group, flat.param_indices[j])])
+            if current and (j != current[-1] + 1 or kind != last):
+                batches.append(_make_batch(flat, current))
+                current = []
+            current.append(j)
+            last = kind
+        if current:
+            batches.append(_make_batch(flat, current))
+    return batches
+
+
+def _make_batch(flat: FlatGroup, positions: list[int]) -> LaneBatch:
+    first = flat.slot(positions[0])
+    stride = flat.offsets[positions[1]] - flat.offsets[positions[0]] if len(positions) > 1 else first.stop - first.start
+    if any(flat.offsets[b] - flat.offsets[a] != stride for a, b in zip(positions, positions[1:], strict=False)):
+        raise CaptureError(f"members of one shape do not lie at one stride in the flat storage of {flat.key}")
+    return LaneBatch(flat.key, tuple(positions), flat.params[positions[0]].shape, first.start,
+                     flat.slot(positions[-1]).stop, stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LaneInput:
+    """A placeholder of a lane program: a tensor of the lane (``role``: param, grad, state or scalar_state, with
+    ``key``) or a value shared by all lanes (``shared``: the object the real graph read)."""
+
+    role: str
+    key: str | None = None
+    shared: Any = None
+
+
+def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
+                 lane: LaneId) -> tuple[GraphModule, list[_LaneInput]]:
+    """The nodes of ``gm`` that compute ``lane``'s update and the shared values it reads, as a graph of its own.
+
+    Its placeholders are the graph inputs it reads (described by the returned list), in graph order; it returns
+    its first input (vmap needs a tensor out)."""
+    report = step.lane_report
+    assert report is not None
+    lane_of = report.lane_of
+    roles = {role.node: role for role in step.roles}
+    nodes = list(gm.graph.nodes)
+    # A foreach node computes one item per lane: its position for ours, where it has one.
+    position = {name: lanes_at.index(lane) for name, lanes_at in report.foreach_lanes.items() if lane in lanes_at}
+    ancestors: set[Node] = set()
+    stack = [n for n in nodes if lane_of.get(n.name, ()) == lane or n.name in position]
+    while stack:
+        node = stack.pop()
+        if node in ancestors:
+            continue
+        ancestors.add(node)
+        if node.name in position:
+            stack.extend(_lane_args(node, position[node.name], report.foreach_lanes[node.name]).all_input_nodes)
+        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].name in position:
+            stack.append(node.args[0])
+        else:
+            stack.extend(node.all_input_nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    inputs: list[_LaneInput] = []
+    for node in nodes:
+        if node not in ancestors:
+            continue
+        if node.op in ("placeholder", "get_attr"):
+            role = roles.get(node.name)
+            if role is None:
+                raise CaptureError(f"input {node.name} of the step has no role")
+            if role.kind in ("param", "grad", "state", "scalar_state"):
+                if (role.group, role.param_index) != lane:
+                    raise CaptureError(f"the update of param {lane} reads input {node.name} of another param")
+                inputs.append(_LaneInput(role.kind, role.key))
+            elif role.kind in ("hyper", "global_state"):
+                value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
+                         else getattr(gm, str(node.target)))
+                inputs.append(_LaneInput(role.kind, role.key, value))
+            else:
+                raise CaptureError(f"input {node.name} of the step is {role.kind}")
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+        elif node.name in position:
+            single = _lane_args(node, position[node.name], report.foreach_lanes[node.name])
+            env[node] = graph.node_copy(single, lambda arg: env[arg])
+        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].name in position:
+            env[node] = env[node.args[0]]  # the item of a foreach result: the single op's result
+        elif node.op in ("call_function", "call_method"):
+            env[node] = graph.node_copy(node, lambda arg: env[arg])
+        else:
+            raise CaptureError(f"node {node.name} ({node.op}) in the update of param {lane}")
+    own = [env[n] for n in nodes if n in env and n.op in ("placeholder", "get_attr")]
+    first = next((node for node, i in zip(own, inputs, strict=True) if i.shared is None), None)
+    if first is None:
+        raise CaptureError(f"the update of param {lane} reads none of its tensors")
+    graph.output(first)
+    return GraphModule(gm, graph), inputs
+
+
+_Where = tuple[int, tuple[int, ...] | None]
+"""(input index, ``[k, *shape]`` of the batch) where the input is the batch's range of a flat buffer; shape None:
+the input is a value shared by all lanes, passed as it is."""
+
+
+def _batch_range(flat: FlatGroup, batch: LaneBatch, lane_input: _LaneInput) -> torch.Tensor:
+    """The contiguous range of flat storage that holds ``lane_input`` for every member of ``batch`` (members at
+    ``batch.stride``, each padded to it); ``[k]`` for scalar state."""
+    if lane_input.role == "scalar_state":
+        assert lane_input.key is not None
+        vector = flat.scalars.get(lane_input.key)
+        if vector is None:
+            raise CaptureError(f"scalar state {lane_input.key!r} is not in flat storage")
+        return vector[batch.positions[0]:batch.positions[-1] + 1]
+    if lane_input.role == "param":
+        buffer = flat.flats["param"]
+    elif lane_input.role == "grad":
+        buffer = flat.grad_flat()
+    else:
+        buffer = flat.flats.get(f"state:{lane_input.key}")
+        if buffer is None:
+            raise CaptureError(f"state {lane_input.key!r} does not have its param's shape (not in flat storage)")
+    return buffer[batch.start:batch.start + batch.stride * len(batch.positions)]
+
+
+def _as_batch(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """A batch's range seen as ``[k, *shape]``, through view and slice only (what functionalization writes back
+    cheaply); scalar state is already ``[k]``."""
+    if len(size) == 1:
+        return tensor
+    k, numel = size[0], math.prod(size[1:])
+    return tensor.view(k, -1)[:, :numel].view(size)
+
+
+def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any],
+                       flats: dict[BucketKey, FlatGroup], batches: list[LaneBatch]) -> BatchedStep:
+    """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
+    are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once."""
+    inputs: list[torch.Tensor] = []
+    shared_index: dict[int, int] = {}
+    plan: list[tuple[Callable[..., Any], list[_Where]]] = []
+    writes_grads = False
+    for batch in batches:
+        flat = flats[batch.key]
+        lane = (batch.key.group, flat.param_indices[batch.positions[0]])
+        program, lane_inputs = lane_program(gm, example_inputs, step, lane)
+        writes_grads |= _writes_input(program, "grad", lane_inputs)
+        where: list[_Where] = []
+        for lane_input in lane_inputs:
+            if lane_input.shared is not None:
+                if not isinstance(lane_input.shared, torch.Tensor):
+                    raise CaptureError(f"shared input {lane_input.key!r} is a {type(lane_input.shared).__name__}")
+                if id(lane_input.shared) not in shared_index:
+                    shared_index[id(lane_input.shared)] = len(inputs)
+                    inputs.append(lane_input.shared)
+                where.append((shared_index[id(lane_input.shared)], None))
+            else:
+                where.append((len(inputs), (len(batch.positions), *batch.shape) if lane_input.role != "scalar_state"
+                              else (len(batch.positions),)))
+                inputs.append(_batch_range(flat, batch, lane_input))
+        in_dims = tuple(None if size is None else 0 for _, size in where)
+        plan.append((torch.func.vmap(_out_of_place(program), in_dims=in_dims), where))
+    log.info("batched lanes: %d batch(es) of shapes %s", len(batches), sorted({tuple(b.shape) for b in batches}))
+
+    def step_batches(*tensors: torch.Tensor) -> None:
+        for batched, where in plan:
+            batched(*(tensors[i] if size is None else _as_batch(tensors[i], size) for i, size in where))
+
+    return BatchedStep(step_batches, inputs, batches, writes_grads)
+
+
+# In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).
+_BATCHED_IN_PLACE = frozenset({"copy_", "zero_", "fill_"})
+
+
+def _out_of_place(program: GraphModule) -> GraphModule:
+    """``program`` with each in-place op ``x.op_(...)`` written as ``x.copy_(x.op(...))``: vmap has no batching rule
+    for several in-place ops (``addcmul_``, ``lerp_``) and runs those once per member (BatchedFallback.cpp), a
+    kernel per tensor; their out-of-place forms and ``copy_`` have one. Inductor writes the copy in the same kernel."""
+    graph = program.graph
+    for node in list(graph.nodes):
+        if node.op not in ("call_method", "call_function") or not node.args:
+            continue
+        if node.target is torch.ops.prims.fma.default:
+            # Dynamo writes ``addcmul_(a, b, value=v)`` as ``fma(a * b, v, self)`` (eager's rounding); vmap has no
+            # batching rule for it. ``add(c, a, alpha=b)`` computes the same sum, rounded once more.
+            a, b, c = node.args
+            with graph.inserting_before(node):
+                replacement = (graph.call_function(torch.addcmul, (c, a, b)) if isinstance(b, torch.fx.Node)
+                               else graph.call_function(torch.add, (c, a), {"alpha": b}))
+                replacement.meta = dict(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if not isinstance(name, str) or not name.endswith("_") or name.startswith("_") or name in _BATCHED_IN_PLACE \
+                or not hasattr(torch.Tensor, name[:-1]):
+            continue
+        with graph.inserting_before(node):
+            result = graph.call_method(name[:-1], node.args, dict(node.kwargs))
+            result.meta = dict(node.meta)
+            written = graph.call_method("copy_", (node.args[0], result))
+            written.meta = dict(node.meta)
+        node.replace_all_uses_with(written)
+        graph.erase_node(node)
+    graph.lint()
+    program.recompile()
+    return program
+
+
+def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
+    """The single-tensor op that foreach ``node`` applies at position ``j``, as a node of a scratch graph (copied
+    into the lane program by the caller): ``_foreach_mul_(xs, ys, alpha=a)`` -> ``xs[j].mul_(ys[j], alpha=a)``,
+    ``_foreach_norm(xs, p)`` -> ``vector_norm(xs[j], p)``. Lists (and scalar lists) of the foreach length are
+    indexed; everything else is passed to every position, as the foreach op does."""
+    name = getattr(node.target, "__name__", str(node.target))
+    base = name[len("_foreach_"):]
+
+    def at(arg: Any) -> Any:
+        return arg[j] if isinstance(arg, (list, tuple)) and len(arg) == len(lanes_at) else arg
+
+    args = [at(a) for a in node.args]
+    kwargs = {k: at(v) for k, v in node.kwargs.items()}
+    target: Any
+    if base == "norm":
+        target = torch.linalg.vector_norm
+    elif base.endswith("_"):
+        target = getattr(torch.Tensor, base)
+    else:
+        target = getattr(torch, base)
+    if base.rstrip("_") in ("addcmul", "addcdiv") and len(args) == 4:
+        kwargs["value"] = args.pop()  # a positional scalar of the foreach form is value= of the single one
+    scratch = torch.fx.Graph()
+    return scratch.create_node("call_function", target, tuple(args), kwargs, name=f"{node.name}_{j}")
+
+
+def _writes_input(program: GraphModule, role: str, inputs: list[_LaneInput]) -> bool:
+    """Whether an in-place op of ``program`` writes the input of ``role`` (or a view of it)."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+    written: set[Node] = {p for p, i in zip(placeholders, inputs, strict=True) if i.role == role}
+    for node in program.graph.nodes:
+        if node.op not in ("call_function", "call_method") or not node.args:
+            continue
+        first = node.args[0]
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if isinstance(first, Node) and first in written:
+            if name.endswith("_") and not name.startswith("__"):
+                return True
+            if name in ("view", "reshape", "view_as", "flatten", "squeeze", "unsqueeze", "t", "transpose",
+                        "permute", "expand", "narrow", "select", "getitem", "as_strided", "detach", "T", "mT"):
+                written.add(node)
+    return False

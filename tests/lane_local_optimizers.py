@@ -1,0 +1,102 @@
+"""Optimizers whose update reduces or multiplies within each param (lane-local, not elementwise), written as their
+libraries write them: LAMB's trust ratio (a per-param loop), NovoGrad's per-param grad norm kept as 0-dim state and
+written into the grads (foreach ops, as pytorch_optimizer writes it), a Newton-Schulz orthogonalisation (Muon's
+iteration, in float32 so that eager and a batched matmul agree to float32 tolerance)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TrustRatioLamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019): Adam's update scaled by ||p|| / ||update|| of each param."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                corrected_avg = state["exp_avg"] / (1 - beta1 ** state["step"])
+                corrected_sq = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+                update = corrected_avg / (corrected_sq.sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                weight_norm, update_norm = p.norm(), update.norm()
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
+                                    torch.ones_like(weight_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+
+
+class ForeachNovoGrad(torch.optim.Optimizer):
+    """NovoGrad (Ginsburg et al. 2019) with foreach ops: an EMA of each param's squared grad norm as 0-dim state
+    (different for every param), and the grads normalised in place by it."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.95, 0.98),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            for p in params:
+                state = self.state[p]
+                if len(state) == 0:
+                    state["grad_norm_ema"] = p.grad.pow(2).sum()
+                    state["exp_avg"] = torch.zeros_like(p)
+            norms = [g.pow(2).sum() for g in grads]
+            emas = [self.state[p]["grad_norm_ema"] for p in params]
+            torch._foreach_lerp_(emas, norms, 1 - beta2)
+            denominators = torch._foreach_sqrt(emas)
+            torch._foreach_add_(denominators, group["eps"])
+            torch._foreach_div_(grads, denominators)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads)
+            torch._foreach_add_(params, exp_avgs, alpha=-group["lr"])
+
+
+class Float32Muon(torch.optim.Optimizer):
+    """Muon's update (momentum, then a Newton-Schulz orthogonalisation of each matrix) in float32."""
+
+    def __init__(self, params: Any, lr: float = 0.02, momentum: float = 0.95, ns_steps: int = 3) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "ns_steps": ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                x = buf / buf.norm().clamp(min=1e-7)
+                transposed = p.size(0) > p.size(1)
+                if transposed:
+                    x = x.T
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+                if transposed:
+                    x = x.T
+                p.add_(x, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
