@@ -93,6 +93,20 @@ def test_blocks_alternate_between_methods(monkeypatch: pytest.MonkeyPatch) -> No
     assert comparison.results[1].max_abs_diff == 0.0  # the same AdamW steps as eager's, on a copy
 
 
+def test_a_method_that_raises_is_reported_and_the_others_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(optimizer: torch.optim.Optimizer, device: torch.device) -> methods.Setup:
+        def step() -> None:
+            raise RuntimeError("no kernel for this")
+
+        return methods.Setup(optimizer, step)
+
+    monkeypatch.setitem(methods.VARIANTS, "broken", broken)
+    comparison = compare(torch.nn.Linear(4, 2), methods=["eager", "broken", "fused"], blocks=2, steps=1)
+    assert [r.method for r in comparison.results] == ["eager", "fused"]
+    assert comparison.header["notes"] == ["model broken failed: RuntimeError: no kernel for this"]
+    assert "- model broken failed: RuntimeError: no kernel for this" in comparison.table()
+
+
 def test_compare_times_a_model_without_changing_it() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))

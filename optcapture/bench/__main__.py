@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         training = presets.training_for(args.preset, args.quick)
         run = report.header(f"AdamW (2 groups, {training.model.tensors} tensors)", device, quick=args.quick,
                             blocks=blocks, steps=steps, amp=amp, compile_model=args.compile_model)
-        results = compare_training(args.preset, training, chosen, device, blocks, steps, amp, args.compile_model)
+        results = compare_training(args.preset, training, chosen, device, blocks, steps, amp, args.compile_model,
+                                   run["notes"])
         return _finish(results, run, args.out)
 
     optimizer = args.optimizer or "adamw"
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         named = [m.strip() for m in (args.methods or "").split(",")]
         compile_limit = max(counts) if "compile" in named else scaling.compile_limit
         results = compare_scaling(counts, presets.SCALING_NUMEL[device.type], optimizer, chosen, device, blocks,
-                                  steps, bandwidth, compile_limit)
+                                  steps, bandwidth, compile_limit, run["notes"])
         return _finish(results, run, args.out)
 
     chosen = _chosen(parser, args.methods, methods.METHODS)
@@ -126,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         if isolated and not args.isolated:
             measure.say(f"  {preset}: copies for {len(chosen)} methods do not fit in memory: one method at a time")
         make_copy, grads = measure.synthetic(shapes, optimizer, device)
-        rows = measure.compare_steps(preset, make_copy, grads, chosen, device, blocks, steps, floor_ms, isolated)
+        rows = measure.compare_steps(preset, make_copy, grads, chosen, device, blocks, steps, floor_ms, isolated,
+                                     notes=run["notes"])
         if isolated:
+            why = "--isolated" if args.isolated else "copies for every method do not fit in memory"
             for row in rows:
-                row.note = "timed alone (copies for every method do not fit in memory), blocks not interleaved"
+                row.note = f"timed alone ({why}): its blocks ran one after another, not between other methods'"
         results += rows
         del make_copy, grads
         measure.release(device)

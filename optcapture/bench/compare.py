@@ -102,9 +102,11 @@ def compare(model_or_params: nn.Module | Iterable[torch.Tensor],
     unknown = sorted(set(chosen) - set(bench_methods.VARIANTS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(bench_methods.VARIANTS)}")
-    results = compare_steps(label, make_copy, grads, chosen, device, blocks, steps, isolated=isolated)
+    notes: list[str] = []
+    results = compare_steps(label, make_copy, grads, chosen, device, blocks, steps, isolated=isolated, notes=notes)
     release(device)
     header = report.header(built_names[0] if built_names else "?", device, blocks=blocks, steps=steps)
+    header["notes"] = notes
     return Comparison(results, header)
 
 

@@ -12,6 +12,7 @@ import gc
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 
 import torch
@@ -70,6 +71,19 @@ def release(device: torch.device) -> None:
 
 def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def note(notes: list[str] | None, line: str) -> None:
+    """Say ``line`` now and keep it for the table's notes (a method skipped or failed, a count left out)."""
+    say(f"  {line}")
+    if notes is not None:
+        notes.append(line)
+
+
+def failed(notes: list[str] | None, preset: str, method: str, error: Exception) -> None:
+    """A method that raised while built or warmed up: said with its traceback; the other methods still run."""
+    say(traceback.format_exc())
+    note(notes, f"{preset} {method} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
 
 
 @dataclasses.dataclass
@@ -149,38 +163,47 @@ def optcapture_path(optimizer: torch.optim.Optimizer, timings: Timings) -> tuple
 
 def compare_steps(preset: str, make_copy: CopyFactory, grads: Sequence[torch.Tensor], method_names: Sequence[str],
                   device: torch.device, blocks: int, steps: int, floor_ms: float = 0.0,
-                  isolated: bool = False, fresh_grads: bool = False) -> list[Result]:
+                  isolated: bool = False, fresh_grads: bool = False, notes: list[str] | None = None) -> list[Result]:
     """Build every method (eager first: the reference), warm each up, time them in alternating blocks, check them.
 
     ``isolated``: one method at a time (built, timed, freed) where all of them do not fit in memory at once.
     ``fresh_grads``: every method gets new grad tensors before every step (the default ``zero_grad()`` loop).
+    ``notes``: gets a line for each method skipped (not applicable) or failed (raised while built or warmed up).
     """
     names = ["eager", *(m for m in method_names if m != "eager")]
     contenders: list[StepContender] = []
-    finals: dict[str, list[torch.Tensor]] = {}
-    notes: dict[str, str] = {}
-    for name in names:
-        built = _build(name, make_copy, grads, device, fresh_grads)
-        if isinstance(built, methods.Skipped):
-            notes[name] = built.reason
-            say(f"  {preset}: {name} skipped: {built.reason}")
-            continue
-        say(f"  {preset}: {name} built, first call {built.timings.first_call_s:.1f} s")
-        if isolated:
-            run_blocks([built], [built.timings], device, blocks, steps)
-            finals[name] = _finish(built, device)
-            release(device)
-        contenders.append(built)
-    if not isolated:
-        run_blocks(contenders, [c.timings for c in contenders], device, blocks, steps)
-        for contender in contenders:
-            finals[contender.name] = _finish(contender, device)
-    reference = finals.get("eager")
-    results = []
-    for contender in contenders:
-        results.append(_result(preset, contender, finals[contender.name], reference, floor_ms))
+    results: list[Result] = []
+    reference: list[torch.Tensor] | None = None  # eager's final params, on the CPU
+
+    def conclude(contender: StepContender) -> None:
+        nonlocal reference
+        final = _finish(contender, device)
+        if contender.name == "eager":
+            reference = final
+        results.append(_result(preset, contender, final, reference, floor_ms))
         say(f"  {preset}: {contender.name:22s} {results[-1].step_ms:9.3f} ms/step "
             f"(blocks {min(contender.timings.device_ms):.3f}-{max(contender.timings.device_ms):.3f})")
+
+    for name in names:
+        try:
+            built = _build(name, make_copy, grads, device, fresh_grads)
+        except Exception as error:  # reported with the others' results, as a benchmark of what happens must
+            failed(notes, preset, name, error)
+            continue
+        if isinstance(built, methods.Skipped):
+            note(notes, f"{preset} {name} skipped: {built.reason}")
+            continue
+        say(f"  {preset}: {name} built, first call {built.timings.first_call_s:.1f} s")
+        if isolated:  # timed and concluded now, then freed before the next method allocates
+            run_blocks([built], [built.timings], device, blocks, steps)
+            conclude(built)
+            del built
+            release(device)
+        else:
+            contenders.append(built)
+    run_blocks(contenders, [c.timings for c in contenders], device, blocks, steps)
+    for contender in contenders:
+        conclude(contender)
     return results
 
 

@@ -21,10 +21,11 @@ Column = tuple[str, Callable[[Result, list[Result]], str]]
 
 
 def header(optimizer: str, device: torch.device, **extra: Any) -> dict[str, Any]:
-    """What the run was: optimizer, device, torch version, date, and ``extra`` (blocks, steps, amp, ...)."""
+    """What the run was: optimizer, device, torch version, date, and ``extra`` (blocks, steps, amp, ...); ``notes``
+    gets a line for each method skipped or failed."""
     return {"optimizer": optimizer, "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "torch": torch.__version__, "date": datetime.date.today().isoformat(), **extra}
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "notes": [], **extra}
 
 
 def _ms(value: float) -> str:
@@ -104,7 +105,8 @@ def markdown(results: list[Result], run: dict[str, Any]) -> str:
     if floors:
         lines += ["", "floor (bytes the step must move / copy bandwidth): "
                   + ", ".join(f"{preset} {floor:.3f} ms" for preset, floor in floors.items())]
-    notes = [f"- {r.preset} {r.method}: {r.note}" for r in results if r.note]
+    notes = [f"- {line}" for line in run.get("notes", [])]
+    notes += [f"- {r.preset} {r.method}: {r.note}" for r in results if r.note]
     reports = [f"{r.preset} {r.method}:\n" + "\n".join("  " + line for line in r.details.splitlines())
                for r in results if r.details]
     if notes:
@@ -115,14 +117,18 @@ def markdown(results: list[Result], run: dict[str, Any]) -> str:
 
 
 def load(folders: list[Path]) -> tuple[dict[str, Any], list[Result]]:
-    """Results of earlier runs (their results.json), in order; the header of the first, with its bandwidth."""
+    """Results of earlier runs (their results.json), in order; the header of the first, with its bandwidth, and the
+    notes of all."""
     run: dict[str, Any] = {}
     results: list[Result] = []
     fields = {f.name for f in dataclasses.fields(Result)}
+    notes: list[str] = []
     for folder in folders:
         payload = json.loads((folder / "results.json").read_text())
-        run = run or payload["header"]
+        run = run or dict(payload["header"])
+        notes += payload["header"].get("notes", [])
         results += [Result(**{k: v for k, v in row.items() if k in fields}) for row in payload["results"]]
+    run["notes"] = notes
     return run, results
 
 
@@ -137,7 +143,7 @@ def write(out: Path, results: list[Result], run: dict[str, Any], table: str) -> 
         print("matplotlib is not installed (pip install 'optcapture[bench]'): chart.png not written")
 
 
-HIGHLIGHT, OTHER, FIRST_CALL = "#dd8452", "#8c8c8c", "#4c72b0"
+HIGHLIGHT, OTHER = "#dd8452", "#8c8c8c"
 
 
 def chart(path: Path, results: list[Result], run: dict[str, Any]) -> None:
@@ -161,16 +167,17 @@ def chart(path: Path, results: list[Result], run: dict[str, Any]) -> None:
         high = [r.step_spread[1] - r.step_ms for r in rows]
         bars = timed.barh(labels, medians, xerr=[low, high], color=colors, capsize=3)
         timed.bar_label(bars, labels=[f"{m:.3f}" for m in medians], padding=4, fontsize=8)
+        unit = "iteration" if rows[0].unit == "iteration" else "step"
+        timed.scatter([r.host_ms for r in rows], labels, marker="D", s=16, color="black", zorder=3,
+                      label="tail host ms" if unit == "iteration" else "host ms per call")
         if rows[0].floor_ms > 0:
             timed.axvline(rows[0].floor_ms, color="#c44e52", linestyle="--", label=f"floor {rows[0].floor_ms:.3f} ms")
-            timed.legend(loc="lower right", fontsize=8)
-        unit = "iteration" if rows[0].unit == "iteration" else "step"
+        timed.legend(loc="lower right", fontsize=8)
         timed.set_title(f"{preset}: ms per {unit} (median, bar: fastest–slowest block)", fontsize=10)
         timed.set_xlabel(f"ms per {unit} (lower is better)")
         timed.invert_yaxis()
         timed.margins(x=0.2)
-        first_bars = first.barh(labels, [r.first_call_s for r in rows],
-                                color=[HIGHLIGHT if c == HIGHLIGHT else FIRST_CALL for c in colors])
+        first_bars = first.barh(labels, [r.first_call_s for r in rows], color=colors)
         first.bar_label(first_bars, labels=[f"{r.first_call_s:.1f}" for r in rows], padding=4, fontsize=8)
         first.set_title(f"{preset}: first call (s)", fontsize=10)
         first.set_xlabel("seconds (lower is better)")

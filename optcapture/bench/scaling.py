@@ -14,13 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from optcapture.bench import methods
-from optcapture.bench.measure import compare_steps, release, say, synthetic
+from optcapture.bench.measure import compare_steps, note, release, synthetic
 from optcapture.bench.results import Result
 
 
 def compare_scaling(counts: Sequence[int], numel: int, optimizer_name: str, method_names: Sequence[str],
                     device: torch.device, blocks: int, steps: int, bandwidth: float,
-                    compile_limit: int) -> list[Result]:
+                    compile_limit: int, notes: list[str] | None = None) -> list[Result]:
     """``scaling-<count>`` rows for every count; stock compile only up to ``compile_limit`` tensors (its first call
     takes minutes above)."""
     results: list[Result] = []
@@ -28,12 +28,12 @@ def compare_scaling(counts: Sequence[int], numel: int, optimizer_name: str, meth
         chosen = list(method_names)
         if count > compile_limit and "compile" in chosen:
             chosen.remove("compile")
-            say(f"  scaling-{count}: compile skipped above {compile_limit} tensors (first call in minutes); "
-                "name it in --methods to run it")
+            note(notes, f"scaling-{count} compile skipped: above {compile_limit} tensors its first call takes "
+                        "minutes (name it in --methods to run it)")
         make_copy, grads = synthetic([(numel,)] * count, optimizer_name, device)
         floor_ms = methods.BYTES_PER_PARAM[optimizer_name] * numel * count / bandwidth * 1e3
         results += compare_steps(f"scaling-{count}", make_copy, grads, chosen, device, blocks, steps, floor_ms,
-                                 fresh_grads=True)
+                                 fresh_grads=True, notes=notes)
         del make_copy, grads
         release(device)
     return results

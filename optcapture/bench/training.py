@@ -24,7 +24,7 @@ import torch
 from optcapture.bench import methods
 from optcapture.bench.blocks import Timings, run_blocks, warm_up
 from optcapture.bench.gpt import GPT, param_groups
-from optcapture.bench.measure import optcapture_path, release, say
+from optcapture.bench.measure import failed, note, optcapture_path, release, say
 from optcapture.bench.presets import TrainingPreset
 from optcapture.bench.results import Result, median
 
@@ -130,8 +130,10 @@ def make_batches(preset: TrainingPreset, device: torch.device) -> list[tuple[tor
 
 
 def compare_training(name: str, preset: TrainingPreset, method_names: Sequence[str], device: torch.device,
-                     blocks: int, steps: int, amp: Amp, compile_model: bool) -> list[Result]:
-    """Build every method (eager first), warm each up, time whole iterations in alternating blocks, check them."""
+                     blocks: int, steps: int, amp: Amp, compile_model: bool,
+                     notes: list[str] | None = None) -> list[Result]:
+    """Build every method (eager first), warm each up, time whole iterations in alternating blocks, check them.
+    ``notes`` gets a line for each method skipped or failed (raised while built or warmed up)."""
     torch.manual_seed(0)
     master = GPT(preset.model).to(device)
     initial = [p.detach().to("cpu", copy=True) for p in master.parameters()]
@@ -143,16 +145,20 @@ def compare_training(name: str, preset: TrainingPreset, method_names: Sequence[s
         warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\).*")
         warnings.filterwarnings("ignore", message=r".*optimizer\.step\(\) has been overridden.*")
         for method in ["eager", *(m for m in method_names if m != "eager")]:
-            built = build(method, master, preset, batches, device, amp, compile_model)
-            if isinstance(built, methods.Skipped):
-                say(f"  {name}: {method} skipped: {built.reason}")
+            try:
+                built = build(method, master, preset, batches, device, amp, compile_model)
+                if isinstance(built, methods.Skipped):
+                    note(notes, f"{name} {method} skipped: {built.reason}")
+                    continue
+                built.timings = warm_up(built, device)
+            except Exception as error:  # reported with the others' results, as a benchmark of what happens must
+                failed(notes, name, method, error)
                 continue
-            built.timings = warm_up(built, device)
             say(f"  {name}: {method} built, first iteration {built.timings.first_call_s:.1f} s")
             contenders.append(built)
         run_blocks(contenders, [c.timings for c in contenders], device, blocks, steps)
     finals = {c.name: [p.detach().to("cpu", copy=True) for p in c.params] for c in contenders}
-    results = [_result(name, c, finals[c.name], finals["eager"], initial, amp) for c in contenders]
+    results = [_result(name, c, finals[c.name], finals.get("eager"), initial) for c in contenders]
     drift = next((r.relative_diff for r in results if r.method == "fused" and r.relative_diff is not None), 0.0)
     for r in results:
         r.tolerance = max(TOLERANCE[amp], 3 * drift)
@@ -163,11 +169,11 @@ def compare_training(name: str, preset: TrainingPreset, method_names: Sequence[s
     return results
 
 
-def _result(name: str, contender: TrainingContender, final: list[torch.Tensor], reference: list[torch.Tensor],
-            initial: list[torch.Tensor], amp: Amp) -> Result:
+def _result(name: str, contender: TrainingContender, final: list[torch.Tensor],
+            reference: list[torch.Tensor] | None, initial: list[torch.Tensor]) -> Result:
     timings = contender.timings
     max_diff = relative = None
-    if contender.name != "eager":
+    if reference is not None and contender.name != "eager":
         max_diff = max(float((a - b).abs().max()) for a, b in zip(final, reference, strict=True))
         apart = sum(float((a - b).double().pow(2).sum()) for a, b in zip(final, reference, strict=True)) ** 0.5
         moved = sum(float((a - b).double().pow(2).sum()) for a, b in zip(reference, initial, strict=True)) ** 0.5
