@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="default: all (with --quick: small)")
     parser.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
                         help="time your own model's step: FACTORY() returns a model, (model, optimizer) or params")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of methods (eager always runs)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset (eager always runs). Step presets and --model: "
+                             f"{','.join(methods.METHODS)}; training: {','.join(methods.TRAIN_METHODS)}; "
+                             f"scaling: {','.join(methods.SCALING_METHODS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run takes well under a minute")
     parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per method (default 5)")
     parser.add_argument("--steps", type=int, default=None,
