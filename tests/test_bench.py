@@ -1,26 +1,48 @@
-"""Smoke test of ``python -m optcapture.bench --device cpu --quick`` (the GPU run is in the README)."""
+"""``python -m optcapture.bench`` on the CPU with ``--quick`` sizes, and :func:`optcapture.bench.compare`.
+
+The GPU runs are in the README. Every test that times runs few blocks of few steps: they check what is printed and
+compared, not the numbers.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from optcapture.bench import methods
+import pytest
+import torch
+
+from optcapture.bench import Result, compare, methods
 from optcapture.bench.__main__ import main
 
+REPO = Path(__file__).resolve().parents[1]
+FEW = ["--blocks", "2", "--steps", "2"]
 
-def test_quick_cpu_run_prints_every_method_and_agrees_with_eager(tmp_path: Path, capsys: object) -> None:
-    assert main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
-    table = capsys.readouterr().out  # type: ignore[attr-defined]
-    for method in methods.METHODS:
-        assert f"| small | {method} |" in table, table
+
+def _rows(table: str, preset: str) -> dict[str, list[str]]:
+    """Cells of each method's row of ``preset`` in a markdown table."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and cells[0] == preset:
+            rows[cells[1]] = cells
+    return rows
+
+
+def test_quick_cpu_run_prints_every_method_and_agrees_with_eager(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                                  ) -> None:
+    assert main(["--device", "cpu", "--quick", "--blocks", "3", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert set(_rows(table, "small")) == set(methods.METHODS), table
     assert "NO (" not in table
+    assert "| step ms | spread | × fused |" in table and "| first call s | first 4 calls s |" in table
     payload = json.loads((tmp_path / "results.json").read_text())
     assert {r["method"] for r in payload["results"]} == set(methods.METHODS)
+    assert all(len(r["step_blocks_ms"]) == 3 and len(r["host_blocks_ms"]) == 3 for r in payload["results"])
     assert all(r["max_abs_diff"] is None or r["max_abs_diff"] <= 1e-4 for r in payload["results"])
     # The first 4 calls include the first; SGD-like steps are captured in their second call, hence the column.
-    assert "| first call s | first 4 calls s |" in table
     assert all(r["warm_up_s"] >= r["first_call_s"] > 0 for r in payload["results"])
+    assert "bucketed" in _rows(table, "small")["optcapture"][-1]
     assert (tmp_path / "chart.png").stat().st_size > 1000
     assert (tmp_path / "results.md").read_text().startswith("optcapture.bench: adamw on CPU")
 
@@ -29,16 +51,142 @@ def test_bandwidth_floor_bytes() -> None:
     assert methods.BYTES_PER_PARAM["adamw"] == 28 and methods.BYTES_PER_PARAM["sgd"] == 20
 
 
-def test_merge_combines_earlier_runs(tmp_path: Path, capsys: object) -> None:
-    from optcapture.bench.measure import Result
+def test_merge_combines_earlier_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from optcapture.bench.report import write
 
     header = {"optimizer": "adamw", "device_name": "X", "torch": "t", "date": "d", "bandwidth_gbs": 1.0}
     for preset, step in (("gpt2", 2.0), ("small", 0.5)):
-        row = Result(preset, "optcapture", step, 0.1, 1.0, 3, 0.0, 1.0, 0.0)
+        row = Result(preset, "optcapture", step, 0.1, 1.0, 3, 0.0, 1.0, 0.0, step_blocks_ms=(step, 3.0))
         write(tmp_path / preset, [row], header, "t")
-    capsys.readouterr()  # type: ignore[attr-defined]
+    capsys.readouterr()
     assert main(["--merge", str(tmp_path / "gpt2"), str(tmp_path / "small"), "--out", str(tmp_path / "all")]) == 0
-    table = capsys.readouterr().out  # type: ignore[attr-defined]
-    assert "| gpt2 | optcapture | 2.000 | 0.50 |" in table and "| small | optcapture | 0.500 | 2.00 |" in table
+    table = capsys.readouterr().out
+    gpt2, small = _rows(table, "gpt2")["optcapture"], _rows(table, "small")["optcapture"]
+    assert gpt2[2:4] == ["2.000", "2.000–3.000"] and "0.50" in gpt2 and small[2] == "0.500" and "2.00" in small
     assert (tmp_path / "all" / "chart.png").exists()
+
+
+def test_blocks_alternate_between_methods(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every method is built and warmed up first, then blocks of steps rotate through the methods."""
+    calls: list[str] = []
+
+    def recording(name: str) -> methods.Variant:
+        def build(optimizer: torch.optim.Optimizer, device: torch.device) -> methods.Setup:
+            def step() -> None:
+                calls.append(name)
+                optimizer.step()
+
+            return methods.Setup(optimizer, step)
+
+        return build
+
+    for name in ("eager", "a", "b"):
+        monkeypatch.setitem(methods.VARIANTS, name, recording(name))
+    model = torch.nn.Linear(4, 2)
+    comparison = compare(model, methods=["eager", "a", "b"], blocks=3, steps=2)
+    warm_ups = ["eager"] * 4 + ["a"] * 4 + ["b"] * 4
+    blocks = (["eager"] * 2 + ["a"] * 2 + ["b"] * 2 + ["a"] * 2 + ["b"] * 2 + ["eager"] * 2
+              + ["b"] * 2 + ["eager"] * 2 + ["a"] * 2)
+    assert calls == [*warm_ups, *blocks, "eager", "a", "b"]
+    assert [r.method for r in comparison.results] == ["eager", "a", "b"]
+    assert all(len(r.step_blocks_ms) == 3 for r in comparison.results)
+    assert comparison.results[1].max_abs_diff == 0.0  # the same AdamW steps as eager's, on a copy
+
+
+def test_a_method_that_raises_is_reported_and_the_others_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(optimizer: torch.optim.Optimizer, device: torch.device) -> methods.Setup:
+        def step() -> None:
+            raise RuntimeError("no kernel for this")
+
+        return methods.Setup(optimizer, step)
+
+    monkeypatch.setitem(methods.VARIANTS, "broken", broken)
+    comparison = compare(torch.nn.Linear(4, 2), methods=["eager", "broken", "fused"], blocks=2, steps=1)
+    assert [r.method for r in comparison.results] == ["eager", "fused"]
+    assert comparison.header["notes"] == ["model broken failed: RuntimeError: no kernel for this"]
+    assert "- model broken failed: RuntimeError: no kernel for this" in comparison.table()
+
+
+def test_compare_times_a_model_without_changing_it() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    comparison = compare(model, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
+                         methods=["eager", "fused", "optcapture"], blocks=3, steps=2)
+    assert [r.method for r in comparison.results] == ["eager", "fused", "optcapture"]
+    for r in comparison.results:
+        low, high = r.step_spread
+        assert len(r.step_blocks_ms) == 3 and 0 < low <= r.step_ms <= high
+        host_low, host_high = r.host_spread
+        assert 0 < host_low <= r.host_ms <= host_high
+    assert comparison.results[0].max_abs_diff is None
+    assert all(r.max_abs_diff is not None and r.max_abs_diff <= 1e-4 for r in comparison.results[1:])
+    assert comparison.ok and comparison.header["optimizer"] == "Adam"
+    assert comparison.results[2].path.startswith("bucketed"), comparison.results[2].path
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert "| model | optcapture |" in str(comparison)
+
+
+def test_model_option_times_a_factory_with_its_own_optimizer(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    spec = "tests.bench.models:tiny_mlp_with_sgd"
+    assert main(["--device", "cpu", "--model", spec, "--methods", "eager,fused,optcapture", *FEW]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out, "tiny_mlp_with_sgd")
+    assert set(rows) == {"eager", "fused", "optcapture"}, out
+    assert out.startswith("optcapture.bench: SGD on CPU")
+    assert rows["fused"][-2].startswith("ok") and rows["optcapture"][-2].startswith("ok")
+    # SGD creates its momentum buffers in its first step, which runs as traced; the next call is captured.
+    assert "first-step" in rows["optcapture"][-1] and "bucketed" in rows["optcapture"][-1]
+
+
+def test_fused_and_tensor_lr_variants_keep_hyperparameters() -> None:
+    params = [torch.nn.Parameter(torch.randn(3))]
+    sgd = torch.optim.SGD([{"params": params, "lr": 0.5}], lr=0.1, momentum=0.9, nesterov=True)
+    fused = methods.with_fused(sgd)
+    assert isinstance(fused, torch.optim.SGD)
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["lr"] == 0.5
+    assert fused.param_groups[0]["nesterov"] is True and fused.param_groups[0]["params"][0] is params[0]
+    tensor_lr = methods.with_tensor_lr(sgd, torch.device("cpu"))
+    assert isinstance(tensor_lr.param_groups[0]["lr"], torch.Tensor) and float(tensor_lr.param_groups[0]["lr"]) == 0.5
+    lion = methods.Lion(params, lr=1e-3)
+    assert isinstance(methods.with_fused(lion), methods.Skipped)
+    assert methods.with_tensor_lr(lion, torch.device("cpu")) is lion  # user-written: lr stays a number
+
+
+def _training_run(tmp_path: Path, capsys: pytest.CaptureFixture[str], preset: str, *extra: str) -> list[dict]:
+    assert main(["--device", "cpu", "--quick", "--preset", preset, *FEW, *extra, "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    rows = _rows(table, preset)
+    assert set(rows) == set(methods.TRAIN_METHODS), table
+    assert "| iteration ms | spread | × fused | tail host ms |" in table
+    assert "NO (" not in table
+    for method in ("optcapture", "optcapture-tail"):
+        assert "timed steps bucketed" in rows[method][-1], rows[method]
+    assert f"{preset} optcapture-tail:" in table  # its explain() reports
+    payload = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert all(r["unit"] == "iteration" and len(r["step_blocks_ms"]) == 2 for r in payload)
+    assert all(r["relative_diff"] is None or r["relative_diff"] <= r["tolerance"] for r in payload)
+    return payload  # type: ignore[no-any-return]
+
+
+def test_train_tiny_preset_runs_every_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = _training_run(tmp_path, capsys, "train-tiny")
+    # fp32 on the CPU: the methods differ by rounding only.
+    assert all(r["relative_diff"] is None or r["relative_diff"] < 1e-3 for r in payload)
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_train_gpt2_preset_with_grad_scaler(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = _training_run(tmp_path, capsys, "train-gpt2", "--amp", "fp16")
+    assert all(r["relative_diff"] is None or r["relative_diff"] > 0 for r in payload)  # fp16 rounding shows
+
+
+def test_scaling_preset_steps_with_new_grads_every_step(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--device", "cpu", "--quick", "--preset", "scaling", *FEW]) == 0
+    table = capsys.readouterr().out
+    assert set(_rows(table, "scaling-8")) == set(methods.SCALING_METHODS), table
+    # Stock compile's first call grows with the count: it runs only up to the preset's limit unless named.
+    assert set(_rows(table, "scaling-32")) == set(methods.SCALING_METHODS) - {"compile"}, table
+    assert "NO (" not in table

@@ -1,4 +1,8 @@
-"""The methods the benchmark compares, and the optimizers it can run (Lion is a user-written one)."""
+"""The methods the benchmark compares, built from one optimizer, and the optimizers it can run (Lion is user-written).
+
+Invariant: a method is built from an optimizer that no method has stepped yet, over params no other method holds, and
+changes only how the step runs (fused kernel, tensor lr for stock compile, a backend), never the hyperparameters.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,11 @@ from typing import Any
 import torch
 
 METHODS = ("eager", "fused", "compile", "reduce-overhead", "optcapture", "optcapture-zero-grad")
+"""Methods of the optimizer-step presets and of :func:`optcapture.bench.compare`."""
+TRAIN_METHODS = ("eager", "fused", "compile", "optcapture", "optcapture-tail")
+"""Methods of the training presets: how the loop's tail (clip, step, zero_grad) runs."""
+SCALING_METHODS = ("eager", "fused", "compile", "optcapture")
+"""Methods of the scaling preset, all in the default ``zero_grad()`` loop (new grads every step)."""
 HAS_FUSED = {"adamw", "adam", "sgd"}
 # Bytes one step must move per param (fp32): reads of param, grad and state, writes of param and state.
 # "adabelief" is pytorch_optimizer's AdaBelief (installed separately): a third-party optimizer that counts steps as a
@@ -41,13 +50,13 @@ class Lion(torch.optim.Optimizer):  # type: ignore[misc]
                 exp_avg.mul_(beta2).add_(p.grad * (1 - beta2))
 
 
-def make_optimizer(name: str, params: list[torch.Tensor], lr: Any, **kwargs: Any) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Any, lr: float = 1e-3) -> torch.optim.Optimizer:
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, **kwargs)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, **kwargs)
+        return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, **kwargs)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if name == "lion":
         return Lion(params, lr=lr, weight_decay=0.01)
     if name == "adabelief":
@@ -64,28 +73,97 @@ class Setup:
     optimizer: torch.optim.Optimizer
     step: Callable[[], Any]
     fresh_grads: bool = False
+    """As after ``zero_grad()`` + ``backward()``: new grad tensors before every step."""
 
 
-def setup(method: str, optimizer_name: str, params: list[torch.Tensor], device: torch.device) -> Setup | None:
-    """Build ``method`` over ``params`` (which already carry grads); None if it does not apply."""
-    lr = 1e-3
-    if method == "eager":
-        opt = make_optimizer(optimizer_name, params, lr)
-        return Setup(opt, opt.step)
-    if method == "fused":
-        if optimizer_name not in HAS_FUSED:
-            return None
-        opt = make_optimizer(optimizer_name, params, lr, fused=True)
-        return Setup(opt, opt.step)
-    if method in ("compile", "reduce-overhead"):
-        # PyTorch's recipe: a tensor lr (capturable on CUDA) so the scheduler does not recompile.
-        extra: dict[str, Any] = ({"capturable": True} if device.type == "cuda" and optimizer_name != "sgd"
-                                 and optimizer_name not in USER_WRITTEN else {})
-        tensor_lr = optimizer_name not in USER_WRITTEN  # they pass lr as a Python number (alpha), like user code does
-        opt = make_optimizer(optimizer_name, params, torch.tensor(lr) if tensor_lr else lr, **extra)
-        mode = "reduce-overhead" if method == "reduce-overhead" else None
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A method that does not apply to this optimizer, and why."""
+
+    reason: str
+
+
+def rebuild(optimizer: torch.optim.Optimizer, overrides: dict[str, Any],
+            tensor_lr: bool = False) -> torch.optim.Optimizer:
+    """The same class over the same params and groups, with ``overrides`` in the constructor and in every group (a
+    group's own keys win over constructor arguments in ``add_param_group``); ``tensor_lr``: each group's lr in a
+    0-dim tensor."""
+    if optimizer.state:
+        raise ValueError("the optimizer has state already; build the methods from one that has not stepped")
+    groups = [{**group, **overrides} for group in optimizer.param_groups]
+    constructor = dict(overrides)
+    if tensor_lr:
+        for group in groups:
+            group["lr"] = torch.tensor(float(group["lr"]))
+        constructor["lr"] = groups[0]["lr"]  # the constructor checks a tensor lr against foreach and capturable
+    return type(optimizer)(groups, **constructor)
+
+
+def with_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | Skipped:
+    name = type(optimizer).__name__
+    if "fused" not in optimizer.defaults:
+        return Skipped(f"{name} has no fused=True")
+    try:
+        return rebuild(optimizer, {"fused": True, "foreach": None})
+    except (TypeError, ValueError, RuntimeError) as error:
+        return Skipped(f"{name}(fused=True) failed: {error}")
+
+
+def with_tensor_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.optim.Optimizer:
+    """PyTorch's recipe for compiling a step under a scheduler: lr in a tensor, so a new lr is no recompile; capturable
+    where foreach needs it. Only ``torch.optim`` classes: others take lr as a Python number, as their users pass it."""
+    if not type(optimizer).__module__.startswith("torch.optim") or not optimizer.param_groups:
+        return optimizer
+    if any(isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups):
+        return optimizer
+    overrides: dict[str, Any] = {}
+    if "capturable" in optimizer.defaults and (device.type == "cuda"
+                                               or any(g.get("foreach") for g in optimizer.param_groups)):
+        overrides["capturable"] = True
+    try:
+        return rebuild(optimizer, overrides, tensor_lr=True)
+    except (TypeError, ValueError, RuntimeError):
+        return optimizer
+
+
+def _eager(optimizer: torch.optim.Optimizer, device: torch.device) -> Setup | Skipped:
+    return Setup(optimizer, optimizer.step)
+
+
+def _fused(optimizer: torch.optim.Optimizer, device: torch.device) -> Setup | Skipped:
+    fused = with_fused(optimizer)
+    return fused if isinstance(fused, Skipped) else Setup(fused, fused.step)
+
+
+def _stock(mode: str | None) -> Callable[[torch.optim.Optimizer, torch.device], Setup | Skipped]:
+    def build(optimizer: torch.optim.Optimizer, device: torch.device) -> Setup | Skipped:
+        opt = with_tensor_lr(optimizer, device)
         return Setup(opt, torch.compile(opt.step, mode=mode))
-    if method in ("optcapture", "optcapture-zero-grad"):
-        opt = make_optimizer(optimizer_name, params, lr)
-        return Setup(opt, torch.compile(opt.step, backend="optcapture"), fresh_grads=method.endswith("zero-grad"))
-    raise ValueError(f"unknown method {method!r}")
+
+    return build
+
+
+def _optcapture(fresh_grads: bool) -> Callable[[torch.optim.Optimizer, torch.device], Setup | Skipped]:
+    def build(optimizer: torch.optim.Optimizer, device: torch.device) -> Setup | Skipped:
+        return Setup(optimizer, torch.compile(optimizer.step, backend="optcapture"), fresh_grads=fresh_grads)
+
+    return build
+
+
+Variant = Callable[[torch.optim.Optimizer, torch.device], Setup | Skipped]
+VARIANTS: dict[str, Variant] = {
+    "eager": _eager,
+    "fused": _fused,
+    "compile": _stock(None),
+    "reduce-overhead": _stock("reduce-overhead"),
+    "optcapture": _optcapture(fresh_grads=False),
+    "optcapture-zero-grad": _optcapture(fresh_grads=True),
+}
+"""How each step method is built from an optimizer over its own params (tests add recording methods here)."""
+
+
+def setup(method: str, optimizer: torch.optim.Optimizer, device: torch.device) -> Setup | Skipped:
+    """Build ``method`` from ``optimizer`` (eager form, over params that already carry grads)."""
+    if method not in VARIANTS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(VARIANTS)}")
+    return VARIANTS[method](optimizer, device)
