@@ -9,37 +9,9 @@ from typing import Any
 
 import torch
 
+from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
-class TrustRatioLamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2019): Adam's update scaled by ||p|| / ||update|| of each param."""
-
-    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                corrected_avg = state["exp_avg"] / (1 - beta1 ** state["step"])
-                corrected_sq = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
-                update = corrected_avg / (corrected_sq.sqrt() + group["eps"])
-                update.add_(p, alpha=group["weight_decay"])
-                weight_norm, update_norm = p.norm(), update.norm()
-                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
-                                    torch.ones_like(weight_norm))
-                p.add_(update * trust, alpha=-group["lr"])
+__all__ = ["Float32Muon", "ForeachNovoGrad", "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):

@@ -22,8 +22,11 @@ HAS_FUSED = {"adamw", "adam", "sgd"}
 # Bytes one step must move per param (fp32): reads of param, grad and state, writes of param and state.
 # "adabelief" is pytorch_optimizer's AdaBelief (installed separately): a third-party optimizer that counts steps as a
 # Python int in its param groups.
-BYTES_PER_PARAM = {"adamw": 28, "adam": 28, "sgd": 20, "lion": 20, "adabelief": 28}
-USER_WRITTEN = {"lion", "adabelief"}  # lr stays a Python number, as their users pass it
+# "lamb" and "muon" are lane-local (per-param norms; per-matrix Newton-Schulz): bucketed as same-shape batches. Muon's
+# matmuls make it compute-bound: its "floor" is the memory traffic alone. "muon" steps the 2-D shapes only.
+BYTES_PER_PARAM = {"adamw": 28, "adam": 28, "sgd": 20, "lion": 20, "adabelief": 28, "lamb": 28, "muon": 20}
+USER_WRITTEN = {"lion", "adabelief", "lamb"}  # lr stays a Python number, as their users pass it
+MATRICES_ONLY = {"muon"}
 
 
 class Lion(torch.optim.Optimizer):  # type: ignore[misc]
@@ -50,6 +53,38 @@ class Lion(torch.optim.Optimizer):  # type: ignore[misc]
                 exp_avg.mul_(beta2).add_(p.grad * (1 - beta2))
 
 
+class Lamb(torch.optim.Optimizer):  # type: ignore[misc]
+    """LAMB (You et al. 2019) written as a user would: Adam's update scaled by ||p|| / ||update|| of each param."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()  # type: ignore[untyped-decorator]
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                corrected_avg = state["exp_avg"] / (1 - beta1 ** state["step"])
+                corrected_sq = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+                update = corrected_avg / (corrected_sq.sqrt() + group["eps"])
+                update.add_(p, alpha=group["weight_decay"])
+                weight_norm, update_norm = p.norm(), update.norm()
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
+                                    torch.ones_like(weight_norm))
+                p.add_(update * trust, alpha=-group["lr"])
+
+
 def make_optimizer(name: str, params: Any, lr: float = 1e-3) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -63,7 +98,11 @@ def make_optimizer(name: str, params: Any, lr: float = 1e-3) -> torch.optim.Opti
         from pytorch_optimizer import AdaBelief
 
         return AdaBelief(params, lr=lr, weight_decay=0.01)  # type: ignore[no-any-return]
-    raise ValueError(f"unknown optimizer {name!r}; choose adamw, adam, sgd, lion or adabelief")
+    if name == "lamb":
+        return Lamb(params, lr=lr, weight_decay=0.01)
+    if name == "muon":
+        return torch.optim.Muon(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; choose {', '.join(sorted(BYTES_PER_PARAM))}")
 
 
 @dataclasses.dataclass

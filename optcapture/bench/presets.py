@@ -53,6 +53,10 @@ def numel(shapes: Shapes) -> int:
     return sum(math.prod(s) for s in shapes)
 
 
+def numel_of(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingPreset:
     """A nanoGPT-style training run: the model, the batch, and nanoGPT's AdamW hyperparameters."""
