@@ -26,7 +26,9 @@ from optcapture.errors import user_stacklevel
 log = logging.getLogger(__name__)
 
 SLOW_FIRST_CALL_SECONDS = 10.0
-"""A capture whose first call (Dynamo's share included) takes longer than this many seconds is warned about."""
+"""A capture whose first call (Dynamo's share included) takes longer than this many seconds is warned about (a
+``UserWarning``, once per capture; ``warnings.filterwarnings("ignore", message="optcapture: the first call")``
+silences it)."""
 
 Stage = Literal["dynamo", "discover", "prepare", "bucket", "lower", "first replay"]
 

@@ -20,10 +20,7 @@ from optcapture.progress import Stage
 from optcapture.replay import COUNTERS, Stats
 
 Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
-"""What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
-``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
-(the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
-optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+"""What a compiled graph of an optimizer step runs as (:attr:`CaptureReport.path` says what each means)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +30,10 @@ class CaptureReport:
     optimizer: str
     """The optimizer's class name."""
     path: Path
+    """What the compiled graph of the step runs as: ``bucketed`` (one program per bucket over flat storage),
+    ``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
+    (the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
+    optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
     reasons: tuple[str, ...]
     """Why the graph is not bucketed (empty when it is)."""
     roles: tuple[InputRole, ...]
@@ -67,6 +68,7 @@ class CaptureReport:
         return self.dynamo_seconds + self.seconds
 
     def describe(self) -> str:
+        """The report as lines of text (what ``print(report)`` shows)."""
         grads = f", grads {self.grads}" if self.grads else ""
         lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {self.runs} flat run(s){grads}, "
                  f"first call {self.first_call_seconds:.1f} s: Dynamo {self.dynamo_seconds:.1f} s, optcapture "
