@@ -271,7 +271,7 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
     if kept:
         log.debug("hyperparameters %s stay Python numbers: as tensors, %s", kept,
                   f"the shadow step does not trace as one graph ({'; '.join(dict.fromkeys(failures))})" if failures
-                  else "its graph does not read them")
+                  else "the graph turns them back into numbers")
     return accepted
 
 
