@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -204,6 +205,19 @@ def frame_compiles() -> tuple[int, int] | None:
     if count is None:
         return None
     return int(count), int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+
+
+def frame_compile_began() -> float | None:
+    """The ``time.perf_counter()`` at which Dynamo began compiling the frame being compiled now (its outermost compile
+    on this thread: the one a nested ``torch.compile`` runs inside), or None outside a compile. Read from Dynamo's
+    metrics context, which stamps ``time.time_ns()`` on entering it (torch/_dynamo/metrics_context.py)."""
+    from torch._dynamo.utils import get_metrics_context
+
+    context = get_metrics_context()
+    began_ns = getattr(context, "_start_time_ns", 0)
+    if not context.in_progress() or not began_ns:
+        return None
+    return time.perf_counter() - (time.time_ns() - int(began_ns)) / 1e9
 
 
 def skip_frame_request(reason: str) -> Exception:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from optcapture import _compat, bucketing, lane_batches, lowering, preparation, registry
+from optcapture import _compat, bucketing, lane_batches, lowering, preparation, progress, registry
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
@@ -38,6 +38,7 @@ _FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs
 _HYPER_GUARD = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\]")
 
 
+@progress.timed
 def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     """Dynamo backend entry point (``torch.compile(opt.step, backend="optcapture")``)."""
     began = time.perf_counter()
@@ -49,6 +50,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         # Before any of the step ran; as itself, not wrapped in Dynamo's BackendCompilerFailed.
         raise _compat.through_dynamo(error) from None
     tracer = _compat.current_tracer()
+    progress.enter("discover")
     step = discover(gm, example_inputs, tracer)
     if not step.is_optimizer_graph:
         return _not_an_optimizer_step(step, gm, example_inputs, config)
@@ -149,6 +151,7 @@ def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
                        config: CaptureConfig) -> Callable[..., Any] | Exception:
     """``gm`` compiled by Inductor per tensor (no CUDA graph), or the error that stopped it. Dynamo's requests to
     restart its analysis are not failures: they pass through."""
+    progress.enter("lower")
     try:
         compiled: Callable[..., Any] = lowering.lower_graph(gm, example_inputs, config)
     except _compat.restart_errors():
@@ -222,8 +225,12 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence
              required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
+    progress.enter("prepare")
     prepared = registry.prepared_for(optimizer, config)
-    flats = preparation.prepare(step, prepared)
+    try:
+        flats = preparation.prepare(step, prepared)
+    except Exception as error:  # noqa: BLE001 - each tensor is moved whole or not at all: the step is still exact
+        raise CaptureError(f"moving the params into flat storage failed ({type(error).__name__}: {error})") from None
     runs = bucketing.plan_runs(step, flats)
     tables = _grad_tables(step, runs, flats, config)
     if tables:
@@ -245,10 +252,13 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     assert optimizer is not None and step.lane_report is not None
     reason = step.lane_report.reason
     try:
+        progress.enter("prepare")
         prepared = registry.prepared_for(optimizer, config)
         flats = preparation.prepare(step, prepared)
+        progress.enter("bucket")
         batches = lane_batches.plan_batches(step, flats)
         batched = lane_batches.build_batched_step(step, gm, example_inputs, flats, batches)
+        progress.enter("lower")
         lowered = lowering.lower_batched(batched.call, batched.inputs, config, batches[0].key.device)
     except _compat.restart_errors():
         raise
@@ -259,6 +269,7 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
+    @progress.timed
     def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
         try:
             changed = changed_since_traced(step)
@@ -343,6 +354,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
     optimizer = step.optimizer
     assert optimizer is not None
     run_grads = [table.virtual for table in tables] or None
+    progress.enter("bucket")
     with preparation.backed_by_memory(tables):
         proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False,
                                               run_grads=run_grads)
@@ -358,6 +370,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
             raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
         shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
         followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
+        progress.enter("lower")
         try:
             lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables,
                                             [(shadow.groups[g], key) for g, key in sorted(followed)])
@@ -377,6 +390,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
+    @progress.timed
     def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
         try:
             changed = changed_since_traced(step)
@@ -487,6 +501,7 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
     eager step that replaces the capture from the next step on.
     """
     holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
+    timing = progress.pending_first_replay()
     compiled_lazily = lowered.kernels is None  # NB: not ``lowered`` itself, which the eager fallback lets go
     del lowered
     optimizer = optimizer_ref()
@@ -508,10 +523,12 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
 
     def run() -> Callable[[], None] | None:
         compiled = holder["compiled"]
-        lazy_first = holder["first"] and compiled_lazily
+        first = holder["first"]
+        lazy_first = first and compiled_lazily
         holder["first"] = False
-        if lazy_first:
-            kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
+        if first:
+            kernels_before = _compat.generated_kernel_count()
+            timing.enter("first replay")
         try:
             compiled()
         except compile_errors as error:
@@ -523,11 +540,9 @@ def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.o
             if not _compat.raised_while_recording_cuda_graph(error):
                 raise
             return step_eagerly_from_now_on("recording the CUDA graph of", error)
-        if lazy_first:
-            current = holder["report"]
-            holder["report"] = registry.amend(optimizer_ref(), current,
-                                              kernels=_compat.generated_kernel_count() - kernels_before,
-                                              seconds=current.seconds + time.perf_counter() - began)
+        if first:
+            kernels = _compat.generated_kernel_count() - kernels_before if lazy_first else holder["report"].kernels
+            holder["report"] = registry.amend(optimizer_ref(), holder["report"], kernels=kernels, **timing.sum_up())
         return None
 
     return run

@@ -219,8 +219,9 @@ class _Traced(Exception):
 TracedGraph = tuple[torch.fx.GraphModule, list[Any]]
 
 
-def trace_only(fn: Callable[[], None]) -> TracedGraph | None:
-    """The full Dynamo graph of ``fn`` and its inputs without running it, or None if it is not one graph."""
+def trace_only(fn: Callable[[], None], failures: list[str] | None = None) -> TracedGraph | None:
+    """The full Dynamo graph of ``fn`` and its inputs without running it, or None if it is not one graph. Why it is
+    not is logged, or, given ``failures``, appended to it (a probe expects failures and says them once)."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         raise _Traced(gm, list(example_inputs))
@@ -235,7 +236,11 @@ def trace_only(fn: Callable[[], None]) -> TracedGraph | None:
                 traced = (cause.gm, cause.example_inputs)
             cause = cause.__cause__ or cause.__context__
         if traced is None:
-            log.debug("shadow does not trace as one graph: %s", str(error).splitlines()[0] if str(error) else error)
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if failures is None:
+                log.debug("shadow does not trace as one graph: %s", reason)
+            else:
+                failures.append(reason)
         # NB: the traceback holds this frame and, through f_back, the backend's frames; drop it so the
         # optimizer is freed by reference counting, not only by the cycle collector.
         error.__traceback__ = None
@@ -253,13 +258,26 @@ def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOpti
     keeps guarding it: changing it then recompiles, which is the correct outcome.
     """
     candidates = hyper_candidates(optimizer, runs)
+    failures: list[str] = []  # failed probes are expected: said once, below
 
     def traces(keys: set[HyperKey], chosen: Sequence[int] = range(len(runs))) -> bool:
         subset = [runs[i] for i in chosen]
         grads = None if run_grads is None else [run_grads[i] for i in chosen]
-        traced = trace_only(build_shadow(optimizer, prepared, subset, flats, keys, run_grads=grads).call)
+        traced = trace_only(build_shadow(optimizer, prepared, subset, flats, keys, run_grads=grads).call, failures)
         return traced is not None and _keeps_tensors(*traced)
 
+    accepted = _probe(optimizer, runs, candidates, traces)
+    kept = sorted({name for _, name in candidates - accepted})
+    if kept:
+        log.debug("hyperparameters %s stay Python numbers: as tensors, %s", kept,
+                  f"the shadow step does not trace as one graph ({'; '.join(dict.fromkeys(failures))})" if failures
+                  else "the graph turns them back into numbers")
+    return accepted
+
+
+def _probe(optimizer: torch.optim.Optimizer, runs: list[Run], candidates: set[HyperKey],
+           traces: Callable[..., bool]) -> set[HyperKey]:
+    """:func:`probe_tensor_hypers`'s search, with ``traces(keys, chosen runs)`` its probe."""
     if not candidates:
         return candidates
     # Every probe traces a shadow, which costs time in proportion to its groups; with many groups (layer-wise

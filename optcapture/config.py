@@ -25,29 +25,30 @@ DEFAULT_ALIGN_ELEMENTS = 64  # 256 B for fp32: keeps every tensor's slot 16-byte
 
 @dataclasses.dataclass(frozen=True)
 class CaptureConfig:
-    """How optcapture captures an optimizer step.
-
-    fallback: ``"eager"`` runs what cannot be captured on the stock path and warns once;
-        ``"raise"`` turns every such case into :class:`optcapture.UnsupportedStepError`.
-    bucketing: compile elementwise updates once per bucket over flat storage (issue #4).
-        ``False`` keeps the per-tensor Inductor graph.
-    cudagraphs: replay the step under Inductor's CUDA graph trees on CUDA devices.
-    grads_in_place: on CUDA, the bucket kernel reads each grad where autograd allocated it, through a
-        table of addresses, so a default ``zero_grad()`` loop costs no grad copy. ``False`` copies fresh
-        grads into flat storage before each step (the CPU path always does).
-    align_elements: each tensor's slot in a flat bucket starts at a multiple of this many elements.
-    autotune: benchmark launch configurations of the step's kernels at their first run (Inductor's
-        ``triton.autotune_pointwise``). Off by default: on one flat bucket Inductor's heuristic
-        configuration measured the same step time, and autotuning cost seconds of the first call.
-        ``mode="max-autotune"`` turns it on.
-    """
+    """How optcapture captures an optimizer step: ``torch.compile(opt.step, backend="optcapture", options={...})``
+    or ``optcapture.capture(opt, options)`` take these fields as a dict (or a ``CaptureConfig``); an unknown key or a
+    value of the wrong kind is an :class:`~optcapture.OptionError`. Each field's docstring below is its documentation
+    (``docs/api.md`` is generated from them)."""
 
     fallback: FallbackPolicy = DEFAULT_FALLBACK
+    """``"eager"``: what cannot be captured runs on the stock path (Inductor's per-tensor graph, or eagerly) and is
+    warned about once per reason. ``"raise"``: every such case is an :class:`~optcapture.UnsupportedStepError`
+    naming the reason."""
     bucketing: bool = DEFAULT_BUCKETING
+    """Compile elementwise updates once per bucket (param group x device x dtype) over flat storage. ``False`` keeps
+    the per-tensor Inductor graph, as stock ``torch.compile`` runs it."""
     cudagraphs: bool = DEFAULT_CUDAGRAPHS
+    """Replay the step under Inductor's CUDA graph trees on CUDA devices (no effect on CPU)."""
     grads_in_place: bool = DEFAULT_GRADS_IN_PLACE
+    """On CUDA, the bucket kernel reads each grad where autograd allocated it, through a table of addresses, so a
+    default ``zero_grad()`` loop costs no grad copy. ``False`` copies fresh grads into flat storage before each step
+    (the CPU path always does)."""
     align_elements: int = DEFAULT_ALIGN_ELEMENTS
+    """Each tensor's slot in a flat bucket starts at a multiple of this many elements (a positive int)."""
     autotune: bool = DEFAULT_AUTOTUNE
+    """Benchmark launch configurations of the step's kernels at their first run (Inductor's
+    ``triton.autotune_pointwise``). Off by default: on one flat bucket Inductor's heuristic configuration measured
+    the same step time, and autotuning cost seconds of the first call. ``mode="max-autotune"`` turns it on."""
 
     def __post_init__(self) -> None:
         if self.fallback not in ("eager", "raise"):

@@ -168,7 +168,24 @@ def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
 
 def bucketable(p: torch.Tensor) -> bool:
     """A param whose elements can live in a flat buffer in its own element order."""
-    return p.is_floating_point() and not p.is_complex() and p.layout == torch.strided and p.is_contiguous()
+    return not_bucketable_because(p) is None
+
+
+def not_bucketable_because(p: torch.Tensor) -> str | None:
+    """Why ``p`` cannot move into flat storage, or None. Moving re-points ``p`` at a slot of a flat buffer
+    (``p.data = slot``), which is only right for a plain tensor that owns all of its storage: a view of a larger
+    buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, a user's flat parameter) would be cut from it,
+    and a tensor subclass (DTensor) keeps its elements in a local tensor of its own."""
+    if not p.is_floating_point() or p.is_complex():
+        return f"has dtype {p.dtype}; only real floating params are bucketed"
+    if type(p.data) is not torch.Tensor:
+        return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
+    if p.layout != torch.strided or not p.is_contiguous():
+        return "is not a contiguous strided tensor"
+    if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+        return ("is a view of a larger buffer (moving it into flat storage would cut it from that buffer, which "
+                "would no longer see its updates)")
+    return None
 
 
 def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
@@ -359,11 +376,9 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             for i in sorted(present.get(g, [])):
                 p = group["params"][i]
                 assert p.grad is not None
-                if p.is_complex() or not p.is_floating_point():
-                    blockers.append(f"param {i} of group {g} has dtype {p.dtype}; "
-                                    "only real floating params are bucketed")
-                elif not bucketable(p):
-                    blockers.append(f"param {i} of group {g} is not a contiguous strided tensor")
+                why = not_bucketable_because(p)
+                if why is not None:
+                    blockers.append(f"param {i} of group {g} {why}")
                 if p.grad.is_sparse or p.layout != torch.strided:
                     blockers.append(f"param {i} of group {g} has a sparse grad or layout")
                 if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:

@@ -12,17 +12,15 @@ from typing import Literal
 
 import torch
 
-from optcapture import errors
+from optcapture import errors, progress
 from optcapture.config import CaptureConfig
 from optcapture.discovery import InputRole, StepGraph
 from optcapture.preparation import PreparedOptimizer
+from optcapture.progress import Stage
 from optcapture.replay import COUNTERS, Stats
 
 Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
-"""What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
-``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
-(the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
-optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+"""What a compiled graph of an optimizer step runs as (:attr:`CaptureReport.path` says what each means)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +30,10 @@ class CaptureReport:
     optimizer: str
     """The optimizer's class name."""
     path: Path
+    """What the compiled graph of the step runs as: ``bucketed`` (one program per bucket over flat storage),
+    ``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
+    (the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
+    optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
     reasons: tuple[str, ...]
     """Why the graph is not bucketed (empty when it is)."""
     roles: tuple[InputRole, ...]
@@ -46,18 +48,37 @@ class CaptureReport:
     kernels: int
     """Kernels Inductor generated for this compile."""
     seconds: float = 0.0
-    """Time optcapture spent after Dynamo handed over the graph: the backend plus the first compile."""
+    """optcapture's share of the capture's first call: its stages (``stages``), the first run of a bucketed step
+    included (which compiles it, where the compile was deferred to it)."""
     grads: str = ""
     """Bucketed captures: "in place" (read through a grad table, no copy) or "copied" (into flat storage)."""
     batches: int = 0
     """Bucketed captures of a lane-local update (per-param norms: LAMB, LARS; matrices: Muon): how many batches of
     same-shape params the step runs on, each as one vmapped program (0 for elementwise updates, which use runs)."""
+    dynamo_seconds: float = 0.0
+    """Dynamo's share of the capture's first call: from when Dynamo began compiling the step's frame until it handed
+    the graph to optcapture, and, for a bucketed capture, from the backend's return to the step's first run (guards,
+    bytecode). 0 for a capture rebuilt during a step (no Dynamo compile). Frames Dynamo compiled before the step's
+    own (``torch.optim``'s wrapper of ``step``, a fraction of a second) are not counted."""
+    stages: tuple[tuple[Stage, float], ...] = ()
+    """Seconds of each of optcapture's stages in this first call, in order: ``discover``, ``prepare``, ``bucket``,
+    ``lower``, ``first replay`` (those the capture went through; a stage run twice, e.g. after in-place grads
+    failed, is summed). ``TORCH_LOGS="optcapture"`` logs each as it starts and ends."""
+
+    @property
+    def first_call_seconds(self) -> float:
+        """The whole first call of the capture as timed: ``dynamo_seconds + seconds``."""
+        return self.dynamo_seconds + self.seconds
 
     def describe(self) -> str:
+        """The report as lines of text (what ``print(report)`` shows)."""
         grads = f", grads {self.grads}" if self.grads else ""
         layout = f"{self.batches} same-shape batch(es)" if self.batches else f"{self.runs} flat run(s)"
         lines = [f"{self.optimizer}: {self.path} ({self.kernels} kernel(s) generated, {layout}{grads}, "
+                 f"first call {self.first_call_seconds:.1f} s: Dynamo {self.dynamo_seconds:.1f} s, optcapture "
                  f"{self.seconds:.1f} s)"]
+        if self.stages:
+            lines.append("  stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.stages))
         lines += [f"  bucket {b}" for b in self.buckets]
         lines += [f"  hyperparameter in a device tensor: {h}" for h in self.tensor_hyperparameters]
         lines += [f"  not bucketed: {r}" for r in self.reasons]
@@ -81,15 +102,22 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
 
 
 def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
-           kernels: int | None = 0, seconds: float = 0.0, grads: str = "", batches: int = 0) -> CaptureReport:
+           kernels: int | None = 0, seconds: float | None = None, grads: str = "",
+           batches: int = 0) -> CaptureReport:
+    """Record a capture of ``step``; its times so far come from the capture under way (``seconds`` overrides
+    optcapture's share)."""
+    timing = progress.current()
+    timings = timing.timings()
     report = CaptureReport(
         optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
         path=path, reasons=tuple(reasons), roles=tuple(step.roles),
         buckets=tuple(f"group {b.key.group} {b.key.device} {b.key.dtype}: {len(b.members)} tensors, {b.numel} elements"
                       for b in step.buckets),
-        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels or 0, seconds=seconds, grads=grads,
-        batches=batches)
+        runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels or 0,
+        seconds=timings["seconds"] if seconds is None else seconds, grads=grads,
+        dynamo_seconds=timings["dynamo_seconds"], stages=timings["stages"], batches=batches)
     if step.optimizer is not None:
+        timing.owner = report.optimizer
         _reports.setdefault(step.optimizer, []).append(report)
     return report
 

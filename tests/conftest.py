@@ -7,6 +7,7 @@ import torch
 import torch._inductor.metrics
 
 import optcapture
+from optcapture import progress
 
 
 def _has_cuda_triton() -> bool:
@@ -30,6 +31,13 @@ def _fresh_caches():
     yield
     torch._dynamo.reset()
     optcapture.reset()
+
+
+@pytest.fixture(autouse=True)
+def _no_slow_first_call_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # First calls pass 10 s on a loaded 2-core machine; tests that fail on any warning must not see that one.
+    # tests/test_progress.py sets the threshold it tests.
+    monkeypatch.setattr(progress, "SLOW_FIRST_CALL_SECONDS", float("inf"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -136,9 +136,9 @@ def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeyp
     for count in (2, 12):
         calls = [0]
 
-        def counted(fn: object, calls: list[int] = calls) -> object:
+        def counted(fn: object, *args: object, calls: list[int] = calls) -> object:
             calls[0] += 1
-            return real(fn)  # type: ignore[arg-type]
+            return real(fn, *args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(bucketing, "trace_only", counted)
         params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(count)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -256,3 +258,21 @@ def test_rewrap_scheduler_step_points_the_schedulers_wrapper_at_the_class() -> N
     opt._opt_called = False  # type: ignore[attr-defined]
     opt.step()
     assert seen == [opt] and opt._opt_called is True  # type: ignore[attr-defined]
+
+
+def test_frame_compile_began_is_when_dynamo_began_compiling_the_frame() -> None:
+    assert _compat.frame_compile_began() is None
+    seen: list[tuple[float | None, float]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        seen.append((_compat.frame_compile_began(), time.perf_counter()))
+        return gm.forward
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    called = time.perf_counter()
+    torch.compile(fn, backend=backend)(torch.ones(2))
+    ((began, handed_over),) = seen
+    assert began is not None and called <= began <= handed_over, (called, began, handed_over)
+    assert _compat.frame_compile_began() is None
