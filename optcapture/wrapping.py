@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import sys
 import textwrap
 import weakref
 from collections.abc import Callable, Mapping
@@ -49,10 +50,16 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     ``opt.step(closure)`` evaluates the closure with grad enabled, then runs the compiled step, where the class's
     step only evaluates its closure first (all of ``torch.optim`` but LBFGS); other steps run uncompiled when given
     a closure, said once. Capturing an optimizer twice with the same options returns it as it is.
+
+    A ``ZeroRedundancyOptimizer`` is returned as it is with its local optimizer (``zero.optim``) captured: its own
+    step runs collectives around the local step. Refused, said once, with ``overlap_with_ddp=True`` (no
+    ``torch.optim`` step to capture) and ``parameters_as_bucket_view=True`` (its buckets would go stale).
     """
     config = parse_options(options)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise OptionError(f"optcapture.capture takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if _is_zero_redundancy_optimizer(optimizer):
+        return _capture_local_optimizer(optimizer, config)
     if isinstance(optimizer, torch.optim.LBFGS):
         raise UnsupportedStepError("LBFGS re-evaluates its closure inside step() (line search): its step cannot be "
                                    "compiled as one; step it eagerly")
@@ -73,6 +80,40 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     _compat.rewrap_scheduler_step(optimizer)
     log.info("captured %s: its step runs compiled with optcapture (%s)", base.__name__, config)
     return optimizer
+
+
+def _is_zero_redundancy_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    # Looked up, not imported: importing torch.distributed.optim has side effects (TorchScript deprecation warnings),
+    # and an optimizer can only be a ZeroRedundancyOptimizer once its module is imported.
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero_class = getattr(module, "ZeroRedundancyOptimizer", None)
+    return zero_class is not None and isinstance(optimizer, zero_class)
+
+
+def _capture_local_optimizer(zero: OptimizerT, config: CaptureConfig) -> OptimizerT:
+    """ZeroRedundancyOptimizer's step steps its local optimizer (``zero.optim``, over this rank's shard of the
+    params), then broadcasts each rank's params between Python-level collectives: the local optimizer is what can be
+    captured. Refused, said once (``fallback="raise"``: raised), where capturing it would not be the same step."""
+    local = getattr(zero, "optim", None)
+    reason = None
+    if not isinstance(local, torch.optim.Optimizer):
+        # overlap_with_ddp=True: built at DDP's first backward, a functional optimizer stepped from DDP's comm hook.
+        reason = ("ZeroRedundancyOptimizer(overlap_with_ddp=True) steps a functional optimizer from DDP's "
+                  "communication hook, not a torch.optim step: there is nothing to capture, it runs as it is")
+    elif getattr(zero, "parameters_as_bucket_view", False):
+        # Its params are views into its buckets, which it broadcasts; optcapture's flat storage would stop the
+        # updates from reaching those buckets.
+        reason = ("ZeroRedundancyOptimizer(parameters_as_bucket_view=True) broadcasts its params from buckets that "
+                  "they are views of, which a captured step would not update: it steps uncompiled (capture it "
+                  "with parameters_as_bucket_view=False)")
+    if reason is not None:
+        if config.fallback == "raise":
+            raise UnsupportedStepError(reason)
+        warn_once(reason)
+        return zero
+    capture(local, config)
+    log.info("captured the local optimizer of ZeroRedundancyOptimizer (explain(zero.optim) reports on it)")
+    return zero
 
 
 def _captured_class(base: type, config: CaptureConfig) -> type:
