@@ -29,6 +29,7 @@ import torch
 from optcapture import _compat, registry
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.errors import OptionError, UnsupportedStepError, warn_once
+from optcapture.replay import COUNTERS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 _compiled: weakref.WeakKeyDictionary[torch.optim.Optimizer, Callable[..., Any]] = weakref.WeakKeyDictionary()
 # One subclass per (class, config), so two optimizers captured alike share a class.
 _classes: dict[tuple[type, CaptureConfig], type] = {}
+# Captured wrappers whose own step Dynamo never handed over, but whose call captured the optimizer they wrap.
+_steps_a_captured_optimizer: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | None = None) -> OptimizerT:
@@ -130,9 +133,10 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         if compiled is None:
             compiled = _compiled[self] = torch.compile(base_step, backend="optcapture",
                                                        options=dataclasses.asdict(config))
+        captures_before = COUNTERS.captures
         if closure is None:
             result = compiled(self)
-            _say_if_never_seen(self, base)
+            _say_if_never_seen(self, base, captures_before)
             return result
         if not closure_first:
             warn_once(f"{base.__name__}.step uses its closure beyond evaluating it first; steps given a closure run "
@@ -141,7 +145,7 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         with torch.enable_grad():
             loss = closure()
         compiled(self)
-        _say_if_never_seen(self, base)
+        _say_if_never_seen(self, base, captures_before)
         return loss
 
     cls = type(base.__name__, (base,), {"step": step, "_optcapture_base": base, "_optcapture_config": config,
@@ -150,15 +154,24 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
     return cls
 
 
-# torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).
-def _say_if_never_seen(optimizer: torch.optim.Optimizer, base: type) -> None:
+def _say_if_never_seen(optimizer: torch.optim.Optimizer, base: type, captures_before: int) -> None:
     """A compiled step Dynamo ran without handing optcapture any graph of it (a graph break around everything, a
-    frame Dynamo skips: Adafactor's ``.item()`` on torch 2.13) ran uncompiled: said once, after its first call."""
-    if not registry.explain(optimizer):
-        warn_once(f"Dynamo handed optcapture no graph of the step of {base.__name__}: it ran uncompiled, as plain "
-                  "Python (TORCH_LOGS=graph_breaks says why)")
+    frame Dynamo skips: Adafactor's ``.item()`` on torch 2.13) ran uncompiled: said once, after its first call.
+
+    Not said of a wrapper whose step steps another optimizer that optcapture captured during the call (Accelerate's
+    ``AcceleratedOptimizer`` captured after ``prepare``): Dynamo compiles the inner step's frame after the wrapper's
+    graph break, so the step that matters is compiled."""
+    if registry.explain(optimizer) or optimizer in _steps_a_captured_optimizer:
+        return
+    if COUNTERS.captures > captures_before:
+        _steps_a_captured_optimizer.add(optimizer)
+        log.info("the step of %s ran as Python around an inner optimizer's step, which was captured", base.__name__)
+        return
+    warn_once(f"Dynamo handed optcapture no graph of the step of {base.__name__}: it ran uncompiled, as plain "
+              "Python (TORCH_LOGS=graph_breaks says why)")
 
 
+# torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).
 _ALLOWED_BEFORE_CLOSURE = frozenset({"_cuda_graph_capture_health_check", "_accelerator_graph_capture_health_check"})
 
 
