@@ -17,7 +17,6 @@ import dataclasses
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 import warnings
@@ -32,13 +31,6 @@ import torch.multiprocessing as mp
 Worker = Callable[[int, int], Any]
 
 DEFAULT_TIMEOUT_S = 150.0
-
-
-def free_port() -> int:
-    """A TCP port free now on localhost (the system picks it); for ``torchrun --master-port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def spawn(worker: Worker, world_size: int = 2, timeout: float = DEFAULT_TIMEOUT_S, rpc: bool = False) -> list[Any]:
