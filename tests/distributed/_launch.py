@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import pickle
 import tempfile
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -41,11 +41,10 @@ def spawn(worker: Worker, world_size: int = 2, timeout: float = DEFAULT_TIMEOUT_
     with tempfile.TemporaryDirectory(prefix="optcapture-dist-") as folder:
         context = mp.start_processes(_entry, args=(worker, world_size, folder, rpc), nprocs=world_size, join=False,
                                      start_method="spawn")
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+        deadline = time.monotonic() + timeout
         try:
-            while not context.join(timeout=max(0.0, (deadline - datetime.datetime.now()).total_seconds()),
-                                   grace_period=5.0):
-                if datetime.datetime.now() >= deadline:
+            while not context.join(timeout=max(0.0, deadline - time.monotonic()), grace_period=5.0):
+                if time.monotonic() >= deadline:
                     raise TimeoutError(f"{worker.__name__} did not finish in {timeout:.0f} s on {world_size} "
                                        "processes (a collective waiting for a rank that took another path?)")
         finally:
@@ -61,8 +60,7 @@ def spawn(worker: Worker, world_size: int = 2, timeout: float = DEFAULT_TIMEOUT_
 
 
 def _entry(rank: int, worker: Worker, world_size: int, folder: str, rpc: bool) -> None:
-    torch.set_num_threads(1)  # two ranks on a small shared CPU; also what OMP_NUM_THREADS=1 gives torchrun workers
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)  # two ranks on a small shared CPU, as torchrun's default OMP_NUM_THREADS=1 gives
     store = dist.FileStore(str(Path(folder) / "store"), world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
