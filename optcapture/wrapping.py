@@ -133,8 +133,8 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         if compiled is None:
             compiled = _compiled[self] = torch.compile(base_step, backend="optcapture",
                                                        options=dataclasses.asdict(config))
-        captures_before = COUNTERS.captures
         if closure is None:
+            captures_before = COUNTERS.captures
             result = compiled(self)
             _say_if_never_seen(self, base, captures_before)
             return result
@@ -144,6 +144,7 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             return base_step(self, closure)
         with torch.enable_grad():
             loss = closure()
+        captures_before = COUNTERS.captures  # after the closure, which may compile a forward with this backend
         compiled(self)
         _say_if_never_seen(self, base, captures_before)
         return loss
