@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import sys
 import textwrap
 import weakref
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ import torch
 from optcapture import _compat, registry
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.errors import OptionError, UnsupportedStepError, warn_once
+from optcapture.replay import COUNTERS
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 _compiled: weakref.WeakKeyDictionary[torch.optim.Optimizer, Callable[..., Any]] = weakref.WeakKeyDictionary()
 # One subclass per (class, config), so two optimizers captured alike share a class.
 _classes: dict[tuple[type, CaptureConfig], type] = {}
+# Captured wrappers whose own step Dynamo never handed over, but whose call captured the optimizer they wrap.
+_steps_a_captured_optimizer: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | None = None) -> OptimizerT:
@@ -49,10 +53,16 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     ``opt.step(closure)`` evaluates the closure with grad enabled, then runs the compiled step, where the class's
     step only evaluates its closure first (all of ``torch.optim`` but LBFGS); other steps run uncompiled when given
     a closure, said once. Capturing an optimizer twice with the same options returns it as it is.
+
+    A ``ZeroRedundancyOptimizer`` is returned as it is with its local optimizer (``zero.optim``) captured: its own
+    step runs collectives around the local step. Refused, said once, with ``overlap_with_ddp=True`` (no
+    ``torch.optim`` step to capture) and ``parameters_as_bucket_view=True`` (its buckets would go stale).
     """
     config = parse_options(options)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise OptionError(f"optcapture.capture takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if _is_zero_redundancy_optimizer(optimizer):
+        return _capture_local_optimizer(optimizer, config)
     if isinstance(optimizer, torch.optim.LBFGS):
         raise UnsupportedStepError("LBFGS re-evaluates its closure inside step() (line search): its step cannot be "
                                    "compiled as one; step it eagerly")
@@ -75,6 +85,40 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     return optimizer
 
 
+def _is_zero_redundancy_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    # Looked up, not imported: importing torch.distributed.optim has side effects (TorchScript deprecation warnings),
+    # and an optimizer can only be a ZeroRedundancyOptimizer once its module is imported.
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero_class = getattr(module, "ZeroRedundancyOptimizer", None)
+    return zero_class is not None and isinstance(optimizer, zero_class)
+
+
+def _capture_local_optimizer(zero: OptimizerT, config: CaptureConfig) -> OptimizerT:
+    """ZeroRedundancyOptimizer's step steps its local optimizer (``zero.optim``, over this rank's shard of the
+    params), then broadcasts each rank's params between Python-level collectives: the local optimizer is what can be
+    captured. Refused, said once (``fallback="raise"``: raised), where capturing it would not be the same step."""
+    local = getattr(zero, "optim", None)
+    reason = None
+    if not isinstance(local, torch.optim.Optimizer):
+        # overlap_with_ddp=True: built at DDP's first backward, a functional optimizer stepped from DDP's comm hook.
+        reason = ("ZeroRedundancyOptimizer(overlap_with_ddp=True) steps a functional optimizer from DDP's "
+                  "communication hook, not a torch.optim step: there is nothing to capture, it runs as it is")
+    elif getattr(zero, "parameters_as_bucket_view", False):
+        # Its params are views into its buckets, which it broadcasts; optcapture's flat storage would stop the
+        # updates from reaching those buckets.
+        reason = ("ZeroRedundancyOptimizer(parameters_as_bucket_view=True) broadcasts its params from buckets that "
+                  "they are views of, which a captured step would not update: it steps uncompiled (capture it "
+                  "with parameters_as_bucket_view=False)")
+    if reason is not None:
+        if config.fallback == "raise":
+            raise UnsupportedStepError(reason)
+        warn_once(reason)
+        return zero
+    capture(local, config)
+    log.info("captured the local optimizer of ZeroRedundancyOptimizer (explain(zero.optim) reports on it)")
+    return zero
+
+
 def _captured_class(base: type, config: CaptureConfig) -> type:
     key = (base, config)
     cls = _classes.get(key)
@@ -90,8 +134,9 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             compiled = _compiled[self] = torch.compile(base_step, backend="optcapture",
                                                        options=dataclasses.asdict(config))
         if closure is None:
+            captures_before = COUNTERS.captures
             result = compiled(self)
-            _say_if_never_seen(self, base)
+            _say_if_never_seen(self, base, captures_before)
             return result
         if not closure_first:
             warn_once(f"{base.__name__}.step uses its closure beyond evaluating it first; steps given a closure run "
@@ -99,8 +144,9 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             return base_step(self, closure)
         with torch.enable_grad():
             loss = closure()
+        captures_before = COUNTERS.captures  # after the closure, which may compile a forward with this backend
         compiled(self)
-        _say_if_never_seen(self, base)
+        _say_if_never_seen(self, base, captures_before)
         return loss
 
     cls = type(base.__name__, (base,), {"step": step, "_optcapture_base": base, "_optcapture_config": config,
@@ -109,15 +155,24 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
     return cls
 
 
-# torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).
-def _say_if_never_seen(optimizer: torch.optim.Optimizer, base: type) -> None:
+def _say_if_never_seen(optimizer: torch.optim.Optimizer, base: type, captures_before: int) -> None:
     """A compiled step Dynamo ran without handing optcapture any graph of it (a graph break around everything, a
-    frame Dynamo skips: Adafactor's ``.item()`` on torch 2.13) ran uncompiled: said once, after its first call."""
-    if not registry.explain(optimizer):
-        warn_once(f"Dynamo handed optcapture no graph of the step of {base.__name__}: it ran uncompiled, as plain "
-                  "Python (TORCH_LOGS=graph_breaks says why)")
+    frame Dynamo skips: Adafactor's ``.item()`` on torch 2.13) ran uncompiled: said once, after its first call.
+
+    Not said of a wrapper whose step steps another optimizer that optcapture captured during the call (Accelerate's
+    ``AcceleratedOptimizer`` captured after ``prepare``): Dynamo compiles the inner step's frame after the wrapper's
+    graph break, so the step that matters is compiled."""
+    if registry.explain(optimizer) or optimizer in _steps_a_captured_optimizer:
+        return
+    if COUNTERS.captures > captures_before:
+        _steps_a_captured_optimizer.add(optimizer)
+        log.info("the step of %s ran as Python around an inner optimizer's step, which was captured", base.__name__)
+        return
+    warn_once(f"Dynamo handed optcapture no graph of the step of {base.__name__}: it ran uncompiled, as plain "
+              "Python (TORCH_LOGS=graph_breaks says why)")
 
 
+# torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).
 _ALLOWED_BEFORE_CLOSURE = frozenset({"_cuda_graph_capture_health_check", "_accelerator_graph_capture_health_check"})
 
 
