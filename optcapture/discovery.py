@@ -166,6 +166,10 @@ def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
     return cycled - step.hypers_read
 
 
+FLAT_STORAGE = "_optcapture_flat_storage"
+"""Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
+
+
 def bucketable(p: torch.Tensor) -> bool:
     """A param whose elements can live in a flat buffer in its own element order."""
     return not_bucketable_because(p) is None
@@ -182,6 +186,8 @@ def not_bucketable_because(p: torch.Tensor) -> str | None:
         return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
     if p.layout != torch.strided or not p.is_contiguous():
         return "is not a contiguous strided tensor"
+    if getattr(p._base, FLAT_STORAGE, False):
+        return None  # a shadow's run: a slice of the flat storage optcapture made itself
     if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
         return ("is a view of a larger buffer (moving it into flat storage would cut it from that buffer, which "
                 "would no longer see its updates)")

@@ -28,7 +28,14 @@ import torch
 
 from optcapture import _compat
 from optcapture.config import CaptureConfig
-from optcapture.discovery import BucketKey, StepGraph, bucketable, is_per_element_state, per_element_state_keys
+from optcapture.discovery import (
+    FLAT_STORAGE,
+    BucketKey,
+    StepGraph,
+    bucketable,
+    is_per_element_state,
+    per_element_state_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +270,7 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
 def _flat_buffer(numel: int, key: BucketKey) -> torch.Tensor:
     """A zeroed flat buffer of one role of a bucket, at a stable address."""
     flat = torch.zeros(numel, dtype=key.dtype, device=key.device)
+    setattr(flat, FLAT_STORAGE, True)
     _compat.mark_static(flat)
     return flat
 
