@@ -75,18 +75,30 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 
 def _say_if_recompiling_every_step(step: StepGraph) -> None:
     """Dynamo compiles a step again whenever a guard fails; past its recompile limit it runs the step uncompiled,
-    calling no backend, so optcapture could not say so then: it says so at the fourth compile of a step's frame.
+    calling no backend, so optcapture could not say so then: it says so at the fourth compile of one optimizer's step.
     What often does it: an int the step counts in its param groups passed to a math function
-    (``math.pow(beta, group["step"])``, pytorch_optimizer), which Dynamo specializes at every value."""
+    (``math.pow(beta, group["step"])``, pytorch_optimizer), which Dynamo specializes at every value.
+
+    Dynamo counts compiles per code object, so every optimizer stepped through one function shares its limit (the
+    step of one class, compiled for several instances): that is said when the frame nears the limit."""
     compiles = _compat.frame_compiles()
-    if compiles is None or compiles[0] < 3 or step.optimizer is None:
+    optimizer = step.optimizer
+    if compiles is None or optimizer is None:
         return
     count, limit = compiles
-    warn_once(f"Dynamo compiled the step of {type(step.optimizer).__name__} {count + 1} times: a guard fails at "
-              f"(nearly) every step. After {limit} compiles (torch._dynamo.config.recompile_limit) the step runs "
-              "uncompiled, as with any backend. TORCH_LOGS=recompiles names the guard; an int the step counts in its "
-              "param groups and passes to a math function (math.pow(beta, group['step'])) is specialized by Dynamo "
-              "at every value", key=f"recompiling {type(step.optimizer).__name__}")
+    own = len(registry.explain(optimizer))  # this optimizer's earlier compiles
+    name = type(optimizer).__name__
+    if own >= 3:
+        warn_once(f"Dynamo compiled the step of {name} {own + 1} times: a guard fails at (nearly) every step. After "
+                  f"{limit} compiles (torch._dynamo.config.recompile_limit) the step runs uncompiled, as with any "
+                  "backend. TORCH_LOGS=recompiles names the guard; an int the step counts in its param groups and "
+                  "passes to a math function (math.pow(beta, group['step'])) is specialized by Dynamo at every value",
+                  key=f"recompiling {name}")
+    elif count + 1 >= limit - 1:
+        warn_once(f"Dynamo compiled this step function {count + 1} times, for several optimizers ({name} now): its "
+                  f"recompile limit ({limit}, torch._dynamo.config.recompile_limit) counts the compiles of every "
+                  "optimizer stepped through it together, and steps compiled past it run uncompiled, as with any "
+                  "backend. Raise the limit to compile the steps of more optimizers", key="shared recompile limit")
 
 
 def _read_cycled_floats_as_inputs(step: StepGraph) -> None:

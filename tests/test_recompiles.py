@@ -165,3 +165,19 @@ def test_a_float_dynamo_must_specialize_changing_every_step_ends_in_a_correct_ea
     # The first step (SGD creates its buffers in it) is no fallback; this one is.
     assert (optcapture.stats()["first_steps"], optcapture.stats()["eager"]) == (1, 1)
     assert_matches_eager(pair)
+
+
+def test_a_recompile_limit_shared_by_several_optimizers_is_said_as_such() -> None:
+    # Dynamo counts compiles per code object: the steps of several SGD instances share one limit. Saying that one
+    # optimizer's guard fails at every step (as before) misled.
+    import warnings
+
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            params = [torch.nn.Parameter(torch.randn(4))]
+            params[0].grad = torch.randn(4)
+            torch.compile(torch.optim.SGD(params, lr=0.1).step, backend="optcapture")()
+    messages = [str(w.message) for w in caught if "optcapture" in str(w.message)]
+    assert any("for several optimizers" in m and "recompile_limit" in m for m in messages), messages
+    assert not any("a guard fails at (nearly) every step" in m for m in messages), messages
