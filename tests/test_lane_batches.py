@@ -152,3 +152,15 @@ def test_what_is_not_lane_local_is_refused_with_the_reason(make: Callable[..., t
         pair.step()
     assert paths(pair.optimizer) == ["per-tensor"]
     assert any(reason in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_a_scheduler_changing_lr_every_step_stays_exact() -> None:
+    # Float hyperparameters are constants of the lane programs: each new lr recompiles (as with stock torch.compile),
+    # and past Dynamo's recompile limit the step runs uncompiled. Every step matches eager throughout.
+    pair = make_pair(lambda p: TrustRatioLamb(p), model=_model(MIXED),
+                     scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(11):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
