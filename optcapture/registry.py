@@ -12,17 +12,18 @@ from typing import Literal
 
 import torch
 
-from optcapture import errors
+from optcapture import errors, replay
 from optcapture.config import CaptureConfig
 from optcapture.discovery import InputRole, StepGraph
 from optcapture.preparation import PreparedOptimizer
-from optcapture.replay import COUNTERS, Stats
+from optcapture.replay import COUNTERS, Path, Stats
 
-Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
-"""What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
-``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
-(the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
-optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+__all__ = ["CaptureReport", "GradsPath", "Path", "ReportHandle", "amend", "explain", "prepared_for", "record",
+           "reset", "stats"]
+
+GradsPath = Literal["in place", "copied", ""]
+"""How a bucketed capture reads grads: through a grad table ("in place") or from flat storage it copies them
+into ("copied"); "" for other paths."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class CaptureReport:
     """Kernels Inductor generated for this compile."""
     seconds: float = 0.0
     """Time optcapture spent after Dynamo handed over the graph: the backend plus the first compile."""
-    grads: str = ""
+    grads: GradsPath = ""
     """Bucketed captures: "in place" (read through a grad table, no copy) or "copied" (into flat storage)."""
 
     def describe(self) -> str:
@@ -77,7 +78,9 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
 
 
 def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
-           kernels: int | None = 0, seconds: float = 0.0, grads: str = "") -> CaptureReport:
+           kernels: int | None = 0, seconds: float = 0.0, grads: GradsPath = "") -> CaptureReport:
+    """Report a compiled graph of ``step`` and count it by ``path``."""
+    replay.count_path(path)
     report = CaptureReport(
         optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
         path=path, reasons=tuple(reasons), roles=tuple(step.roles),
@@ -96,6 +99,29 @@ def amend(optimizer: torch.optim.Optimizer | None, report: CaptureReport, **chan
     if reports is not None:
         reports[:] = [updated if r is report else r for r in reports]
     return updated
+
+
+class ReportHandle:
+    """The current report of one bucketed capture, amended as its capture runs (reports are frozen: each change
+    replaces the report with an amended copy); what :class:`optcapture.replay.CaptureLog` describes."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, report: CaptureReport) -> None:
+        self._optimizer_ref = weakref.ref(optimizer)
+        self.report = report
+
+    def compiled_lazily(self, kernels: int, seconds: float) -> None:
+        self.report = amend(self._optimizer_ref(), self.report, kernels=kernels,
+                            seconds=self.report.seconds + seconds)
+
+    def gave_up(self, reason: str) -> None:
+        self.report = amend(self._optimizer_ref(), self.report, path="eager", reasons=(reason,))
+
+    def replaced_by_eager(self, reason: str) -> None:
+        optimizer = self._optimizer_ref()
+        if optimizer is not None:
+            _reports.setdefault(optimizer, []).append(dataclasses.replace(
+                self.report, path="eager", reasons=(reason,), runs=0, tensor_hyperparameters=(), kernels=0,
+                seconds=0.0, grads=""))
 
 
 def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
@@ -118,5 +144,4 @@ def reset() -> None:
     _prepared.clear()
     _reports.clear()
     errors.clear_warnings()
-    for field in dataclasses.fields(Stats):
-        setattr(COUNTERS, field.name, 0)
+    replay.reset_counters()
