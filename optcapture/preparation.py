@@ -321,7 +321,8 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
 
 
 def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[torch.Size], offsets: Sequence[int],
-                    total: int, key: BucketKey) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    total: int, key: BucketKey, staged_on_host: bool | None = None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat buffer holding ``tensors`` (None: a member without this state; its slot is zeros), each re-homed
     into its slot: the same tensor object, now using a storage of its own size inside the buffer.
 
@@ -329,13 +330,14 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
     after its copy (the buffer is allocated unwritten: a page is backed when its slot is filled); on an
     accelerator every tensor is first copied to host memory and released, so the buffer reuses their memory.
     Old storage is released only where nothing else holds it (a view kept by the user keeps its storage).
+    ``staged_on_host``: whether to stage (default: on accelerators).
     """
     slots = [(offset, math.prod(shape)) for offset, shape in zip(offsets, shapes, strict=True)]
     staged: list[torch.Tensor | None] = []
-    if key.device.type != "cpu":
+    if key.device.type != "cpu" if staged_on_host is None else staged_on_host:
         try:
             for tensor in tensors:
-                staged.append(None if tensor is None else tensor.detach().to("cpu"))
+                staged.append(None if tensor is None else tensor.detach().to("cpu", copy=True))
                 if tensor is not None:
                     tensor.data = tensor.new_empty(0)  # released, unless something else holds the storage
             flat = _flat_buffer(total, key, slots)
