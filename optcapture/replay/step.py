@@ -1,22 +1,9 @@
-"""Stage 5, replay: everything a captured optimizer step does while it runs.
-
-The backend builds a :class:`CapturePlan` at compile time and hands it to :class:`CapturedStep`, the callable
-Dynamo calls for every step; from then on this module alone runs the step. Per call it (1) checks that the
-capture still describes the optimizer: the same storage under every param and state tensor, no per-param scalar
-state (step counters) written outside the capture since its last step, no float it holds as a constant changed;
-(2) binds the grads: on CUDA it points each run's grad table at the grads autograd left (a few bytes, only when a
-grad moved), otherwise it copies every grad into its flat slot (``p.grad`` stays the user's tensor); (3) writes
-changed hyperparameters into their device tensors; (4) runs the lowered step, which on CUDA replays one CUDA
-graph. It owns what happens when that stops working: a rebuild when storage was replaced, the give-up policy
-(a compile that failed before any of the step ran: the optimizer steps eagerly from then on, said once, or
-:class:`~optcapture.UnsupportedStepError` under ``fallback="raise"``) and the process-wide counters.
-
-Host cost: a call's Python work is a fixed number of operations per bucket, run and param group. What grows with
-the tensor count runs inside single C-level calls over lists built at capture (``map`` of a C method, ``list
-==``, ``torch._foreach_copy_``), never as Python code per tensor.
+"""The callable Dynamo calls for every step of a bucketed capture: checks, grad binding, hyperparameters, run.
 
 Invariant: the compiled step only ever runs on storage that every param, grad and state tensor of the capture
-currently uses; when that stops being true the capture is rebuilt, never reused.
+currently uses; when that stops being true the capture is rebuilt, never reused. A call's Python work is a fixed
+number of operations per bucket, run and param group; what grows with the tensor count runs inside single C-level
+calls over lists built at capture.
 """
 
 from __future__ import annotations
@@ -26,84 +13,20 @@ import functools
 import itertools
 import logging
 import operator
-import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
-from optcapture import _compat, bucketing
+from optcapture import bucketing
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey
-from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
 from optcapture.preparation import PARAM, FlatGroup, GradLayoutError, GradTable, PreparedOptimizer
+from optcapture.replay.counters import COUNTERS
+from optcapture.replay.fallback import Runner, give_up, stepping_eagerly, then
 
 log = logging.getLogger(__name__)
-
-Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
-"""What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
-``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
-(the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
-optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
-
-
-@dataclasses.dataclass
-class Stats(Mapping[str, int]):
-    """Process-wide counts since the last :func:`optcapture.reset`; :func:`optcapture.stats` returns a copy (also
-    readable as a dict: ``stats()["steps"]``). The one live instance, ``COUNTERS``, is written only by this
-    module (:func:`count_graph`, :func:`count_path` and the running captures)."""
-
-    captures: int = 0
-    """Graphs of optimizer steps handed to optcapture by Dynamo."""
-    bucketed: int = 0
-    """Of those, captured as bucketed steps."""
-    per_tensor: int = 0
-    """Of those, compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
-    eager: int = 0
-    """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
-    first_steps: int = 0
-    """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
-    steps: int = 0
-    """Steps run by bucketed captures."""
-    grads_copied: int = 0
-    """Grads copied into flat storage by bucketed steps (CPU, or ``grads_in_place=False``)."""
-    grad_tables_written: int = 0
-    """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
-    rebuilds: int = 0
-    """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
-
-    def __getitem__(self, key: str) -> int:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        value: int = getattr(self, key)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.__dataclass_fields__)
-
-    def __len__(self) -> int:
-        return len(self.__dataclass_fields__)
-
-
-COUNTERS = Stats()
-_PATH_COUNTER = {"bucketed": "bucketed", "per-tensor": "per_tensor", "eager": "eager", "first-step": "first_steps"}
-
-
-def count_graph() -> None:
-    """One graph of an optimizer step handed to optcapture."""
-    COUNTERS.captures += 1
-
-
-def count_path(path: Path) -> None:
-    """One graph that runs as ``path`` (called once per compiled graph, when its report is recorded)."""
-    name = _PATH_COUNTER[path]
-    setattr(COUNTERS, name, getattr(COUNTERS, name) + 1)
-
-
-def reset_counters() -> None:
-    for field in dataclasses.fields(Stats):
-        setattr(COUNTERS, field.name, 0)
 
 
 class CaptureLog(Protocol):
@@ -140,114 +63,6 @@ class CapturePlan:
     mirrored: list[tuple[dict[str, Any], int, frozenset[str]]]
     output: Callable[..., Any]  # the graph's outputs from its inputs: numbers the frame writes back, or nothing
     rebuild: Callable[[], Callable[..., Any]]  # a new capture of the same graph over the current storage; raises
-
-
-def eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[], None]:
-    """The optimizer's own step, run outside Dynamo and holding the optimizer weakly."""
-    optimizer = optimizer_ref()
-    assert optimizer is not None
-    inner = bucketing.unwrapped_step(optimizer)
-    del optimizer
-
-    @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
-    def step_eagerly() -> None:
-        live_optimizer = optimizer_ref()
-        assert live_optimizer is not None
-        with torch.no_grad():
-            inner(live_optimizer)
-
-    stepper: Callable[[], None] = step_eagerly
-    return stepper
-
-
-def stepping_eagerly(optimizer_ref: weakref.ref[torch.optim.Optimizer],
-                     output: Callable[..., Any]) -> Callable[..., Any]:
-    """What Dynamo's frame calls instead of a capture that steps eagerly for good: the optimizer's own step,
-    returning the graph's outputs (the numbers the frame writes back after it, computed from its inputs)."""
-    return _then(eager_step(optimizer_ref), output)
-
-
-def _then(step: Callable[[], None], output: Callable[..., Any]) -> Callable[..., Any]:
-    def replacement(*args: Any) -> Any:
-        step()
-        return output(*args)
-
-    return replacement
-
-
-def give_up(doing: str, name: str, error: Exception, config: CaptureConfig) -> str:
-    """The give-up policy: raise :class:`UnsupportedStepError` (``fallback="raise"``), or warn once that the
-    optimizer steps eagerly from now on and count it. Returns the reason, for the capture's report."""
-    if config.fallback == "raise":
-        raise UnsupportedStepError(f"{doing} the bucketed step of {name} failed: {error}") from error
-    reason = f"{doing} the bucketed step of {name} failed ({type(error).__name__}: {error})"
-    warn_once(f"{reason}; stepping eagerly")
-    count_path("eager")
-    return reason
-
-
-def raising(error: Exception) -> Callable[[], None]:
-    """A step that raises the :class:`CaptureError` ``error`` became: a compile that failed at capture, given up
-    on (by the give-up policy) at its first call."""
-    # NB: not the exception object: each raise would chain a new traceback, with the caller's frames, onto the
-    # one object this closure keeps, and Dynamo's cache keeps the closure: the optimizer would never be freed.
-    message = f"{type(error).__name__}: {error}"
-
-    def compile_failed() -> None:
-        raise CaptureError(message)
-
-    return compile_failed
-
-
-class _Runner:
-    """Runs the lowered step and applies the give-up policy to a compile that failed (at capture, at a lazy first
-    compile, when the shadow's frame recompiles in a later step, or while its CUDA graph was recorded). A failure
-    while the step runs is raised, never retried: part of the step may have run."""
-
-    def __init__(self, plan: CapturePlan) -> None:
-        self._step: Callable[[], None] | None = plan.step
-        self._first_compiles = plan.compiled_lazily
-        self._optimizer_ref = plan.optimizer_ref
-        self._config = plan.config
-        self._log = plan.log
-        optimizer = plan.optimizer_ref()
-        self._name = type(optimizer).__name__
-        del optimizer
-        # CaptureError: what :func:`raising` raises for a compile that failed at capture.
-        self._compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
-
-    def __call__(self) -> Callable[[], None] | None:
-        """Run one step. None, or once it gave up (and stepped eagerly this once), the eager step that replaces
-        the capture from the next step on."""
-        step = self._step
-        assert step is not None
-        first_compile, self._first_compiles = self._first_compiles, False
-        if first_compile:
-            kernels_before, began = _compat.generated_kernel_count(), time.perf_counter()
-        try:
-            step()
-        except self._compile_errors as error:
-            # Raised before any of the step ran (e.g. Dynamo's recompile limit under fullgraph=True, after a
-            # followed float took too many values): stepping eagerly is exact.
-            return self._step_eagerly_from_now_on("compiling", error)
-        except Exception as error:
-            # Recording the CUDA graph (the 2nd or 3rd step) runs none of it either, e.g. out of memory.
-            if not _compat.raised_while_recording_cuda_graph(error):
-                raise
-            return self._step_eagerly_from_now_on("recording the CUDA graph of", error)
-        if first_compile:
-            self._log.compiled_lazily(_compat.generated_kernel_count() - kernels_before, time.perf_counter() - began)
-        return None
-
-    def _step_eagerly_from_now_on(self, doing: str, error: Exception) -> Callable[[], None]:
-        reason = give_up(doing, self._name, error, self._config)
-        self._step = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
-        self._log.gave_up(reason)
-        step_eagerly = eager_step(self._optimizer_ref)
-        step_eagerly()
-        # Called instead of the capture from now on: no per-step checks, grad copies or counter reads (each eager
-        # step moves the counters the capture would read again).
-        return step_eagerly
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -302,7 +117,7 @@ class _Capture:
 
     def __init__(self, plan: CapturePlan) -> None:
         self.plan = plan
-        self.runner = _Runner(plan)
+        self.runner = Runner(plan)
         self.token = next(_tokens)
         self.last_step = _last_steps.setdefault(plan.prepared, _LastStep())
         self.flats = list(plan.flats.items())
@@ -457,7 +272,7 @@ class CapturedStep:
         COUNTERS.steps += 1
         if replacement is not None:
             # The capture gave up (and stepped eagerly this once): its replacement runs from the next step on.
-            slot.replacement = _then(replacement, self.output)
+            slot.replacement = then(replacement, self.output)
             slot.capture = None
             return self.output(*args)
         capture.stepped()
