@@ -102,25 +102,6 @@ def begin_compiled_call() -> None:
     torch._dynamo.mutation_guard.GenerationTracker.generation += 1
 
 
-def data_ptrs_equal(tensors: Sequence[torch.Tensor], data_ptrs: list[int]) -> bool:
-    """``[t.data_ptr() for t in tensors] == data_ptrs``, in one C++ call where torch has it.
-
-    ``torch._C._tensors_data_ptrs_at_indices_equal`` is what CUDA graph trees check their static inputs with;
-    CPU-only builds of torch lack it. optcapture checks every param's and grad's address with it each step.
-    """
-    if len(tensors) != len(data_ptrs):
-        return False
-    check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
-    if check is None:
-        return list(map(torch.Tensor.data_ptr, tensors)) == data_ptrs
-    return bool(check(tensors if isinstance(tensors, list) else list(tensors), data_ptrs, _all_indices(len(tensors))))
-
-
-@functools.lru_cache(maxsize=64)
-def _all_indices(count: int) -> list[int]:
-    return list(range(count))
-
-
 def restart_errors() -> tuple[type[Exception], ...]:
     """What Dynamo raises through a backend to restart its analysis of the frame, e.g. Inductor's pass that turns
     Python floats into tensors raising ``TensorifyScalarRestartAnalysis`` to have them specialized

@@ -1,15 +1,15 @@
 """The ``optcapture`` torch.compile backend: composes discovery -> preparation -> bucketing -> lowering -> replay.
 
 Registered through the ``torch_dynamo_backends`` entry point, so ``backend="optcapture"`` works
-without importing the package. Invariant: every graph gets a correct callable back: the bucketed
-capture, else the per-tensor Inductor graph, else eager, and every fallback says why (or raises
-with ``options={"fallback": "raise"}``).
+without importing the package. Compile time only: a bucketed capture is handed to :mod:`optcapture.replay`
+as a :class:`~optcapture.replay.CapturePlan`, and nothing here runs per step. Invariant: every graph gets a
+correct callable back: the bucketed capture, else the per-tensor Inductor graph, else eager, and every
+fallback says why (or raises with ``options={"fallback": "raise"}``).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from optcapture import _compat, bucketing, lane_batches, lowering, preparation, progress, registry
+from optcapture import _compat, bucketing, lane_batches, lowering, preparation, progress, registry, replay
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
@@ -26,16 +26,16 @@ from optcapture.discovery import (
     cycled_floats_held_constant,
     discover,
     host_outputs,
+    hyper_source,
 )
 from optcapture.errors import CaptureError, OptionError, UnsupportedStepError, warn_once
-from optcapture.replay import COUNTERS, CapturedStep, GradBinding, _Live
+from optcapture.replay import CapturedStep
 from optcapture.rewrites.indirect_grad_loads import triton_type
 
 log = logging.getLogger(__name__)
 
 _FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
                "one is captured")
-_HYPER_GUARD = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\]")
 
 
 @progress.timed
@@ -58,7 +58,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         step.blockers.append("bucketing=False")
     _say_if_recompiling_every_step(step)
     _read_cycled_floats_as_inputs(step)
-    COUNTERS.captures += 1
+    replay.count_graph()
     if step.optimizer is not None and not step.blockers and not step.lazy_state:
         try:
             if step.update == "lane-local":
@@ -155,7 +155,6 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
         return _as_traced(step, gm, [*step.blockers, str(compiled)])
     say(per_tensor)
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
-    COUNTERS.per_tensor += 1
     return compiled
 
 
@@ -198,11 +197,10 @@ def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple
         return run_and_write_back, "it runs as Dynamo traced it, and optcapture writes the attributes back after it"
     # Only the step's own frame, keeping no tensors of the graph, can be replaced by the optimizer's eager step.
     registry.record(step, "eager", step.blockers)
-    COUNTERS.eager += 1
     if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
         return None, ("the frame runs uncompiled, as plain Python (Dynamo holds a new value of an attribute as a "
                       "symbol in a frame that is not the optimizer's own step or keeps tensors of its graph)")
-    return (_eager_replacement(stores[0][0], _outputs(gm)),
+    return (replay.stepping_eagerly(stores[0][0], _outputs(gm)),
             "the optimizer's own step runs eagerly (Dynamo holds a new value of an attribute as a symbol)")
 
 
@@ -224,17 +222,12 @@ def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
                path: registry.Path = "eager") -> Callable[..., Any]:
     """Run the graph as Dynamo traced it (eagerly), and report that: a fallback, or an optimizer's first step."""
     registry.record(step, path, reasons)
-    if path == "first-step":
-        COUNTERS.first_steps += 1
-    else:
-        COUNTERS.eager += 1
     traced: Callable[..., Any] = gm.forward
     return traced
 
 
 def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: CaptureConfig,
-             tracer: Any, began: float,
-             required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
+             tracer: Any, began: float, required_hypers: frozenset[tuple[int, str]] = frozenset()) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
     progress.enter("prepare")
@@ -283,24 +276,23 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
 
     @progress.timed
     def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
-        try:
-            changed = changed_since_traced(step)
-            if changed is not None:
-                raise CaptureError(changed)
-            return _capture_batches(step, gm, list(args), config, time.perf_counter())
-        except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
-            return _stepping_eagerly_after(error, step, optimizer_ref, config, output)
+        changed = changed_since_traced(step)
+        if changed is not None:
+            raise CaptureError(changed)
+        return _capture_batches(step, gm, list(args), config, time.perf_counter())
 
     report = registry.record(step, "bucketed", [], runs=len(runs), seconds=time.perf_counter() - began,
                              kernels=lowered.kernels, grads="copied", batches=len(batches))
-    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report),
-                 _grad_bindings(step, gm, flats), rebuild, [],
-                 bucketing.frozen_hypers(optimizer, runs, set()), runs_share_scalars=False,
-                 grads_written=batched.writes_grads, held_inputs=_held_inputs(step, gm, example_inputs))
-    COUNTERS.bucketed += 1
+    plan = replay.CapturePlan(
+        optimizer_ref=optimizer_ref, config=config, prepared=prepared, flats=flats, runs=runs, step=lowered.call,
+        compiled_lazily=False, log=registry.ReportHandle(optimizer, report),
+        grad_slots=_grad_slots(step, gm, flats), grad_tables=[], run_scalars=[],
+        frozen_hypers=bucketing.frozen_hypers(optimizer, runs, set()), mirrored=[], output=output, rebuild=rebuild,
+        held_inputs=_held_inputs(step, gm, example_inputs), runs_share_scalars=False,
+        grads_written=batched.writes_grads)
     log.info("captured %s (lane-local update): %d batch(es) of one shape over %d bucket(s)", type(optimizer).__name__,
              len(batches), len(step.buckets))
-    return CapturedStep(optimizer, live, output)
+    return CapturedStep(optimizer, plan)
 
 
 # Not "hyper": a tensor in a param group is checked by identity (frozen_hypers), and a float Dynamo passes as a tensor
@@ -318,12 +310,12 @@ def _held_inputs(step: StepGraph, gm: torch.fx.GraphModule,
             and (role := roles.get(node.name)) is not None and role.kind in _HELD_ROLES]
 
 
-def _grad_bindings(step: StepGraph, gm: torch.fx.GraphModule,
-                   flats: dict[BucketKey, preparation.FlatGroup]) -> list[GradBinding]:
-    """Where each grad input of ``gm`` is copied to in flat storage."""
+def _grad_slots(step: StepGraph, gm: torch.fx.GraphModule,
+                flats: dict[BucketKey, preparation.FlatGroup]) -> list[tuple[int, BucketKey, int]]:
+    """Where each grad comes in: (graph input index, bucket, member position in the bucket)."""
     optimizer = step.optimizer
     assert optimizer is not None
-    bindings = []
+    grad_slots: list[tuple[int, BucketKey, int]] = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     roles = {role.node: role for role in step.roles}
     for index, node in enumerate(placeholders):
@@ -331,9 +323,9 @@ def _grad_bindings(step: StepGraph, gm: torch.fx.GraphModule,
         if role is not None and role.kind == "grad":
             assert role.group is not None and role.param_index is not None
             p = optimizer.param_groups[role.group]["params"][role.param_index]
-            flat = flats[BucketKey(role.group, p.device, p.dtype)]
-            bindings.append(GradBinding(index, flat, flat.param_indices.index(role.param_index)))
-    return bindings
+            key = BucketKey(role.group, p.device, p.dtype)
+            grad_slots.append((index, key, flats[key].param_indices.index(role.param_index)))
+    return grad_slots
 
 
 def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
@@ -389,111 +381,51 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
         except Exception as error:
             if tables:
                 raise
-            lowered = lowering.LoweredShadow(_raising(error), None)
+            lowered = lowering.LoweredShadow(replay.raising(error), None)
     if tracer is not None:
         dropped = _compat.drop_guards(tracer, lambda name: _is_hyper_source(name, tensor_hypers))
         log.info("no recompile on changes of %s", dropped)
 
-    bindings = _grad_bindings(step, gm, flats)
-    arg_of = {(b.flat.key, b.position): b.arg_index for b in bindings}
+    grad_slots = _grad_slots(step, gm, flats)
+    arg_of = {(key, j): index for index, key, j in grad_slots}
     grad_tables = [(table, [arg_of[(run.key, j)] for j in run.positions])
                    for table, run in zip(tables, runs if tables else [], strict=True)]
+    if not tables:
+        for _, key, _ in grad_slots:
+            flats[key].grad_flat()  # the slots the grads are copied into (made by the shadow already)
 
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
     @progress.timed
     def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
-        try:
-            changed = changed_since_traced(step)
-            if changed is not None:
-                raise CaptureError(changed)
-            return _capture(step, gm, args, config, None, time.perf_counter(), frozenset(tensor_hypers))
-        except Exception as error:  # noqa: BLE001 - a rebuild runs before any of the step: stepping eagerly is exact
-            return _stepping_eagerly_after(error, step, optimizer_ref, config, output)
+        changed = changed_since_traced(step)
+        if changed is not None:
+            raise CaptureError(changed)
+        return _capture(step, gm, args, config, None, time.perf_counter(), frozenset(tensor_hypers))
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
                              seconds=time.perf_counter() - began, kernels=lowered.kernels,
                              grads="in place" if tables else "copied")
-    live = _Live(prepared, flats, runs, _guarded(lowered, optimizer_ref, config, report), bindings,
-                 rebuild, shadow.run_scalars, bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
-                 grad_tables, shadow.mirrored, held_inputs=_held_inputs(step, gm, example_inputs))
-    captured = CapturedStep(optimizer, live, output)
-    COUNTERS.bucketed += 1
+    plan = replay.CapturePlan(
+        optimizer_ref=optimizer_ref, config=config, prepared=prepared, flats=flats, runs=runs, step=lowered.call,
+        compiled_lazily=lowered.kernels is None, log=registry.ReportHandle(optimizer, report),
+        grad_slots=grad_slots, grad_tables=grad_tables, run_scalars=shadow.run_scalars,
+        frozen_hypers=bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
+        mirrored=shadow.mirrored, output=output, rebuild=rebuild,
+        held_inputs=_held_inputs(step, gm, example_inputs))
+    captured = CapturedStep(optimizer, plan)
     log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",
              type(optimizer).__name__, len(step.buckets), len(runs), "read in place" if tables else "copied",
              sorted(tensor_hypers))
     return captured
 
 
-def _stepping_eagerly_after(error: Exception, step: StepGraph, optimizer_ref: weakref.ref[torch.optim.Optimizer],
-                            config: CaptureConfig, output: Any) -> Callable[..., Any]:
-    """What a capture whose rebuild failed (after ``load_state_dict``, ``p.data = ...``) runs from then on."""
-    optimizer = optimizer_ref()
-    name = type(optimizer).__name__ if optimizer is not None else "an optimizer"
-    del optimizer
-    reason = _give_up_on_the_capture("rebuilding", name, error, config)
-    registry.record(step, "eager", [reason])
-    return _eager_replacement(optimizer_ref, output)
-
-
-def _give_up_on_the_capture(doing: str, name: str, error: Exception, config: CaptureConfig) -> str:
-    """Raise :class:`UnsupportedStepError` (``fallback="raise"``), or warn once that the optimizer steps eagerly
-    from now on and count it; returns the reason, for the capture's report."""
-    if config.fallback == "raise":
-        raise UnsupportedStepError(f"{doing} the bucketed step of {name} failed: {error}") from error
-    reason = f"{doing} the bucketed step of {name} failed ({type(error).__name__}: {error})"
-    warn_once(f"{reason}; stepping eagerly")
-    COUNTERS.eager += 1
-    return reason
-
-
-def _eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[], None]:
-    """The optimizer's own step, run outside Dynamo and holding the optimizer weakly."""
-    optimizer = optimizer_ref()
-    assert optimizer is not None
-    inner = bucketing.unwrapped_step(optimizer)
-    del optimizer
-
-    @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]
-    def step_eagerly() -> None:
-        live_optimizer = optimizer_ref()
-        assert live_optimizer is not None
-        with torch.no_grad():
-            inner(live_optimizer)
-
-    stepper: Callable[[], None] = step_eagerly
-    return stepper
-
-
-def _eager_replacement(optimizer_ref: weakref.ref[torch.optim.Optimizer],
-                       output: Callable[..., Any]) -> Callable[..., Any]:
-    """What Dynamo's frame calls instead of a capture that steps eagerly for good: the optimizer's own step,
-    returning the graph's outputs (the numbers the frame writes back after it, computed from its inputs)."""
-    step_eagerly = _eager_step(optimizer_ref)
-
-    def replacement(*args: Any) -> Any:
-        step_eagerly()
-        return output(*args)
-
-    return replacement
-
-
-def _raising(error: Exception) -> Callable[[], None]:
-    # NB: not the exception object: each raise would chain a new traceback, with the caller's frames, onto the
-    # one object this closure keeps, and Dynamo's cache keeps the closure: the optimizer would never be freed.
-    message = f"{type(error).__name__}: {error}"
-
-    def compile_failed() -> None:
-        raise CaptureError(message)
-
-    return compile_failed
-
-
 def _is_hyper_source(source: str, keys: set[tuple[int, str]]) -> bool:
-    match = _HYPER_GUARD.search(source)
-    return match is not None and (int(match.group(1)), match.group(2)) in keys
+    """Whether the Dynamo source name ``source`` reads one of the param-group entries ``keys`` (its guards go)."""
+    hyper = hyper_source(source)
+    return hyper is not None and (hyper.group, hyper.key) in keys
 
 
 def _outputs(gm: torch.fx.GraphModule) -> Callable[..., Any]:
@@ -502,59 +434,3 @@ def _outputs(gm: torch.fx.GraphModule) -> Callable[..., Any]:
     if outputs is None:
         raise CaptureError("the step returns tensors to its frame")
     return outputs
-
-
-def _guarded(lowered: lowering.LoweredShadow, optimizer_ref: weakref.ref[torch.optim.Optimizer],
-             config: CaptureConfig, report: registry.CaptureReport) -> Callable[[], Callable[[], None] | None]:
-    """Run the lowered step; if compiling it failed (at capture, at a lazy first compile, when its frame
-    recompiles in a later step, or while its CUDA graph was recorded), step eagerly from then on and say so once.
-    A failure while the step runs is raised, never retried: part of the step may have run. A lazy compile's
-    kernels and time complete ``report``. Returns None, or once it gave up (and stepped eagerly this once), the
-    eager step that replaces the capture from the next step on.
-    """
-    holder: dict[str, Any] = {"compiled": lowered.call, "first": True, "report": report}
-    timing = progress.pending_first_replay()
-    compiled_lazily = lowered.kernels is None  # NB: not ``lowered`` itself, which the eager fallback lets go
-    del lowered
-    optimizer = optimizer_ref()
-    assert optimizer is not None
-    name = type(optimizer).__name__
-    del optimizer
-    # CaptureError: what _raising raises for a compile that failed at capture.
-    compile_errors: tuple[type[Exception], ...] = (*_compat.compile_errors(), CaptureError)
-    step_eagerly = _eager_step(optimizer_ref)
-
-    def step_eagerly_from_now_on(doing: str, error: Exception) -> Callable[[], None]:
-        reason = _give_up_on_the_capture(doing, name, error, config)
-        holder["compiled"] = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
-        holder["report"] = registry.amend(optimizer_ref(), holder["report"], path="eager", reasons=(reason,))
-        step_eagerly()
-        # The replay stage calls this instead of the capture from now on: no per-step checks, grad copies or
-        # counter reads (each eager step moves the counters the capture would read again).
-        return step_eagerly
-
-    def run() -> Callable[[], None] | None:
-        compiled = holder["compiled"]
-        first = holder["first"]
-        lazy_first = first and compiled_lazily
-        holder["first"] = False
-        if first:
-            kernels_before = _compat.generated_kernel_count()
-            timing.enter("first replay")
-        try:
-            compiled()
-        except compile_errors as error:
-            # Raised before any of the step ran (e.g. Dynamo's recompile limit under fullgraph=True, after a
-            # followed float took too many values): stepping eagerly is exact.
-            return step_eagerly_from_now_on("compiling", error)
-        except Exception as error:
-            # Recording the CUDA graph (the 2nd or 3rd step) runs none of it either, e.g. out of memory (issue #2).
-            if not _compat.raised_while_recording_cuda_graph(error):
-                raise
-            return step_eagerly_from_now_on("recording the CUDA graph of", error)
-        if first:
-            kernels = _compat.generated_kernel_count() - kernels_before if lazy_first else holder["report"].kernels
-            holder["report"] = registry.amend(optimizer_ref(), holder["report"], kernels=kernels, **timing.sum_up())
-        return None
-
-    return run

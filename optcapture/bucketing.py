@@ -27,7 +27,7 @@ import torch
 
 from optcapture import _compat
 from optcapture.discovery import BucketKey, StepGraph, discover, global_state
-from optcapture.preparation import BOOKKEEPING_KEYS, NON_HYPER_KEYS, FlatGroup, PreparedOptimizer
+from optcapture.preparation import BOOKKEEPING_KEYS, NON_HYPER_KEYS, PARAM, FlatGroup, PreparedOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,13 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
             mirrored.append((group, g, frozenset(key for key in group if group[key] is not live[key])))
         # Every tensor the shadow step reads or writes keeps its address for the life of the capture;
         # marking them static is what lets CUDA graph trees replay a step that mutates them in place.
-        param = _static(flat.flats["param"][run.start:run.end])
+        param = _static(flat.flats[PARAM][run.start:run.end])
         param.grad = _static(run_grads[index] if run_grads is not None else flat.grad_flat()[run.start:run.end])
         groups[g]["params"].append(param)
         state = shadow.state[param]
         for role, buffer in flat.flats.items():
-            if role.startswith("state:"):
-                state[role[len("state:"):]] = _static(buffer[run.start:run.end])
+            if role.kind == "state":
+                state[role.key] = _static(buffer[run.start:run.end])
         # A run steps its own copy of the scalar state, then writes it to every member's slot. A view
         # of the member vector would alias the vector itself, and aliased inputs cannot be CUDA-graphed.
         first, stop = run.positions[0], run.positions[-1] + 1

@@ -26,7 +26,33 @@ from optcapture import _compat, lanes, reach
 
 log = logging.getLogger(__name__)
 
-_HYPER_SOURCE = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\](?:\[(\d+)\])?$")
+# How Dynamo names a param-group entry it reads: ``L['self'].param_groups[0]['lr']``, ``...['betas'][1]``, or a name
+# built on one (``type(L['self'].param_groups[0]['lr'])``, in a guard).
+_HYPER_SOURCE = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\](?:\[(\d+)\])?")
+
+
+@dataclasses.dataclass(frozen=True)
+class HyperSource:
+    """The param-group entry a Dynamo source name reads (:func:`hyper_source`)."""
+
+    group: int
+    key: str
+    index: int | None  # the item of a tuple entry (``betas[1]``)
+    whole: bool  # the name is the entry itself, not a value reached through it (its type, an attribute)
+
+    @property
+    def role_key(self) -> str:
+        """The key as :class:`InputRole` and the lanes name it: ``lr``, ``betas[1]``."""
+        return self.key if self.index is None else f"{self.key}[{self.index}]"
+
+
+def hyper_source(name: str) -> HyperSource | None:
+    """The param-group entry that the source ``name`` reads, or None: the one parser of that name format."""
+    match = _HYPER_SOURCE.search(name)
+    if match is None:
+        return None
+    index = None if match.group(3) is None else int(match.group(3))
+    return HyperSource(int(match.group(1)), match.group(2), index, match.end() == len(name))
 
 
 UpdateKind = Literal["elementwise", "lane-local"]
@@ -354,11 +380,10 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             if kind == "grad":
                 present.setdefault(g, []).append(i)
             continue
-        match = _HYPER_SOURCE.search(source or "")
-        if match is not None:
-            key = match.group(2) + ("" if match.group(3) is None else f"[{match.group(3)}]")
-            roles.append(InputRole(n.name, source, "hyper", int(match.group(1)), None, key))
-            lane_inputs[n] = (None, f"hyper:{key}")
+        hyper = hyper_source(source or "")
+        if hyper is not None and hyper.whole:
+            roles.append(InputRole(n.name, source, "hyper", hyper.group, None, hyper.role_key))
+            lane_inputs[n] = (None, f"hyper:{hyper.role_key}")
         else:
             roles.append(InputRole(n.name, source, "other"))
 

@@ -30,7 +30,7 @@ from torch.fx import GraphModule, Node
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.lanes import LaneId
-from optcapture.preparation import FlatGroup
+from optcapture.preparation import PARAM, FlatGroup, Role
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,12 @@ def _batch_range(flat: FlatGroup, batch: LaneBatch, lane_input: _LaneInput) -> t
             raise CaptureError(f"scalar state {lane_input.key!r} is not in flat storage")
         return vector[batch.positions[0]:batch.positions[-1] + 1]
     if lane_input.role == "param":
-        buffer = flat.flats["param"]
+        buffer = flat.flats[PARAM]
     elif lane_input.role == "grad":
         buffer = flat.grad_flat()
     else:
-        buffer = flat.flats.get(f"state:{lane_input.key}")
+        assert lane_input.key is not None
+        buffer = flat.flats.get(Role("state", lane_input.key))
         if buffer is None:
             raise CaptureError(f"state {lane_input.key!r} does not have its param's shape (not in flat storage)")
     return buffer[batch.start:batch.start + batch.stride * len(batch.positions)]

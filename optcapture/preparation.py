@@ -7,9 +7,14 @@ entries) now use a storage of exactly their own size that points into the flat b
 alive. So ``torch.save``/safetensors see one tensor per storage, ``copy.deepcopy`` copies only the
 tensor, and Dynamo's identity guards keep holding.
 
+Moving a role into flat storage never holds the whole role twice: on CPU the flat buffer is allocated
+untouched (the OS backs a page only once it is written) and each old tensor is released as soon as it is
+copied; on an accelerator the role is first staged in host memory and released, then the flat buffer is
+allocated and filled (:func:`_move_into_flat`).
+
 Invariant: after :func:`prepare`, every re-homed tensor has the value it had before, and each
-member's slot in every flat buffer of its group is at the same offset. Nothing here launches a
-kernel per step; the per-step work is in :mod:`optcapture.replay`.
+member's slot in every flat buffer of its group is at the same offset. Nothing here runs per step except
+:meth:`GradTable.bind` and :meth:`PreparedOptimizer.refresh_hypers`, which :mod:`optcapture.replay` calls.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 import operator
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
 
 import torch
 
@@ -73,11 +79,20 @@ def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
     return raw.view(owner.dtype).view(shape)
 
 
-def rehome(tensor: torch.Tensor, home: torch.Tensor) -> None:
-    """Copy ``tensor`` into ``home`` and make ``tensor`` use ``home``'s storage (identity kept)."""
-    with torch.no_grad():
-        home.copy_(tensor)
-        tensor.data = home
+RoleKind = Literal["param", "grad", "state", "scalar"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """What one flat buffer of a bucket holds: its params, their grads, one per-element state key (``exp_avg``:
+    a tensor of each param's shape) or one scalar-state key (``step``: one element per param)."""
+
+    kind: RoleKind
+    key: str | None = None  # the ``optimizer.state`` key of a "state" or "scalar" role
+
+
+PARAM = Role("param")
+GRAD = Role("grad")
 
 
 @dataclasses.dataclass
@@ -89,9 +104,9 @@ class FlatGroup:
     param_indices: list[int]
     offsets: list[int]
     numel: int
-    flats: dict[str, torch.Tensor]  # role ("param", "state:<key>", and "grad" once made) -> flat buffer
+    flats: dict[Role, torch.Tensor]  # PARAM, each "state" role, and GRAD once made -> flat buffer
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
-    homes: dict[str, list[torch.Tensor]]  # role -> per member: the alias the user's tensor was re-homed to
+    homes: dict[Role, list[torch.Tensor]]  # role -> per member: the alias the user's tensor was re-homed to
     grad_homes: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per member: its grad slot
 
     def slot(self, member: int) -> slice:
@@ -101,9 +116,10 @@ class FlatGroup:
     def grad_flat(self) -> torch.Tensor:
         """Flat grad storage, made on first use: only captures that copy grads need it (a grad-table capture
         reads grads where they are, so it costs no grad-sized buffer)."""
-        flat = self.flats.get("grad")
+        flat = self.flats.get(GRAD)
         if flat is None:
-            flat = self.flats["grad"] = _flat_buffer(self.numel, self.key)
+            flat = self.flats[GRAD] = _flat_buffer(self.numel, self.key, [(o, p.numel()) for p, o in
+                                                                         zip(self.params, self.offsets, strict=True)])
             self.grad_homes = [alias(flat, offset, p.shape) for p, offset in zip(self.params, self.offsets,
                                                                                    strict=True)]
         return flat
@@ -154,15 +170,30 @@ class GradTable:
         self._bound: list[int] = []
 
     def bind(self, grads: Sequence[torch.Tensor]) -> bool:
-        """Point the table at ``grads`` (one per member); True when an address changed and was written."""
-        if _compat.data_ptrs_equal(grads, self._bound):
+        """Point the table at ``grads`` (one per member); True when an address changed and was written.
+
+        Each call reads every grad's address in one C-level pass (no Python per grad). Where one moved, the
+        grads are checked to be contiguous (Dynamo guards a grad only as not None, and the kernel reads each one
+        as a contiguous run of its param's size): :class:`GradLayoutError` otherwise, before anything is written.
+        """
+        pointers = list(map(_DATA_PTR, grads))
+        if pointers == self._bound:
             return False
-        pointers = list(map(torch.Tensor.data_ptr, grads))
+        if not all(map(_IS_CONTIGUOUS, grads)):
+            raise GradLayoutError("a grad is not contiguous: the step reads it through a table of addresses")
         # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
         values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)), dtype=torch.int64)
         self.addresses.copy_(values.pin_memory(), non_blocking=True)
         self._bound = pointers
         return True
+
+
+class GradLayoutError(RuntimeError):
+    """A grad the step would read in place has a layout its kernel cannot read (not contiguous)."""
+
+
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
 @contextlib.contextmanager
@@ -207,7 +238,6 @@ class PreparedOptimizer:
         self.config = config
         self.groups: dict[BucketKey, FlatGroup] = {}
         self.hypers = HyperSlots({}, {})
-        self.last_runner: object | None = None  # the capture that stepped this optimizer last
 
     def flat_group(self, key: BucketKey) -> FlatGroup:
         optimizer = self.optimizer_ref()
@@ -253,24 +283,32 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
     if len(group) <= max(flat.param_indices, default=-1):
         return False
     tensor_keys, scalar_keys = _state_roles(optimizer, flat.params)
-    expected = {role for role in flat.homes if role != "param"}
-    if expected != {f"state:{k}" for k in tensor_keys} | {f"scalar:{k}" for k in scalar_keys}:
+    expected = {role for role in flat.homes if role != PARAM}
+    if expected != {Role("state", k) for k in tensor_keys} | {Role("scalar", k) for k in scalar_keys}:
         return False
     for j, (i, p) in enumerate(zip(flat.param_indices, flat.params, strict=True)):
-        if group[i] is not p or p.data_ptr() != flat.homes["param"][j].data_ptr():
+        if group[i] is not p or p.data_ptr() != flat.homes[PARAM][j].data_ptr():
             return False
         state = optimizer.state.get(p, {})
         for role in expected:
-            value = state.get(role.split(":", 1)[1])
+            value = state.get(role.key)
             if isinstance(value, torch.Tensor) and value.data_ptr() != flat.homes[role][j].data_ptr():
                 return False
     return True
 
 
-def _flat_buffer(numel: int, key: BucketKey) -> torch.Tensor:
-    """A zeroed flat buffer of one role of a bucket, at a stable address."""
-    flat = torch.zeros(numel, dtype=key.dtype, device=key.device)
+def _flat_buffer(numel: int, key: BucketKey, slots: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """A flat buffer of one role of a bucket, at a stable address, with zeros between the ``slots`` ((offset,
+    numel) of each member, in order): what the slots will hold is written by the caller. Allocated, not written,
+    so that on CPU no page is backed before its slot is filled."""
+    flat = torch.empty(numel, dtype=key.dtype, device=key.device)
     setattr(flat, FLAT_STORAGE, True)
+    end = 0
+    with torch.no_grad():
+        for offset, size in [*slots, (numel, 0)]:
+            if offset > end:
+                flat[end:offset].zero_()
+            end = max(end, offset + size)
     _compat.mark_static(flat)
     return flat
 
@@ -290,6 +328,52 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
     return list(tensor_keys), list(scalar_keys)
 
 
+def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[torch.Size], offsets: Sequence[int],
+                    total: int, key: BucketKey, staged_on_host: bool | None = None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat buffer holding ``tensors`` (None: a member without this state; its slot is zeros), each re-homed
+    into its slot: the same tensor object, now using a storage of its own size inside the buffer.
+
+    Peak memory is the role once plus one tensor, not twice the role: on CPU each old tensor is released right
+    after its copy (the buffer is allocated unwritten: a page is backed when its slot is filled); on an
+    accelerator every tensor is first copied to host memory and released, so the buffer reuses their memory.
+    Old storage is released only where nothing else holds it (a view kept by the user keeps its storage).
+    ``staged_on_host``: whether to stage (default: on accelerators).
+    """
+    slots = [(offset, math.prod(shape)) for offset, shape in zip(offsets, shapes, strict=True)]
+    staged: list[torch.Tensor | None] = []
+    if key.device.type != "cpu" if staged_on_host is None else staged_on_host:
+        try:
+            for tensor in tensors:
+                staged.append(None if tensor is None else tensor.detach().to("cpu", copy=True))
+                if tensor is not None:
+                    tensor.data = tensor.new_empty(0)  # released, unless something else holds the storage
+            flat = _flat_buffer(total, key, slots)
+        except BaseException:
+            with torch.no_grad():
+                for tensor, copy in zip(tensors, staged, strict=False):
+                    if tensor is not None and copy is not None:
+                        tensor.data = copy.to(key.device)
+            raise
+    else:
+        flat = _flat_buffer(total, key, slots)
+    homes = []
+    with torch.no_grad():
+        for j, (tensor, shape, (offset, numel)) in enumerate(zip(tensors, shapes, slots, strict=True)):
+            home = alias(flat, offset, shape)
+            source = staged[j] if staged else tensor
+            if source is None:
+                flat[offset:offset + numel].zero_()
+            else:
+                home.copy_(source)
+            if tensor is not None:
+                tensor.data = home
+            if staged:
+                staged[j] = None  # host memory too is released as the buffer fills
+            homes.append(home)
+    return flat, homes
+
+
 def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: int) -> FlatGroup:
     group = optimizer.param_groups[key.group]["params"]
     indices = [i for i, p in enumerate(group) if p.device == key.device and p.dtype == key.dtype and bucketable(p)]
@@ -304,23 +388,16 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     for p in params:
         offsets.append(total)
         total += _round_up(p.numel(), align)
+    shapes = [p.shape for p in params]
     tensor_keys, scalar_keys = _state_roles(optimizer, params)
-    flats: dict[str, torch.Tensor] = {}
-    homes: dict[str, list[torch.Tensor]] = {}
-
-    def make_flat(role: str) -> torch.Tensor:
-        flat = flats[role] = _flat_buffer(total, key)
-        return flat
-
-    for role in ["param", *(f"state:{k}" for k in tensor_keys)]:
-        flat = make_flat(role)
-        homes[role] = []
-        for p, offset in zip(params, offsets, strict=True):
-            tensor = p if role == "param" else optimizer.state.get(p, {}).get(role[len("state:"):])
-            home = alias(flat, offset, p.shape)
-            if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape:
-                rehome(tensor, home)
-            homes[role].append(home)
+    flats: dict[Role, torch.Tensor] = {}
+    homes: dict[Role, list[torch.Tensor]] = {}
+    for role in [PARAM, *(Role("state", k) for k in tensor_keys)]:
+        members: list[torch.Tensor | None] = []
+        for p in params:
+            tensor = p if role == PARAM else optimizer.state.get(p, {}).get(role.key)
+            members.append(tensor if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape else None)
+        flats[role], homes[role] = _move_into_flat(members, shapes, offsets, total, key)
     scalars: dict[str, torch.Tensor] = {}
     for k in scalar_keys:
         sample = next(optimizer.state[p][k] for p in params if k in optimizer.state.get(p, {}))
@@ -328,13 +405,16 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         vector = torch.zeros(len(params), dtype=sample.dtype, device=key.device)
         _compat.mark_static(vector)
         scalars[k] = vector
-        homes[f"scalar:{k}"] = []
+        role = Role("scalar", k)
+        homes[role] = []
         for j, p in enumerate(params):
             home = alias(vector, j, torch.Size([]))
             value = optimizer.state.get(p, {}).get(k)
             if isinstance(value, torch.Tensor):
-                rehome(value, home)
-            homes[f"scalar:{k}"].append(home)
+                with torch.no_grad():
+                    home.copy_(value)
+                    value.data = home
+            homes[role].append(home)
     log.info("flat storage for group %d on %s/%s: %d tensors, %d elements, state keys %s, scalar keys %s",
              key.group, key.device, key.dtype, len(params), total, tensor_keys, scalar_keys)
     return FlatGroup(key, params, indices, offsets, total, flats, scalars, homes)

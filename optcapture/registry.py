@@ -12,15 +12,19 @@ from typing import Literal
 
 import torch
 
-from optcapture import errors, progress
+from optcapture import errors, progress, replay
 from optcapture.config import CaptureConfig
 from optcapture.discovery import InputRole, StepGraph
 from optcapture.preparation import PreparedOptimizer
 from optcapture.progress import Stage
-from optcapture.replay import COUNTERS, Stats
+from optcapture.replay import COUNTERS, Path, Stats
 
-Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
-"""What a compiled graph of an optimizer step runs as (:attr:`CaptureReport.path` says what each means)."""
+__all__ = ["CaptureReport", "GradsPath", "Path", "ReportHandle", "amend", "explain", "prepared_for", "record",
+           "reset", "stats"]
+
+GradsPath = Literal["in place", "copied", ""]
+"""How a bucketed capture reads grads: through a grad table ("in place") or from flat storage it copies them
+into ("copied"); "" for other paths."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +54,7 @@ class CaptureReport:
     seconds: float = 0.0
     """optcapture's share of the capture's first call: its stages (``stages``), the first run of a bucketed step
     included (which compiles it, where the compile was deferred to it)."""
-    grads: str = ""
+    grads: GradsPath = ""
     """Bucketed captures: "in place" (read through a grad table, no copy) or "copied" (into flat storage)."""
     batches: int = 0
     """Bucketed captures of a lane-local update (per-param norms: LAMB, LARS; matrices: Muon): how many batches of
@@ -102,10 +106,11 @@ def prepared_for(optimizer: torch.optim.Optimizer, config: CaptureConfig) -> Pre
 
 
 def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tensor_hypers: tuple[str, ...] = (),
-           kernels: int | None = 0, seconds: float | None = None, grads: str = "",
+           kernels: int | None = 0, seconds: float | None = None, grads: GradsPath = "",
            batches: int = 0) -> CaptureReport:
-    """Record a capture of ``step``; its times so far come from the capture under way (``seconds`` overrides
-    optcapture's share)."""
+    """Report a compiled graph of ``step`` and count it by ``path``; its times so far come from the capture under
+    way (``seconds`` overrides optcapture's share)."""
+    replay.count_path(path)
     timing = progress.current()
     timings = timing.timings()
     report = CaptureReport(
@@ -131,6 +136,31 @@ def amend(optimizer: torch.optim.Optimizer | None, report: CaptureReport, **chan
     return updated
 
 
+class ReportHandle:
+    """The current report of one bucketed capture, amended as its capture runs (reports are frozen: each change
+    replaces the report with an amended copy); what :class:`optcapture.replay.CaptureLog` describes."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, report: CaptureReport) -> None:
+        self._optimizer_ref = weakref.ref(optimizer)
+        self.report = report
+
+    def first_replayed(self, kernels: int | None, timings: progress.Timings) -> None:
+        changes: dict[str, object] = dict(timings)
+        if kernels is not None:
+            changes["kernels"] = kernels
+        self.report = amend(self._optimizer_ref(), self.report, **changes)
+
+    def gave_up(self, reason: str) -> None:
+        self.report = amend(self._optimizer_ref(), self.report, path="eager", reasons=(reason,))
+
+    def replaced_by_eager(self, reason: str) -> None:
+        optimizer = self._optimizer_ref()
+        if optimizer is not None:
+            _reports.setdefault(optimizer, []).append(dataclasses.replace(
+                self.report, path="eager", reasons=(reason,), runs=0, tensor_hyperparameters=(), kernels=0,
+                seconds=0.0, grads=""))
+
+
 def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
     """Every capture of ``optimizer``'s step so far, oldest first (empty if none)."""
     return list(_reports.get(optimizer, []))
@@ -151,5 +181,4 @@ def reset() -> None:
     _prepared.clear()
     _reports.clear()
     errors.clear_warnings()
-    for field in dataclasses.fields(Stats):
-        setattr(COUNTERS, field.name, 0)
+    replay.reset_counters()

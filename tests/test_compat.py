@@ -120,32 +120,6 @@ def test_rewriting_triton_kernels_patches_codegen_only_while_active() -> None:
     assert TritonKernel.codegen_kernel is original
 
 
-def test_data_ptrs_equal_with_and_without_torchs_batched_check(monkeypatch: object) -> None:
-    import pytest
-
-    tensors = [torch.zeros(4), torch.zeros(8), torch.zeros(2)]
-    pointers = [t.data_ptr() for t in tensors]
-    moved = [*pointers[:2], pointers[2] + 4]
-    patcher = pytest.MonkeyPatch()
-    try:
-        patcher.delattr(torch._C, "_tensors_data_ptrs_at_indices_equal", raising=False)
-        assert _compat.data_ptrs_equal(tensors, pointers)
-        assert not _compat.data_ptrs_equal(tensors, moved)
-        assert not _compat.data_ptrs_equal(tensors, pointers[:2])
-        calls: list[list[int]] = []
-
-        def batched(ts: list[torch.Tensor], ptrs: list[int], indices: list[int]) -> bool:
-            calls.append(indices)
-            return all(ts[i].data_ptr() == ptrs[i] for i in indices)
-
-        patcher.setattr(torch._C, "_tensors_data_ptrs_at_indices_equal", batched, raising=False)
-        assert _compat.data_ptrs_equal(tuple(tensors), pointers)
-        assert not _compat.data_ptrs_equal(tensors, moved)
-        assert calls == [[0, 1, 2], [0, 1, 2]]
-    finally:
-        patcher.undo()
-
-
 def test_frame_side_effects_are_read_from_the_tracer() -> None:
     seen: list[bool] = []
     box: list[int] = []

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+from collections.abc import Callable
 
 import pytest
 import torch
 from helpers import assert_matches_eager, make_model, make_pair, set_grads
 
 import optcapture
+from optcapture import preparation
+from optcapture.discovery import BucketKey
 from optcapture.preparation import alias
 
 
@@ -107,3 +111,65 @@ def test_device_hyperparameters_are_as_exact_as_eagers_python_floats(beta2: floa
         pair.eager.step()
         pair.step()
     assert_matches_eager(pair)
+
+
+def _peak_resident_bytes_while(run: Callable[[], object]) -> int:
+    """How far the process's resident memory rose above its level before ``run``, at its highest during ``run``
+    (Linux: ``/proc/self/clear_refs`` resets the high-water mark ``VmHWM``)."""
+
+    def kilobytes(field: str) -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    before = kilobytes("VmRSS")
+    run()
+    return (kilobytes("VmHWM") - before) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resident-memory high-water mark")
+def test_moving_tensors_into_flat_storage_holds_no_second_copy_of_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each role's flat buffer was allocated zeroed (every page backed) while every old tensor still lived: the first
+    # call held a whole extra copy of the params (then of each state) while preparing. Tensors above glibc's
+    # largest mmap threshold (32 MiB) go back to the OS when freed, so resident memory shows what is held.
+    numel = 12 * 2**20  # 48 MiB each
+    params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn(numel)
+    opt = torch.optim.AdamW(params, lr=0.01)
+    expected = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for e, p in zip(expected, params, strict=True):
+        e.grad = p.grad
+    torch.optim.AdamW(expected, lr=0.01).step()
+    peaks: list[int] = []
+    build = preparation._build_flat_group
+
+    def measured(*args: object) -> preparation.FlatGroup:
+        result: list[preparation.FlatGroup] = []
+        peaks.append(_peak_resident_bytes_while(lambda: result.append(build(*args))))  # type: ignore[arg-type]
+        return result[0]
+
+    monkeypatch.setattr(preparation, "_build_flat_group", measured)
+    torch.compile(opt.step, backend="optcapture")()
+    assert [r.path for r in optcapture.explain(opt)] == ["bucketed"]
+    largest = numel * 4
+    assert len(peaks) == 1 and peaks[0] < largest + 8 * 2**20, (peaks, largest)  # a role is 4 x largest
+    torch.testing.assert_close([p.detach() for p in params], [e.detach() for e in expected])
+
+
+@pytest.mark.parametrize("staged_on_host", [False, True])
+def test_tensors_moved_into_flat_storage_keep_identity_and_values(staged_on_host: bool) -> None:
+    # Staged through host memory is what accelerators do (tested here on CPU); gaps and absent members are zeros.
+    tensors = [torch.randn(3, 2), None, torch.randn(5)]
+    shapes = [torch.Size([3, 2]), torch.Size([4]), torch.Size([5])]
+    values = [None if t is None else t.clone() for t in tensors]
+    objects = list(tensors)
+    key = BucketKey(0, torch.device("cpu"), torch.float32)
+    flat, homes = preparation._move_into_flat(tensors, shapes, [0, 8, 16], 24, key, staged_on_host)
+    assert tensors == objects
+    for tensor, value, home, offset in zip(tensors, values, homes, [0, 8, 16], strict=True):
+        assert home.data_ptr() == flat.data_ptr() + offset * 4
+        if tensor is not None:
+            assert tensor.data_ptr() == home.data_ptr() and torch.equal(tensor, value)
+    assert flat[6:8].tolist() == [0.0, 0.0] and flat[8:16].tolist() == [0.0] * 8 and flat[21:].tolist() == [0.0] * 3

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import io
+import sys
+import types
 import weakref
 from typing import Any
 
@@ -12,7 +15,7 @@ import torch
 from helpers import assert_matches_eager, make_model, make_pair, paths, set_grads, step_both
 
 import optcapture
-from optcapture import registry
+from optcapture import registry, replay
 
 
 def _roundtrip(obj: object) -> object:
@@ -105,7 +108,7 @@ def test_a_rebuilt_capture_lets_the_storage_it_replaced_go() -> None:
     for seed in range(3):
         step_both(pair, seed)
     old = [weakref.ref(buffer) for flat in registry._prepared[pair.optimizer].groups.values()
-           for role, buffer in flat.flats.items() if role != "grad"]
+           for role, buffer in flat.flats.items() if role.kind != "grad"]
     with torch.no_grad():
         for m in (pair.model, pair.eager_model):
             m[0].weight.data = torch.full((10, 10), 0.5)
@@ -249,3 +252,48 @@ def test_a_tensor_hyperparameter_replaced_by_another_tensor_is_noticed(key: str)
     assert_matches_eager(pair)
     assert optcapture.stats()["rebuilds"] == 1
     assert paths(pair.optimizer) == ["bucketed", "bucketed"]
+
+
+def _python_calls_of_a_steady_step(count: int) -> collections.Counter[tuple[str, str]]:
+    """Python-level calls (``call`` and ``c_call`` events of ``sys.setprofile``) made inside the captured step during
+    one steady step of the default loop (new grads every step). Work a C function does over a list makes no event."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(count)]
+    opt = torch.optim.AdamW(params, lr=0.01)
+    step = torch.compile(opt.step, backend="optcapture")
+
+    def new_grads() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)
+
+    for _ in range(3):
+        new_grads()
+        step()
+    new_grads()
+    calls: collections.Counter[tuple[str, str]] = collections.Counter()
+    inside = [0]
+    captured_step = replay.CapturedStep.__call__.__code__
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code is captured_step:
+            inside[0] += 1
+        if inside[0] and event in ("call", "c_call"):
+            # By function name: Inductor names its generated modules after their source.
+            calls[(event, frame.f_code.co_name if event == "call" else getattr(arg, "__name__", "?"))] += 1
+        if event == "return" and frame.f_code is captured_step:
+            inside[0] -= 1
+
+    sys.setprofile(profile)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    assert paths(opt) == ["bucketed"]
+    return calls
+
+
+def test_the_python_work_of_a_step_does_not_grow_with_the_tensor_count() -> None:
+    # What grows with the tensor count (reading addresses and version counters, copying grads) must run inside
+    # single C-level calls: Python work per tensor is host time that grows with the model.
+    few, many = _python_calls_of_a_steady_step(30), _python_calls_of_a_steady_step(300)
+    assert sum(few.values()) > 20  # the step itself was seen
+    assert many == few, sorted((many - few).items()) + sorted((few - many).items())

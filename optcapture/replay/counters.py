@@ -1,0 +1,75 @@
+"""The process-wide counters of :func:`optcapture.stats`, and the paths a compiled graph can take.
+
+Invariant: only the replay stage writes the counters: :func:`count_graph` and :func:`count_path` (called by the
+backend and :func:`optcapture.registry.record`), and the running captures (steps, grads, rebuilds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Literal
+
+Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
+"""What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
+``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
+(the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
+optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+
+
+@dataclasses.dataclass
+class Stats(Mapping[str, int]):
+    """Process-wide counts since the last :func:`optcapture.reset`; :func:`optcapture.stats` returns a copy (also
+    readable as a dict: ``stats()["steps"]``). The one live instance, ``COUNTERS``, is written only by this
+    module (:func:`count_graph`, :func:`count_path` and the running captures)."""
+
+    captures: int = 0
+    """Graphs of optimizer steps handed to optcapture by Dynamo."""
+    bucketed: int = 0
+    """Of those, captured as bucketed steps."""
+    per_tensor: int = 0
+    """Of those, compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
+    eager: int = 0
+    """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
+    first_steps: int = 0
+    """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
+    steps: int = 0
+    """Steps run by bucketed captures."""
+    grads_copied: int = 0
+    """Grads copied into flat storage by bucketed steps (CPU, or ``grads_in_place=False``)."""
+    grad_tables_written: int = 0
+    """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
+    rebuilds: int = 0
+    """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
+
+    def __getitem__(self, key: str) -> int:
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        value: int = getattr(self, key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+
+COUNTERS = Stats()
+_PATH_COUNTER = {"bucketed": "bucketed", "per-tensor": "per_tensor", "eager": "eager", "first-step": "first_steps"}
+
+
+def count_graph() -> None:
+    """One graph of an optimizer step handed to optcapture."""
+    COUNTERS.captures += 1
+
+
+def count_path(path: Path) -> None:
+    """One graph that runs as ``path`` (called once per compiled graph, when its report is recorded)."""
+    name = _PATH_COUNTER[path]
+    setattr(COUNTERS, name, getattr(COUNTERS, name) + 1)
+
+
+def reset_counters() -> None:
+    for field in dataclasses.fields(Stats):
+        setattr(COUNTERS, field.name, 0)
