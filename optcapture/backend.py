@@ -274,12 +274,7 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
-    @progress.timed
-    def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
-        changed = changed_since_traced(step)
-        if changed is not None:
-            raise CaptureError(changed)
-        return _capture_batches(step, gm, list(args), config, time.perf_counter())
+    rebuild = _rebuilder(step, lambda args: _capture_batches(step, gm, list(args), config, time.perf_counter()))
 
     report = registry.record(step, "bucketed", [], runs=len(runs), seconds=time.perf_counter() - began,
                              kernels=lowered.kernels, grads="copied", batches=len(batches))
@@ -293,6 +288,21 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     log.info("captured %s (lane-local update): %d batch(es) of one shape over %d bucket(s)", type(optimizer).__name__,
              len(batches), len(step.buckets))
     return CapturedStep(optimizer, plan)
+
+
+def _rebuilder(step: StepGraph, capture_again: Callable[[Sequence[Any]], CapturedStep]
+               ) -> Callable[[Sequence[Any]], Callable[..., Any]]:
+    """A new capture of ``step``'s graph over the current storage, from a later call's graph inputs; raises (the
+    replay stage then steps eagerly) when the params no longer fit the traced graph."""
+
+    @progress.timed
+    def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
+        changed = changed_since_traced(step)
+        if changed is not None:
+            raise CaptureError(changed)
+        return capture_again(args)
+
+    return rebuild
 
 
 # Not "hyper": a tensor in a param group is checked by identity (frozen_hypers), and a float Dynamo passes as a tensor
@@ -397,12 +407,8 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
-    @progress.timed
-    def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
-        changed = changed_since_traced(step)
-        if changed is not None:
-            raise CaptureError(changed)
-        return _capture(step, gm, args, config, None, time.perf_counter(), frozenset(tensor_hypers))
+    rebuild = _rebuilder(step, lambda args: _capture(step, gm, args, config, None, time.perf_counter(),
+                                                     frozenset(tensor_hypers)))
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),
