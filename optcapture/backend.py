@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from optcapture import _compat, bucketing, lane_batches, lowering, preparation, 
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
+    InputRole,
     StepGraph,
     changed_since_traced,
     cycled_floats_held_constant,
@@ -310,14 +311,22 @@ def _rebuilder(step: StepGraph, capture_again: Callable[[Sequence[Any]], Capture
 _HELD_ROLES = frozenset({"param", "state", "scalar_state", "global_state"})
 
 
+def _placeholder_roles(step: StepGraph, gm: torch.fx.GraphModule) -> Iterator[tuple[int, InputRole]]:
+    """(graph input index, role) of each placeholder discovery gave a role."""
+    roles = {role.node: role for role in step.roles}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        role = roles.get(node.name)
+        if role is not None:
+            yield index, role
+
+
 def _held_inputs(step: StepGraph, gm: torch.fx.GraphModule,
                  example_inputs: Sequence[Any]) -> list[tuple[int, torch.Tensor]]:
     """(index, tensor) of each graph input the capture reads from where it lies now (not a grad, which moves)."""
-    roles = {role.node: role for role in step.roles}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [(index, example_inputs[index]) for index, node in enumerate(placeholders)
-            if index < len(example_inputs) and isinstance(example_inputs[index], torch.Tensor)
-            and (role := roles.get(node.name)) is not None and role.kind in _HELD_ROLES]
+    return [(index, example_inputs[index]) for index, role in _placeholder_roles(step, gm)
+            if role.kind in _HELD_ROLES and index < len(example_inputs)
+            and isinstance(example_inputs[index], torch.Tensor)]
 
 
 def _grad_slots(step: StepGraph, gm: torch.fx.GraphModule,
@@ -326,11 +335,8 @@ def _grad_slots(step: StepGraph, gm: torch.fx.GraphModule,
     optimizer = step.optimizer
     assert optimizer is not None
     grad_slots: list[tuple[int, BucketKey, int]] = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    roles = {role.node: role for role in step.roles}
-    for index, node in enumerate(placeholders):
-        role = roles.get(node.name)
-        if role is not None and role.kind == "grad":
+    for index, role in _placeholder_roles(step, gm):
+        if role.kind == "grad":
             assert role.group is not None and role.param_index is not None
             p = optimizer.param_groups[role.group]["params"][role.param_index]
             key = BucketKey(role.group, p.device, p.dtype)

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture.discovery import BucketKey, StepGraph
+from optcapture.discovery import BucketKey, RoleKind, StepGraph
 from optcapture.errors import CaptureError
-from optcapture.lanes import LaneId
+from optcapture.lanes import LaneId, in_place
 from optcapture.preparation import PARAM, FlatGroup, Role
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ class BatchedStep:
     """Steps every batch; takes ``inputs``."""
     inputs: list[torch.Tensor]
     """The flat buffers and shared tensors the step reads and writes, each once."""
-    batches: list[LaneBatch]
     writes_grads: bool
     """The update writes into its grads (it reads copies: the caller copies them back after each step)."""
 
@@ -97,7 +96,7 @@ class _LaneInput:
     """A placeholder of a lane program: a tensor of the lane (``role``: param, grad, state or scalar_state, with
     ``key``) or a value shared by all lanes (``shared``: the object the real graph read)."""
 
-    role: str
+    role: RoleKind
     key: str | None = None
     shared: Any = None
 
@@ -115,16 +114,17 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
     nodes = list(gm.graph.nodes)
     # A foreach node computes one item per lane: its position for ours, where it has one.
     position = {name: lanes_at.index(lane) for name, lanes_at in report.foreach_lanes.items() if lane in lanes_at}
+    singles = {n: _lane_args(n, position[n.name], report.foreach_lanes[n.name]) for n in nodes if n.name in position}
     ancestors: set[Node] = set()
-    stack = [n for n in nodes if lane_of.get(n.name, ()) == lane or n.name in position]
+    stack = [n for n in nodes if lane_of.get(n.name, ()) == lane or n in singles]
     while stack:
         node = stack.pop()
         if node in ancestors:
             continue
         ancestors.add(node)
-        if node.name in position:
-            stack.extend(_lane_args(node, position[node.name], report.foreach_lanes[node.name]).all_input_nodes)
-        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].name in position:
+        if node in singles:
+            stack.extend(singles[node].all_input_nodes)
+        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0] in singles:
             stack.append(node.args[0])
         else:
             stack.extend(node.all_input_nodes)
@@ -151,10 +151,9 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
                 raise CaptureError(f"input {node.name} of the step is {role.kind}")
             env[node] = graph.placeholder(node.name)
             env[node].meta = dict(node.meta)
-        elif node.name in position:
-            single = _lane_args(node, position[node.name], report.foreach_lanes[node.name])
-            env[node] = graph.node_copy(single, lambda arg: env[arg])
-        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0].name in position:
+        elif node in singles:
+            env[node] = graph.node_copy(singles[node], lambda arg: env[arg])
+        elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0] in singles:
             env[node] = env[node.args[0]]  # the item of a foreach result: the single op's result
         elif node.op in ("call_function", "call_method"):
             env[node] = graph.node_copy(node, lambda arg: env[arg])
@@ -237,7 +236,7 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
         for batched, where in plan:
             batched(*(tensors[i] if size is None else _as_batch(tensors[i], size) for i, size in where))
 
-    return BatchedStep(step_batches, inputs, batches, writes_grads)
+    return BatchedStep(step_batches, inputs, writes_grads)
 
 
 # In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).
@@ -264,7 +263,7 @@ def _out_of_place(program: GraphModule) -> GraphModule:
             graph.erase_node(node)
             continue
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if not isinstance(name, str) or not name.endswith("_") or name.startswith("_") or name in _BATCHED_IN_PLACE \
+        if not isinstance(name, str) or not in_place(name) or name.startswith("_") or name in _BATCHED_IN_PLACE \
                 or not hasattr(torch.Tensor, name[:-1]):
             continue
         with graph.inserting_before(node):
@@ -305,7 +304,7 @@ def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
     return scratch.create_node("call_function", target, tuple(args), kwargs, name=f"{node.name}_{j}")
 
 
-def _writes_input(program: GraphModule, role: str, inputs: list[_LaneInput]) -> bool:
+def _writes_input(program: GraphModule, role: RoleKind, inputs: list[_LaneInput]) -> bool:
     """Whether an in-place op of ``program`` writes the input of ``role`` (or a view of it)."""
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     written: set[Node] = {p for p, i in zip(placeholders, inputs, strict=True) if i.role == role}
@@ -315,7 +314,7 @@ def _writes_input(program: GraphModule, role: str, inputs: list[_LaneInput]) -> 
         first = node.args[0]
         name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
         if isinstance(first, Node) and first in written:
-            if name.endswith("_") and not name.startswith("__"):
+            if in_place(name):
                 return True
             if name in ("view", "reshape", "view_as", "flatten", "squeeze", "unsqueeze", "t", "transpose",
                         "permute", "expand", "narrow", "select", "getitem", "as_strided", "detach", "T", "mT"):

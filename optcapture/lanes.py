@@ -273,9 +273,15 @@ def _example(arg: Any) -> Any:
     return arg.meta.get("example_value") if isinstance(arg, Node) else arg
 
 
+def in_place(name: str) -> bool:
+    """Whether the op named ``name`` writes its first argument in place (``add_``, ``_foreach_mul_``, ``copy_``; not a
+    dunder such as ``__and__``)."""
+    return name.endswith("_") and not name.startswith("__")
+
+
 def _writes_first_argument(node: Node, name: str) -> bool:
-    """An in-place op (``add_``, ``_foreach_mul_``, ``copy_``) or one with ``out=``."""
-    return (name.endswith("_") and not name.startswith("__")) or "out" in node.kwargs
+    """An in-place op or one with ``out=``."""
+    return in_place(name) or "out" in node.kwargs
 
 
 def analyze(gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],

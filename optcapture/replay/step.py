@@ -145,6 +145,8 @@ class _Capture:
         # The optimizer's own per-param scalar state (step counters, ...): each run steps a copy of it, so a write
         # to it outside the capture (an eager ``opt.step()``) must be noticed; their versions tell.
         self.scalar_states: list[torch.Tensor] = []
+        # A tensor that is also a held graph input is checked there, through the very object Dynamo passes.
+        held = {id(tensor) for _, tensor in plan.held_inputs}
         for run in plan.runs:
             flat = plan.flats[run.key]
             for j in run.positions:
@@ -154,8 +156,9 @@ class _Capture:
                     # State that was not moved into flat storage (another shape) is not the capture's to check.
                     if isinstance(tensor, torch.Tensor) and (role == PARAM or
                                                              tensor.data_ptr() == homes[j].data_ptr()):
-                        self.homed.append(tensor)
-                        self.addresses.append(homes[j].data_ptr())
+                        if id(tensor) not in held:
+                            self.homed.append(tensor)
+                            self.addresses.append(homes[j].data_ptr())
                         if role.kind == "scalar":
                             self.scalar_states.append(tensor)
         self.scalar_versions = _versions(self.scalar_states)
