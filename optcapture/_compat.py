@@ -423,3 +423,38 @@ def generated_modules() -> Iterator[list[str]]:
                 with open(path, encoding="utf-8") as file:
                     sources.append(file.read())
 
+
+
+GraphBreakTally = dict[str, int]
+"""How often Dynamo has met each graph break (or unsupported construct) in this process, by its message."""
+
+# Dynamo's counters by message (torch/_dynamo/utils.py, ``counters``): ``Unsupported.add_to_stats`` counts every
+# unsupported construct under "unimplemented", and a graph break again under "graph_break" (torch/_dynamo/exc.py,
+# symbolic_convert.py; torch 2.11 and 2.13).
+_GRAPH_BREAK_COUNTERS = ("unimplemented", "graph_break")
+# ``torch._dynamo.graph_break()``: torch.optim puts one in ``_use_grad`` on purpose (pytorch#104053), around every
+# step; never the reason a step was not handed over.
+_DELIBERATE_GRAPH_BREAK = "Call to `torch._dynamo.graph_break()`"
+
+
+def graph_break_tally() -> GraphBreakTally:
+    """A copy of Dynamo's process-wide graph-break counts now (read only), for :func:`graph_breaks_since`."""
+    from torch._dynamo.utils import counters
+
+    return {f"{kind}\0{message}": count for kind in _GRAPH_BREAK_COUNTERS
+            for message, count in counters.get(kind, {}).items()}
+
+
+def graph_breaks_since(before: GraphBreakTally) -> list[str]:
+    """The first line of each graph break Dynamo met since ``before`` was taken (distinct, in the order Dynamo
+    counted them), leaving out deliberate ``torch._dynamo.graph_break()`` calls: e.g. "Unsupported Tensor.item() call
+    with capture_scalar_outputs=False" (Adafactor's ``step_t.item()``, torch 2.13)."""
+    lines: dict[str, None] = {}
+    for key, count in graph_break_tally().items():
+        if count <= before.get(key, 0):
+            continue
+        message = key.split("\0", 1)[1].strip()
+        first = message.splitlines()[0].strip() if message else ""
+        if first and not first.startswith(_DELIBERATE_GRAPH_BREAK):
+            lines[first] = None
+    return list(lines)

@@ -33,7 +33,11 @@ class CaptureConfig:
     fallback: FallbackPolicy = DEFAULT_FALLBACK
     """``"eager"``: what cannot be captured runs on the stock path (Inductor's per-tensor graph, or eagerly) and is
     warned about once per reason. ``"raise"``: every such case is an :class:`~optcapture.UnsupportedStepError`
-    naming the reason."""
+    naming the reason. A step Dynamo hands optcapture no graph of (``fused=True``; a graph break at which Dynamo gives
+    the step's frame up, Adafactor's on torch 2.13) is seen only through :func:`optcapture.capture`, which raises
+    before the step where that is known ahead (a ``fused=True`` group) and otherwise after the first call, which has
+    then stepped uncompiled, and before every later one. Compiled as ``torch.compile(opt.step,
+    backend="optcapture")``, such a step never calls optcapture: it runs uncompiled, neither said nor raised."""
     bucketing: bool = DEFAULT_BUCKETING
     """Compile elementwise updates once per bucket (param group x device x dtype) over flat storage. ``False`` keeps
     the per-tensor Inductor graph, as stock ``torch.compile`` runs it."""

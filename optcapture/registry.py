@@ -20,7 +20,7 @@ from optcapture.progress import Stage
 from optcapture.replay import COUNTERS, Path, Stats
 
 __all__ = ["CaptureReport", "GradsPath", "Path", "ReportHandle", "amend", "explain", "prepared_for", "record",
-           "reset", "stats"]
+           "record_uncompiled", "reset", "stats"]
 
 GradsPath = Literal["in place", "copied", ""]
 """How a bucketed capture reads grads: through a grad table ("in place") or from flat storage it copies them
@@ -37,7 +37,10 @@ class CaptureReport:
     """What the compiled graph of the step runs as: ``bucketed`` (one program per bucket over flat storage),
     ``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
     (the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
-    optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+    optimizer that creates its state inside ``step()``, run as traced once; the next call is captured),
+    ``uncompiled`` (a step stepped through :func:`optcapture.capture` that Dynamo ran without handing optcapture any
+    graph of it: ``fused=True``, or a graph break at which Dynamo gave up the step's frame; the optimizer's own step
+    ran as plain Python, and every field but ``reasons`` is empty)."""
     reasons: tuple[str, ...]
     """Why the graph is not bucketed (empty when it is)."""
     roles: tuple[InputRole, ...]
@@ -124,6 +127,15 @@ def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tenso
     if step.optimizer is not None:
         timing.owner = report.optimizer
         _reports.setdefault(step.optimizer, []).append(report)
+    return report
+
+
+def record_uncompiled(optimizer: torch.optim.Optimizer, reason: str) -> CaptureReport:
+    """Report a step of ``optimizer`` that Dynamo ran without handing optcapture any graph of it (``uncompiled``)."""
+    replay.count_path("uncompiled")
+    report = CaptureReport(optimizer=type(optimizer).__name__, path="uncompiled", reasons=(reason,), roles=(),
+                           buckets=(), runs=0, tensor_hyperparameters=(), kernels=0)
+    _reports.setdefault(optimizer, []).append(report)
     return report
 
 

@@ -66,14 +66,12 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     if isinstance(optimizer, torch.optim.LBFGS):
         raise UnsupportedStepError("LBFGS re-evaluates its closure inside step() (line search): its step cannot be "
                                    "compiled as one; step it eagerly")
-    fused = [g for g, group in enumerate(optimizer.param_groups) if group.get("fused")]
-    if fused:
-        # torch.optim's fused step never reaches a backend (Dynamo runs it as is): say so now, not never.
-        reason = (f"param group(s) {fused} of {type(optimizer).__name__} use fused=True: its step is one fused kernel "
-                  "already and runs as it is, uncompiled")
+    fused = _fused_reason(optimizer)
+    if fused is not None:
+        # Said now, not only after the first step (which reports it): nothing of a fused step reaches optcapture.
         if config.fallback == "raise":
-            raise UnsupportedStepError(reason)
-        warn_once(reason)
+            raise UnsupportedStepError(f"{_uncompiled_message(type(optimizer).__name__, fused)}: not captured")
+        warn_once(f"{_uncompiled_message(type(optimizer).__name__, fused)}{_RUNS_UNCOMPILED}")
     current = type(optimizer)
     base: type = getattr(current, "_optcapture_base", current)
     if base is not current and getattr(current, "_optcapture_config", None) != config:
@@ -133,10 +131,12 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         if compiled is None:
             compiled = _compiled[self] = torch.compile(base_step, backend="optcapture",
                                                        options=dataclasses.asdict(config))
+        if config.fallback == "raise":
+            _refuse_known_uncompiled(self, base)
         if closure is None:
-            captures_before = COUNTERS.captures
+            watch = _watch(self)
             result = compiled(self)
-            _say_if_never_seen(self, base, captures_before)
+            _report_if_never_seen(self, base, watch, config)
             return result
         if not closure_first:
             warn_once(f"{base.__name__}.step uses its closure beyond evaluating it first; steps given a closure run "
@@ -144,9 +144,9 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             return base_step(self, closure)
         with torch.enable_grad():
             loss = closure()
-        captures_before = COUNTERS.captures  # after the closure, which may compile a forward with this backend
+        watch = _watch(self)  # after the closure, which may compile a forward with this backend
         compiled(self)
-        _say_if_never_seen(self, base, captures_before)
+        _report_if_never_seen(self, base, watch, config)
         return loss
 
     cls = type(base.__name__, (base,), {"step": step, "_optcapture_base": base, "_optcapture_config": config,
@@ -155,21 +155,81 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
     return cls
 
 
-def _say_if_never_seen(optimizer: torch.optim.Optimizer, base: type, captures_before: int) -> None:
-    """A compiled step Dynamo ran without handing optcapture any graph of it (a graph break around everything, a
-    frame Dynamo skips: Adafactor's ``.item()`` on torch 2.13) ran uncompiled: said once, after its first call.
+def _fused_reason(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why a step with ``fused=True`` groups never reaches optcapture (None without such groups): torch.optim
+    runs its fused kernel under ``torch.compiler.disable`` ("don't trace into fused optimizer", torch/optim/adam.py),
+    so Dynamo gives up the step's frame and hands no backend any graph of it."""
+    fused = [g for g, group in enumerate(optimizer.param_groups) if group.get("fused")]
+    if not fused:
+        return None
+    return (f"param group(s) {fused} of {type(optimizer).__name__} use fused=True: it runs PyTorch's own fused "
+            "kernel, which Dynamo does not trace, so Dynamo hands no graph of the step to the backend")
+
+
+def _uncompiled_message(name: str, reason: str) -> str:
+    return f"Dynamo hands optcapture no graph of the step of {name} ({reason})"
+
+
+_RUNS_UNCOMPILED = ": it runs uncompiled, as plain Python"
+
+
+def _refuse_known_uncompiled(optimizer: torch.optim.Optimizer, base: type) -> None:
+    """``fallback="raise"``: raise before the step runs where it is known that optcapture will see none of it: a
+    ``fused=True`` group (also one added after :func:`capture`), or a step already reported ``uncompiled``."""
+    reason = _fused_reason(optimizer)
+    if reason is None:
+        reports = registry.explain(optimizer)
+        if not reports or reports[-1].path != "uncompiled":
+            return
+        reason = reports[-1].reasons[0]
+    raise UnsupportedStepError(f"{_uncompiled_message(base.__name__, reason)}: not stepped")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    """What a call of a compiled step is compared with afterwards, while optcapture has seen no graph of the step."""
+
+    captures: int
+    graph_breaks: _compat.GraphBreakTally
+
+
+def _watch(optimizer: torch.optim.Optimizer) -> _Watch | None:
+    """None once the step was reported (captured, or ``uncompiled``) or steps a captured optimizer: nothing to
+    watch, so a steady step reads no Dynamo counters."""
+    if registry.explain(optimizer) or optimizer in _steps_a_captured_optimizer:
+        return None
+    return _Watch(COUNTERS.captures, _compat.graph_break_tally())
+
+
+def _report_if_never_seen(optimizer: torch.optim.Optimizer, base: type, watch: _Watch | None,
+                          config: CaptureConfig) -> None:
+    """A compiled step Dynamo ran without handing optcapture any graph of it (``fused=True``; a graph break at which
+    Dynamo gives the step's frame up: Adafactor's ``step_t.item()`` on torch 2.13) ran uncompiled: reported
+    (``uncompiled``) and said once, after its first call; ``fallback="raise"`` raises then, after the step ran
+    (Dynamo decides while it runs the step), and before later calls (:func:`_refuse_known_uncompiled`).
 
     Not said of a wrapper whose step steps another optimizer that optcapture captured during the call (Accelerate's
     ``AcceleratedOptimizer`` captured after ``prepare``): Dynamo compiles the inner step's frame after the wrapper's
     graph break, so the step that matters is compiled."""
-    if registry.explain(optimizer) or optimizer in _steps_a_captured_optimizer:
+    if watch is None or registry.explain(optimizer):
         return
-    if COUNTERS.captures > captures_before:
+    if COUNTERS.captures > watch.captures:
         _steps_a_captured_optimizer.add(optimizer)
         log.info("the step of %s ran as Python around an inner optimizer's step, which was captured", base.__name__)
         return
-    warn_once(f"Dynamo handed optcapture no graph of the step of {base.__name__}: it ran uncompiled, as plain "
-              "Python (TORCH_LOGS=graph_breaks says why)")
+    reason = _fused_reason(optimizer)
+    if reason is None:
+        breaks = _compat.graph_breaks_since(watch.graph_breaks)
+        # Dynamo meets a graph break only when it compiles the frame: not again after optcapture.reset() alone.
+        reason = (f"graph break: {'; '.join(breaks)}; TORCH_LOGS=graph_breaks says where" if breaks
+                  else "Dynamo gave the step's frame up; TORCH_LOGS=graph_breaks says why")
+    registry.record_uncompiled(optimizer, reason)
+    message = _uncompiled_message(base.__name__, reason)
+    if config.fallback == "raise":
+        raise UnsupportedStepError(f"{message}: this call ran it uncompiled, as plain Python, before that was known "
+                                   "(Dynamo decides while it runs the step), so its update is applied; later calls "
+                                   "raise before stepping")
+    warn_once(f"{message}{_RUNS_UNCOMPILED}")
 
 
 # torch.optim checks its capture health first (the name differs between torch 2.11 and 2.13).

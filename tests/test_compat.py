@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -250,3 +252,43 @@ def test_frame_compile_began_is_when_dynamo_began_compiling_the_frame() -> None:
     ((began, handed_over),) = seen
     assert began is not None and called <= began <= handed_over, (called, began, handed_over)
     assert _compat.frame_compile_began() is None
+
+
+def test_graph_breaks_since_names_each_new_graph_break_but_deliberate_ones() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        for _ in range(2):
+            x = x + x.sum().item()  # a graph break in a loop: Dynamo gives the frame up
+        return x
+
+    before = _compat.graph_break_tally()
+    out = torch.compile(fn, backend="eager")(torch.ones(2))
+    assert out.tolist() == [9.0, 9.0]
+    breaks = _compat.graph_breaks_since(before)
+    assert any("item()" in line for line in breaks), breaks
+    assert not any("graph_break()" in line for line in breaks), breaks
+    assert all("\n" not in line for line in breaks)
+    assert _compat.graph_breaks_since(_compat.graph_break_tally()) == []  # nothing new since now: none is named
+
+
+def test_torch_compile_enters_no_context_of_a_backend() -> None:
+    # Why optcapture cannot see a call of `torch.compile(opt.step, backend="optcapture")` in which Dynamo hands it
+    # no graph (README, "What it does": fused=True, Adafactor's .item()): Dynamo enters a backend's
+    # `backend_ctx_ctor` around every call only through torch._dynamo.optimize; torch.compile wraps any backend in
+    # `_TorchCompileWrapper` (torch/__init__.py), which does not carry it. If this fails, optcapture can use it.
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def around_each_call() -> Iterator[None]:
+        entered.append("call")
+        yield
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        return gm.forward
+
+    backend.backend_ctx_ctor = around_each_call  # type: ignore[attr-defined]
+    torch._dynamo.optimize(backend)(lambda x: x + 1)(torch.ones(2))
+    assert entered == ["call"]
+    torch._dynamo.reset()
+    torch.compile(lambda x: x + 1, backend=backend)(torch.ones(2))
+    assert entered == ["call"]

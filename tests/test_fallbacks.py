@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
+import helpers
 import pytest
 import torch
-from helpers import GlobalNormSGD, assert_matches_eager, make_model, make_pair, paths, squared_loss_closure, step_both
+from helpers import (
+    GlobalNormSGD,
+    Pair,
+    assert_matches_eager,
+    make_model,
+    make_pair,
+    paths,
+    set_grads,
+    squared_loss_closure,
+    step_both,
+)
 
 import optcapture
 from optcapture import errors
@@ -19,14 +31,81 @@ def _warnings_of(fn: object) -> list[str]:
     return [str(w.message) for w in caught if "optcapture" in str(w.message)]
 
 
-@pytest.mark.parametrize("make", [lambda p: torch.optim.Adafactor(p), lambda p: torch.optim.AdamW(p, fused=True)],
-                         ids=["adafactor", "fused"])
-def test_unbucketed_optimizers_match_eager(make: object) -> None:
+ON_TORCH_2_13 = torch.__version__.startswith("2.13")
+# What Dynamo hands no backend any graph of: fused=True (torch.optim's fused kernel runs under
+# torch.compiler.disable) and, on torch 2.13, Adafactor (a graph break at step_t.item() inside its loop).
+NEVER_HANDED_OVER = {
+    "fused": (lambda p: torch.optim.AdamW(p, fused=True), r"param group\(s\) \[0\] of AdamW use fused=True"),
+    "adafactor": (lambda p: torch.optim.Adafactor(p), r"graph break: .*Tensor\.item\(\)"),
+}
+
+
+def _captured_pair(make: object, options: dict[str, str] | None = None) -> Pair:
+    """A pair whose optimizer is stepped through optcapture.capture (which knows the optimizer of every call)."""
     pair = make_pair(make)  # type: ignore[arg-type]
-    for seed in range(3):
-        step_both(pair, seed)
+    optcapture.capture(pair.optimizer, options)
+    pair.step = pair.optimizer.step
+    return pair
+
+
+@pytest.mark.parametrize("name", sorted(NEVER_HANDED_OVER))
+def test_unbucketed_optimizers_match_eager(name: str) -> None:
+    make, reason = NEVER_HANDED_OVER[name]
+    if name == "adafactor" and not ON_TORCH_2_13:
+        pytest.skip("Adafactor's graph break at step_t.item() is what torch 2.13 does")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pair = _captured_pair(make)
+        for seed in range(3):
+            step_both(pair, seed)
     assert_matches_eager(pair)
-    assert "bucketed" not in paths(pair.optimizer)
+    (report,) = optcapture.explain(pair.optimizer)  # one report, not one per step
+    assert report.path == "uncompiled" and len(report.reasons) == 1
+    assert re.search(reason, report.reasons[0]), report.reasons
+    said = [w for w in caught if str(w.message).startswith("optcapture: Dynamo hands optcapture no graph")]
+    assert len(said) == 1 and re.search(reason, str(said[0].message)), [str(w.message) for w in caught]
+    # At the user's line: fused=True is said at capture (here), before any step; Adafactor at its first step().
+    assert said[0].filename == (__file__ if name == "fused" else helpers.__file__), said[0].filename
+    stats = optcapture.stats()
+    assert (stats.uncompiled, stats.captures) == (1, 0)
+
+
+def test_a_fused_step_with_fallback_raise_is_refused_before_anything_runs() -> None:
+    pair = make_pair(lambda p: torch.optim.AdamW(p, fused=True))
+    with pytest.raises(optcapture.UnsupportedStepError, match=r"use fused=True.*: not captured"):
+        optcapture.capture(pair.optimizer, {"fallback": "raise"})
+    # A fused group added after capture is refused at the step, before it runs.
+    torch.manual_seed(0)
+    added = torch.nn.Parameter(torch.randn(3))
+    opt = optcapture.capture(torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))]), {"fallback": "raise"})
+    opt.add_param_group({"params": [added], "fused": True})
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for group in opt.param_groups for p in group["params"]]
+    with pytest.raises(optcapture.UnsupportedStepError, match=r"param group\(s\) \[1\] .*fused=True.*: not stepped"):
+        opt.step()
+    after = [p.detach() for group in opt.param_groups for p in group["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert opt.state == {}
+
+
+def test_a_step_dynamo_gives_up_raises_with_fallback_raise_once_known_and_before_later_steps() -> None:
+    if not ON_TORCH_2_13:
+        pytest.skip("Adafactor's graph break at step_t.item() is what torch 2.13 does")
+    pair = _captured_pair(lambda p: torch.optim.Adafactor(p), {"fallback": "raise"})
+    # Dynamo decides while it runs the step: the first call has stepped (as eager does) when it raises.
+    with pytest.raises(optcapture.UnsupportedStepError, match=r"graph break: .*this call ran it uncompiled"):
+        step_both(pair, 0)
+    assert_matches_eager(pair)
+    assert [r.path for r in optcapture.explain(pair.optimizer)] == ["uncompiled"]
+    set_grads(pair, 1)
+    before = [p.detach().clone() for p in pair.model.parameters()]
+    steps_before = [state["step"].item() for state in pair.optimizer.state.values()]
+    with pytest.raises(optcapture.UnsupportedStepError, match=r"graph break: .*: not stepped"):
+        pair.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, pair.model.parameters(), strict=True))
+    assert [state["step"].item() for state in pair.optimizer.state.values()] == steps_before
 
 
 def _non_leaf_params() -> list[torch.Tensor]:

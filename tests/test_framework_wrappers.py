@@ -71,7 +71,7 @@ def test_a_wrapper_whose_inner_step_is_not_captured_either_is_said() -> None:
     p = torch.nn.Parameter(torch.ones(4, 4))
     p.grad = torch.ones(4, 4)
     wrapper = optcapture.capture(Delegating(torch.optim.Adafactor([p], lr=0.01)))
-    with pytest.warns(RuntimeWarning, match="Dynamo handed optcapture no graph of the step of Delegating"):
+    with pytest.warns(RuntimeWarning, match="Dynamo hands optcapture no graph of the step of Delegating"):
         wrapper.step()
 
 

@@ -10,11 +10,14 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Literal
 
-Path = Literal["bucketed", "per-tensor", "eager", "first-step"]
+Path = Literal["bucketed", "per-tensor", "eager", "first-step", "uncompiled"]
 """What a compiled graph of an optimizer step runs as: ``bucketed`` (one program per bucket over flat storage),
 ``per-tensor`` (Inductor's graph of the step as Dynamo traced it, as stock ``torch.compile`` runs it), ``eager``
 (the traced graph or the optimizer's own step, uncompiled: a fallback), ``first-step`` (the first step of an
-optimizer that creates its state inside ``step()``, run as traced once; the next call is captured)."""
+optimizer that creates its state inside ``step()``, run as traced once; the next call is captured), ``uncompiled``
+(a step stepped through :func:`optcapture.capture` that Dynamo ran without handing optcapture any graph of it, e.g.
+``fused=True`` or a graph break Dynamo gives the step's frame up at: the optimizer's own step ran as plain
+Python)."""
 
 
 @dataclasses.dataclass
@@ -33,6 +36,9 @@ class Stats(Mapping[str, int]):
     """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
     first_steps: int = 0
     """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
+    uncompiled: int = 0
+    """Optimizers captured with :func:`optcapture.capture` whose step Dynamo ran without handing optcapture any graph
+    of it (not counted in ``captures``): their own step ran as plain Python, said once with the reason."""
     steps: int = 0
     """Steps run by bucketed captures."""
     grads_copied: int = 0
@@ -56,7 +62,8 @@ class Stats(Mapping[str, int]):
 
 
 COUNTERS = Stats()
-_PATH_COUNTER = {"bucketed": "bucketed", "per-tensor": "per_tensor", "eager": "eager", "first-step": "first_steps"}
+_PATH_COUNTER = {"bucketed": "bucketed", "per-tensor": "per_tensor", "eager": "eager", "first-step": "first_steps",
+                "uncompiled": "uncompiled"}
 
 
 def count_graph() -> None:
