@@ -35,8 +35,9 @@ class CaptureConfig:
     warned about once per reason. ``"raise"``: every such case is an :class:`~optcapture.UnsupportedStepError`
     naming the reason. A step Dynamo hands optcapture no graph of (``fused=True``; a graph break at which Dynamo gives
     the step's frame up, Adafactor's on torch 2.13) is seen only through :func:`optcapture.capture`, which raises
-    before the step where that is known ahead (a ``fused=True`` group) and otherwise after the first call, which has
-    then stepped uncompiled, and before every later one. Compiled as ``torch.compile(opt.step,
+    before the step where that is known ahead (a ``fused=True`` group); otherwise the first call, which has then
+    stepped uncompiled, warns (an error comes before anything is applied, or not at all), and every later call
+    raises before stepping. Compiled as ``torch.compile(opt.step,
     backend="optcapture")``, such a step never calls optcapture: it runs uncompiled, neither said nor raised."""
     bucketing: bool = DEFAULT_BUCKETING
     """Compile elementwise updates once per bucket (param group x device x dtype) over flat storage. ``False`` keeps

@@ -205,8 +205,9 @@ def _report_if_never_seen(optimizer: torch.optim.Optimizer, base: type, watch: _
                           config: CaptureConfig) -> None:
     """A compiled step Dynamo ran without handing optcapture any graph of it (``fused=True``; a graph break at which
     Dynamo gives the step's frame up: Adafactor's ``step_t.item()`` on torch 2.13) ran uncompiled: reported
-    (``uncompiled``) and said once, after its first call; ``fallback="raise"`` raises then, after the step ran
-    (Dynamo decides while it runs the step), and before later calls (:func:`_refuse_known_uncompiled`).
+    (``uncompiled``) and said once, after its first call. ``fallback="raise"`` does not raise then: the step ran (Dynamo
+    decides while it runs the step), and an error comes before anything is applied or not at all; later calls raise
+    before stepping (:func:`_refuse_known_uncompiled`).
 
     Not said of a wrapper whose step steps another optimizer that optcapture captured during the call (Accelerate's
     ``AcceleratedOptimizer`` captured after ``prepare``): Dynamo compiles the inner step's frame after the wrapper's
@@ -226,9 +227,11 @@ def _report_if_never_seen(optimizer: torch.optim.Optimizer, base: type, watch: _
     registry.record_uncompiled(optimizer, reason)
     message = _uncompiled_message(base.__name__, reason)
     if config.fallback == "raise":
-        raise UnsupportedStepError(f"{message}: this call ran it uncompiled, as plain Python, before that was known "
-                                   "(Dynamo decides while it runs the step), so its update is applied; later calls "
-                                   "raise before stepping")
+        # An error is raised before anything is applied, or not at all: this call's update is applied already.
+        warn_once(f"{message}: this call ran it uncompiled, as plain Python, before that was known (Dynamo decides "
+                  "while it runs the step), so it is not an error; with fallback='raise' later calls raise before "
+                  "stepping")
+        return
     warn_once(f"{message}{_RUNS_UNCOMPILED}")
 
 

@@ -90,12 +90,13 @@ def test_a_fused_step_with_fallback_raise_is_refused_before_anything_runs() -> N
     assert opt.state == {}
 
 
-def test_a_step_dynamo_gives_up_raises_with_fallback_raise_once_known_and_before_later_steps() -> None:
+def test_a_step_dynamo_gives_up_warns_at_its_first_call_with_fallback_raise_and_raises_before_later_steps() -> None:
     if not ON_TORCH_2_13:
         pytest.skip("Adafactor's graph break at step_t.item() is what torch 2.13 does")
     pair = _captured_pair(lambda p: torch.optim.Adafactor(p), {"fallback": "raise"})
-    # Dynamo decides while it runs the step: the first call has stepped (as eager does) when it raises.
-    with pytest.raises(optcapture.UnsupportedStepError, match=r"graph break: .*this call ran it uncompiled"):
+    # Dynamo decides while it runs the step: the first call has stepped (as eager does) when that is known, so it
+    # warns instead of raising an error after the update was applied.
+    with pytest.warns(RuntimeWarning, match=r"graph break: .*this call ran it uncompiled.*later calls raise"):
         step_both(pair, 0)
     assert_matches_eager(pair)
     assert [r.path for r in optcapture.explain(pair.optimizer)] == ["uncompiled"]
