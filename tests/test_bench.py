@@ -127,6 +127,16 @@ def test_compare_times_a_model_without_changing_it() -> None:
     assert "| model | optcapture |" in str(comparison)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is new in torch 2.9")
+def test_an_optimizer_computing_in_bfloat16_is_held_to_a_bfloat16_tolerance() -> None:
+    # Muon's Newton-Schulz runs in bf16: an fp32 limit (1e-4) failed every method but eager on a GPU, stock too.
+    matrices = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(2)]
+    comparison = compare(matrices, lambda ps: torch.optim.Muon(ps, lr=1e-2), methods=["eager"], blocks=1, steps=1)
+    assert [r.tolerance for r in comparison.results] == [5e-4]
+    adam = compare(matrices, lambda ps: torch.optim.Adam(ps, lr=1e-2), methods=["eager"], blocks=1, steps=1)
+    assert [r.tolerance for r in adam.results] == [1e-4]
+
+
 def test_model_option_times_a_factory_with_its_own_optimizer(monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.syspath_prepend(str(REPO))

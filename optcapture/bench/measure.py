@@ -20,7 +20,7 @@ import torch
 import optcapture
 from optcapture.bench import methods
 from optcapture.bench.blocks import Timings, run_blocks, synchronize, warm_up
-from optcapture.bench.results import Result, median
+from optcapture.bench.results import TOLERANCE, Result, median
 
 CopyFactory = Callable[[], tuple[list[torch.Tensor], torch.optim.Optimizer]]
 """Builds one method's own copy: its trainable params (in the same order every time) and an optimizer over them that
@@ -229,4 +229,5 @@ def _result(preset: str, contender: StepContender, final: list[torch.Tensor],
     return Result(preset, contender.name, median(timings.device_ms), median(timings.host_ms), timings.first_call_s,
                   contender.kernels, contender.peak_mb, floor_ms, diff, timings.warm_up_s,
                   step_blocks_ms=tuple(timings.device_ms), host_blocks_ms=tuple(timings.host_ms),
-                  path=path, details=details)
+                  path=path, details=details,
+                  tolerance=methods.TOLERANCE_BY_CLASS.get(type(contender.setup.optimizer).__name__, TOLERANCE))
