@@ -29,7 +29,7 @@ from optcapture.discovery import (
     host_outputs,
     hyper_source,
 )
-from optcapture.errors import CaptureError, OptionError, UnsupportedStepError, warn_once
+from optcapture.errors import CaptureError, FloatsSpecialized, OptionError, UnsupportedStepError, warn_once
 from optcapture.replay import CapturedStep
 from optcapture.rewrites.indirect_grad_loads import triton_type
 
@@ -65,6 +65,8 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
             if step.update == "lane-local":
                 return _capture_batches(step, gm, example_inputs, config, began)
             return _capture(step, gm, example_inputs, config, tracer, began)
+        except FloatsSpecialized as error:
+            return _eager_for_floats_that_change(step, gm, error, config, tracer)
         except CaptureError as error:
             step.blockers.append(str(error))
     try:
@@ -157,6 +159,34 @@ def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[An
     say(per_tensor)
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     return compiled
+
+
+def _eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, error: FloatsSpecialized,
+                                  config: CaptureConfig, tracer: Any) -> Callable[..., Any]:
+    """A float a scheduler changes every step reaches the step where Dynamo can only use a fixed number (SGD with
+    ``nesterov=True`` passes ``momentum`` as ``alpha=``): compiled, the step would compile again at every change,
+    with any backend, a second or more each, until Dynamo's recompile limit. The optimizer's own step runs eagerly
+    from now on, reading the floats as they are, so this frame no longer guards them: it never recompiles."""
+    optimizer = step.optimizer
+    assert optimizer is not None
+    name = type(optimizer).__name__
+    cycled = any("base_momentum" in group and "max_momentum" in group for group in optimizer.param_groups)
+    by = ("OneCycleLR or CyclicLR (cycle_momentum=True) changes it every step" if cycled
+          else "it changes between steps")
+    nesterov = optimizer.defaults.get("nesterov") and "momentum" in error.keys
+    where = ("nesterov=True passes momentum as alpha=" if nesterov
+             else "an op that takes a Python number, such as alpha=")
+    reason = (f"{name}'s {', '.join(error.keys)} reaches its step where Dynamo can only use a fixed number ({where}), "
+              f"and {by}: compiled, the step would compile again at every change")
+    if config.fallback == "raise":
+        raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step of {name}: {reason}")) from None
+    keys = {(g, key) for g, group in enumerate(optimizer.param_groups) for key in error.keys if key in group}
+    if tracer is not None:
+        _compat.drop_guards(tracer, lambda source: _is_hyper_source(source, keys))
+    warn_once(f"step of {name} is not bucketed ({reason}): it runs eagerly, with no recompile (keep "
+              f"{', '.join(error.keys)} fixed to have it captured)")
+    registry.record(step, "eager", [reason])
+    return replay.stepping_eagerly(weakref.ref(optimizer), _outputs(gm))
 
 
 def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -394,6 +424,8 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
         try:
             lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables,
                                             [(shadow.groups[g], key) for g, key in sorted(followed)])
+        except FloatsSpecialized:
+            raise  # known at capture: the frame steps eagerly from its first call, never recompiling
         except Exception as error:
             if tables:
                 raise

@@ -24,6 +24,16 @@ class CaptureError(RuntimeError):
     """optcapture could not capture a step it was asked to capture."""
 
 
+class FloatsSpecialized(CaptureError):
+    """Numbers of the param groups that change between steps (a scheduler cycles them) reach the step where Dynamo
+    can only use a fixed number (``add(x, y, alpha=momentum)``, SGD with Nesterov): the bucketed step would compile
+    again at every change. ``keys``: the param-group keys."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        super().__init__(f"Dynamo keeps {list(keys)} constants of the compiled step: a new value compiles it again")
+        self.keys = keys
+
+
 class UnsupportedStepError(CaptureError):
     """The step uses something optcapture does not capture (and ``fallback="raise"`` was set)."""
 

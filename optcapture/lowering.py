@@ -34,7 +34,7 @@ import torch
 from optcapture import _compat, discovery
 from optcapture.bucketing import ShadowStep, is_stock
 from optcapture.config import CaptureConfig
-from optcapture.errors import CaptureError
+from optcapture.errors import CaptureError, FloatsSpecialized
 from optcapture.preparation import GradTable
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
 
@@ -201,7 +201,9 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
     try:
         deferred = _run_trace(shadow_step)
         if followed and not deferred:
-            _prime_followed(shadow_step, followed)
+            specialized = _prime_followed(shadow_step, followed, lambda: len(kernels))
+            if specialized:
+                raise FloatsSpecialized(specialized)
     finally:
         for group, values in before:
             group.clear()
@@ -224,7 +226,8 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
                                        dynamic=None if followed else False), None)
 
 
-def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[dict[str, Any], str]]) -> None:
+def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[dict[str, Any], str]],
+                    compiles: Callable[[], int]) -> tuple[str, ...]:
     """Trace the shadow once more with each followed number moved, so that Dynamo's automatic dynamic makes them
     inputs now, at capture, instead of recompiling at the first change (issue #2: a cycled ``momentum`` never
     recompiles the step; a counter the step keeps in its param group changes every step).
@@ -232,20 +235,35 @@ def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[di
     Best effort: if this trace fails, the shadow recompiles once at the first change instead. A float is moved a
     little towards zero and a float of zero is left alone: any other value could take another branch (``if
     momentum != 0``). An int moves to its next value, the one a counter takes next.
+
+    Then the floats are moved once more: where that compiles again (``compiles()`` grew), Dynamo keeps them
+    constants of the shadow's graph (a float it cannot turn into a tensor, ``add(x, y, alpha=momentum)`` in
+    single-tensor SGD with Nesterov, is specialized: torch/_dynamo's ``TensorifyScalarRestartAnalysis``), and their
+    keys are returned: every change would compile the step again.
     """
     moved = [(group, key, group[key]) for group, key in followed if type(group[key]) is int or group[key] != 0]
     if not moved:
-        return
+        return ()
+    floats = [(group, key, value) for group, key, value in moved if type(value) is float]
+    specialized: tuple[str, ...] = ()
     try:
         for group, key, value in moved:
             group[key] = value + 1 if type(value) is int else value * (1 - 2.0**-20)
         _run_trace(shadow_step)
+        if floats:
+            before = compiles()
+            for group, key, value in floats:
+                group[key] = value * (1 - 2.0**-19)
+            _run_trace(shadow_step)
+            if compiles() > before:
+                specialized = tuple(dict.fromkeys(key for _, key, _ in floats))
     except Exception as error:  # noqa: BLE001 - priming only saves a recompile
         log.info("priming the followed values %s failed (%s: %s)", [key for _, key, _ in moved],
                  type(error).__name__, error)
     finally:
         for group, key, value in moved:
             group[key] = value
+    return specialized
 
 
 class _Deferred(CaptureError):

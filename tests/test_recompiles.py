@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_pair, paths, step_both
+from helpers import assert_matches_eager, make_pair, paths, set_grads, step_both
 from torch.optim import lr_scheduler
 
 import optcapture
@@ -102,17 +102,36 @@ def test_cycling_momentum_never_recompiles(name: str, schedule: str) -> None:
     assert_matches_eager(pair)
 
 
-def test_nesterov_with_a_cycled_momentum_never_computes_with_an_old_value() -> None:
-    # Nesterov passes momentum as ``alpha=``, which Inductor specializes; its cache then handed every later
-    # value the first value's compile (pytorch#194976): 1.2e-2 off eager after 8 steps, with stock
-    # torch.compile as well. Each value now compiles as itself, and past Dynamo's recompile limit the step
-    # runs eagerly, warned once.
+def test_nesterov_with_a_cycled_momentum_steps_eagerly_from_its_capture_and_never_recompiles() -> None:
+    # Nesterov passes momentum as ``alpha=``, which Dynamo can only specialize in the shadow's single-tensor step;
+    # Inductor's cache then handed every later value the first value's compile (pytorch#194976): 1.2e-2 off eager
+    # after 8 steps, with stock torch.compile as well. Later, each value compiled as itself, a second or more each,
+    # until Dynamo's recompile limit failed the step with "FailOnRecompileLimitHit ... fullgraph=True". Now the
+    # capture sees the shadow specialize momentum and steps eagerly from then on, saying why, with no recompile.
     pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
                      scheduler=lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=40))
-    with pytest.warns(RuntimeWarning, match="stepping eagerly"):
+    with pytest.warns(RuntimeWarning, match=r"momentum .*nesterov=True passes momentum as alpha=.*OneCycleLR or "
+                      r"CyclicLR \(cycle_momentum=True\).*runs eagerly, with no recompile") as said:
         for seed in range(14):
             step_both(pair, seed)
             assert_matches_eager(pair)
+            if seed == 2:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
+    assert not [w for w in said if "FailOnRecompileLimitHit" in str(w.message)]
+    assert paths(pair.optimizer) == ["first-step", "eager"]
+
+
+def test_nesterov_with_a_cycled_momentum_and_fallback_raise_raises_before_stepping() -> None:
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
+                     scheduler=lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=40),
+                     options={"fallback": "raise"})
+    step_both(pair, 0)  # creates the momentum buffers, as traced
+    set_grads(pair, 1)
+    before = [p.detach().clone() for p in pair.model.parameters()]
+    with pytest.raises(optcapture.UnsupportedStepError, match="nesterov=True passes momentum as alpha="):
+        pair.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, pair.model.parameters(), strict=True))
 
 
 def test_momentum_cycled_by_hand_recompiles_once_as_in_stock_torch_compile() -> None:
@@ -153,15 +172,21 @@ def test_replaced_state_tensor_recompiles_exactly_once() -> None:
     assert optcapture.stats()["captures"] == 2
 
 
-def test_a_float_dynamo_must_specialize_changing_every_step_ends_in_a_correct_eager_step() -> None:
-    # SGD passes weight_decay as ``alpha=``, which Dynamo can only specialize: each new value compiles the
-    # shadow again until Dynamo's recompile limit, and then the step runs eagerly, warned once and exact.
+def test_a_float_dynamo_must_specialize_changing_every_step_steps_eagerly_without_recompiling() -> None:
+    # SGD passes weight_decay as ``alpha=``, which Dynamo can only specialize: each new value compiled the
+    # shadow again until Dynamo's recompile limit ("FailOnRecompileLimitHit"). Now the capture that follows the
+    # changed value sees the shadow specialize it and steps eagerly from then on, warned once, exact, and with
+    # no recompile after it.
     pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, weight_decay=0.1))
-    with pytest.warns(RuntimeWarning, match="FailOnRecompileLimitHit.*stepping eagerly"):
+    with pytest.warns(RuntimeWarning, match=r"weight_decay reaches its step where Dynamo can only use a fixed number "
+                      r"\(an op that takes a Python number, such as alpha=\), and it changes between steps"):
         for seed in range(14):
             for optimizer in (pair.optimizer, pair.eager):
                 optimizer.param_groups[0]["weight_decay"] *= 0.97
             step_both(pair, seed)
+            if seed == 4:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
     # The first step (SGD creates its buffers in it) is no fallback; this one is.
     assert (optcapture.stats()["first_steps"], optcapture.stats()["eager"]) == (1, 1)
     assert_matches_eager(pair)
