@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture.discovery import BucketKey, RoleKind, StepGraph
+from optcapture import lane_hypers
+from optcapture.discovery import BucketKey, HyperSource, RoleKind, StepGraph, hyper_source
 from optcapture.errors import CaptureError
 from optcapture.lanes import LaneId, in_place
-from optcapture.preparation import PARAM, FlatGroup, Role
+from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer, Role
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class BatchedStep:
     """The flat buffers and shared tensors the step reads and writes, each once."""
     writes_grads: bool
     """The update writes into its grads (it reads copies: the caller copies them back after each step)."""
+    device_hypers: set[tuple[int, str]] = dataclasses.field(default_factory=set)
+    """(group, key) of the group entries read from device tensors refreshed before each step
+    (:mod:`optcapture.lane_hypers`), not held as constants."""
 
 
 def plan_batches(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[LaneBatch]:
@@ -94,11 +98,13 @@ def _make_batch(flat: FlatGroup, positions: list[int]) -> LaneBatch:
 @dataclasses.dataclass(frozen=True)
 class _LaneInput:
     """A placeholder of a lane program: a tensor of the lane (``role``: param, grad, state or scalar_state, with
-    ``key``) or a value shared by all lanes (``shared``: the object the real graph read)."""
+    ``key``) or a value shared by all lanes (``shared``: the object the real graph read; ``source``: the param-group
+    entry it is, for a hyperparameter)."""
 
     role: RoleKind
     key: str | None = None
     shared: Any = None
+    source: HyperSource | None = None
 
 
 def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
@@ -146,7 +152,7 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
             elif role.kind in ("hyper", "global_state"):
                 value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
                          else getattr(gm, str(node.target)))
-                inputs.append(_LaneInput(role.kind, role.key, value))
+                inputs.append(_LaneInput(role.kind, role.key, value, hyper_source(role.source or "")))
             else:
                 raise CaptureError(f"input {node.name} of the step is {role.kind}")
             env[node] = graph.placeholder(node.name)
@@ -203,40 +209,59 @@ def _as_batch(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any],
-                       flats: dict[BucketKey, FlatGroup], batches: list[LaneBatch]) -> BatchedStep:
+                       flats: dict[BucketKey, FlatGroup], batches: list[LaneBatch],
+                       prepared: PreparedOptimizer) -> BatchedStep:
     """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
-    are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once."""
+    are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once: a number of a
+    param group that Dynamo passes as an input is read from ``prepared``'s device tensor for it."""
+    optimizer = step.optimizer
+    assert optimizer is not None
     inputs: list[torch.Tensor] = []
     shared_index: dict[int, int] = {}
     plan: list[tuple[Callable[..., Any], list[_Where]]] = []
     writes_grads = False
+    device_hypers: set[tuple[int, str]] = set()
     for batch in batches:
         flat = flats[batch.key]
         lane = (batch.key.group, flat.param_indices[batch.positions[0]])
         program, lane_inputs = lane_program(gm, example_inputs, step, lane)
         writes_grads |= _writes_input(program, "grad", lane_inputs)
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+        numbers: list[Node] = []
         where: list[_Where] = []
-        for lane_input in lane_inputs:
+        for node, lane_input in zip(placeholders, lane_inputs, strict=True):
             if lane_input.shared is not None:
-                if not isinstance(lane_input.shared, torch.Tensor):
-                    raise CaptureError(f"shared input {lane_input.key!r} is a {type(lane_input.shared).__name__}")
-                if id(lane_input.shared) not in shared_index:
-                    shared_index[id(lane_input.shared)] = len(inputs)
-                    inputs.append(lane_input.shared)
-                where.append((shared_index[id(lane_input.shared)], None))
+                shared = lane_input.shared
+                number = (lane_hypers.device_number(optimizer, prepared, lane_input.source, batch.key.device)
+                          if lane_input.role == "hyper" and lane_input.source is not None else None)
+                if number is not None:
+                    assert lane_input.source is not None
+                    # A SymInt, or a float64 tensor Dynamo makes anew at every call: the capture's own tensor.
+                    shared = number
+                    numbers.append(node)
+                    device_hypers.add((lane_input.source.group, lane_input.source.key))
+                elif not isinstance(shared, torch.Tensor):
+                    raise CaptureError(f"shared input {lane_input.key!r} is a {type(shared).__name__}")
+                if id(shared) not in shared_index:
+                    shared_index[id(shared)] = len(inputs)
+                    inputs.append(shared)
+                where.append((shared_index[id(shared)], None))
             else:
                 where.append((len(inputs), (len(batch.positions), *batch.shape) if lane_input.role != "scalar_state"
                               else (len(batch.positions),)))
                 inputs.append(_batch_range(flat, batch, lane_input))
+        if numbers:
+            lane_hypers.numbers_as_tensors(program, numbers)
         in_dims = tuple(None if size is None else 0 for _, size in where)
         plan.append((torch.func.vmap(_out_of_place(program), in_dims=in_dims), where))
-    log.info("batched lanes: %d batch(es) of shapes %s", len(batches), sorted({tuple(b.shape) for b in batches}))
+    log.info("batched lanes: %d batch(es) of shapes %s; group entries read from device tensors: %s", len(batches),
+             sorted({tuple(b.shape) for b in batches}), sorted(device_hypers))
 
     def step_batches(*tensors: torch.Tensor) -> None:
         for batched, where in plan:
             batched(*(tensors[i] if size is None else _as_batch(tensors[i], size) for i, size in where))
 
-    return BatchedStep(step_batches, inputs, writes_grads)
+    return BatchedStep(step_batches, inputs, writes_grads, device_hypers)
 
 
 # In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).
