@@ -115,12 +115,27 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
     its first input (vmap needs a tensor out)."""
     report = step.lane_report
     assert report is not None
-    lane_of = report.lane_of
-    roles = {role.node: role for role in step.roles}
     nodes = list(gm.graph.nodes)
     # A foreach node computes one item per lane: its position for ours, where it has one.
     position = {name: lanes_at.index(lane) for name, lanes_at in report.foreach_lanes.items() if lane in lanes_at}
     singles = {n: _lane_args(n, position[n.name], report.foreach_lanes[n.name]) for n in nodes if n.name in position}
+    try:
+        return _extract(gm, example_inputs, step, lane, singles)
+    finally:
+        for single in singles.values():
+            # A scratch node counts as a user of the real graph's nodes until it is erased, and Dynamo erases
+            # those nodes when it is done with the frame (``OutputGraph`` cleanup): it must find no other users.
+            single.graph.erase_node(single)
+
+
+def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: LaneId,
+             singles: dict[Node, Node]) -> tuple[GraphModule, list[_LaneInput]]:
+    """:func:`lane_program`, given the single-tensor op of each foreach node at ``lane``'s position."""
+    report = step.lane_report
+    assert report is not None
+    lane_of = report.lane_of
+    roles = {role.node: role for role in step.roles}
+    nodes = list(gm.graph.nodes)
     ancestors: set[Node] = set()
     stack = [n for n in nodes if lane_of.get(n.name, ()) == lane or n in singles]
     while stack:

@@ -81,9 +81,8 @@ _TENSOR_ALIKE = frozenset({operator.add, operator.sub, operator.mul, operator.tr
 # ...or a torch function does.
 _AS_TENSOR_OP: dict[Any, Callable[..., Any]] = {math.sqrt: torch.sqrt, math.pow: torch.pow, math.exp: torch.exp,
                                                 math.log: torch.log}
-for _name in ("_sym_sqrt", "sym_sqrt"):
-    if hasattr(torch, _name):
-        _AS_TENSOR_OP[getattr(torch, _name)] = torch.sqrt
+# Dynamo records ``math.sqrt`` of a symbolic number as ``torch._sym_sqrt`` (``sym_sqrt`` in other versions).
+_AS_TENSOR_OP.update({getattr(torch, name): torch.sqrt for name in ("_sym_sqrt", "sym_sqrt") if hasattr(torch, name)})
 # The value itself: a number Dynamo passes as a tensor (``item``) or makes a float (``sym_float``).
 _SAME_VALUE = frozenset({"item", "sym_float", "float"})
 # Arguments of tensor ops that must be Python numbers, and the rewrite that passes the tensor instead.
@@ -92,7 +91,7 @@ _VALUE_OPS = frozenset({"addcmul", "addcmul_", "addcdiv", "addcdiv_"})
 _WEIGHT_OPS = frozenset({"lerp", "lerp_"})
 
 
-def _name(node: Node) -> str:
+def _op_name(node: Node) -> str:
     if node.op == "call_method":
         return str(node.target)
     return str(getattr(node.target, "__name__", node.target))
@@ -106,7 +105,7 @@ def numbers_as_tensors(program: GraphModule, numbers: Iterable[Node]) -> None:
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method") or not any(arg in marked for arg in node.all_input_nodes):
             continue
-        name = _name(node)
+        name = _op_name(node)
         example = node.meta.get("example_value")
         if name in _SAME_VALUE and len(node.args) == 1:
             node.replace_all_uses_with(node.args[0])
