@@ -286,8 +286,13 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     except _compat.restart_errors():
         raise
     except Exception as error:  # noqa: BLE001 - refused before any of the step ran: the per-tensor graph runs
+        why = f"{type(error).__name__}: {error}"
+        # The per-tensor graph runs with the group's floats as constants, as it did before they were made inputs.
+        if tracer is not None and _compat.specialize_float_inputs(gm, lambda name: hyper_source(name) is not None):
+            log.info("tracing the step again with its floats as constants: batching failed (%s)", why)
+            raise _compat.restart_request() from None
         raise CaptureError(f"the update is not elementwise ({reason}) and batching params of one shape failed "
-                           f"({type(error).__name__}: {error})") from None
+                           f"({why})") from None
     runs = [bucketing.Run(b.key, b.positions, b.start, b.end) for b in batches]
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)

@@ -318,6 +318,9 @@ def _out_of_place(program: GraphModule) -> GraphModule:
     return program
 
 
+_CLAMPS = {"maximum": "clamp_min", "minimum": "clamp_max"}
+
+
 def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
     """The single-tensor op that foreach ``node`` applies at position ``j``, as a node of a scratch graph (copied
     into the lane program by the caller): ``_foreach_mul_(xs, ys, alpha=a)`` -> ``xs[j].mul_(ys[j], alpha=a)``,
@@ -331,6 +334,10 @@ def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
 
     args = [at(a) for a in node.args]
     kwargs = {k: at(v) for k, v in node.kwargs.items()}
+    if base.rstrip("_") in _CLAMPS and len(node.args) > 1 and not isinstance(node.args[1], (list, tuple)):
+        # ``_foreach_maximum(xs, scalar)`` is ``_foreach_clamp_min`` (native_functions.yaml); ``torch.maximum``
+        # takes no number.
+        base = _CLAMPS[base.rstrip("_")] + base[len(base.rstrip("_")):]
     target: Any
     if base == "norm":
         target = torch.linalg.vector_norm

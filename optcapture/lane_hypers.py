@@ -83,6 +83,21 @@ _AS_TENSOR_OP: dict[Any, Callable[..., Any]] = {math.sqrt: torch.sqrt, math.pow:
                                                 math.log: torch.log}
 # Dynamo records ``math.sqrt`` of a symbolic number as ``torch._sym_sqrt`` (``sym_sqrt`` in other versions).
 _AS_TENSOR_OP.update({getattr(torch, name): torch.sqrt for name in ("_sym_sqrt", "sym_sqrt") if hasattr(torch, name)})
+
+
+def _larger(a: Any, b: Any) -> Any:
+    """Python's ``max(a, b)`` (``sym_max``) where one of them is a tensor."""
+    return torch.where(b > a, b, a)
+
+
+def _smaller(a: Any, b: Any) -> Any:
+    """Python's ``min(a, b)`` (``sym_min``) where one of them is a tensor."""
+    return torch.where(b < a, b, a)
+
+
+for _target, _as_tensor in ((getattr(torch, "sym_max", None), _larger), (getattr(torch, "sym_min", None), _smaller)):
+    if _target is not None:
+        _AS_TENSOR_OP[_target] = _as_tensor
 # The value itself: a number Dynamo passes as a tensor (``item``) or makes a float (``sym_float``).
 _SAME_VALUE = frozenset({"item", "sym_float", "float"})
 # Arguments of tensor ops that must be Python numbers, and the rewrite that passes the tensor instead.
