@@ -191,3 +191,28 @@ def test_an_int_step_counter_in_the_param_groups_is_read_from_a_device_tensor() 
         step_both(pair, seed)
         assert_matches_eager(pair)
     assert optcapture.stats().captures == captures
+
+
+class FilledLrNormalizedSGD(torch.optim.Optimizer):
+    """Normalised SGD whose lr fills a tensor (``full_like`` takes a number): lr cannot be read from a device tensor."""
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.sub_(p.grad / p.grad.norm() * torch.full_like(p, group["lr"]))
+
+
+def test_a_float_that_cannot_be_a_tensor_is_a_constant_again() -> None:
+    # Made an input at the first capture, lr fails the batches; the step is traced again with it as a constant
+    # (guarded by Dynamo, as stock torch.compile holds it) and batched as before.
+    pair = make_pair(lambda p: FilledLrNormalizedSGD(p), model=_model(MIXED))
+    for seed in range(3):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    report = optcapture.explain(pair.optimizer)[-1]
+    assert report.path == "bucketed" and report.batches == 3, report
+    assert not report.tensor_hyperparameters, report
