@@ -268,11 +268,8 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     compiles it again."""
     optimizer = step.optimizer
     assert optimizer is not None and step.lane_report is not None
-    constants = lane_hypers.floats_held_constant(step)
-    if tracer is not None and constants and _compat.mark_floats_as_inputs(lambda name: _is_hyper_source(name,
-                                                                                                         constants)):
-        log.info("tracing the step again with its floats %s as inputs", sorted(constants))
-        raise _compat.restart_request()
+    if tracer is not None:
+        lane_hypers.trace_floats_as_inputs(step)
     reason = step.lane_report.reason
     try:
         progress.enter("prepare")
@@ -287,10 +284,8 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
         raise
     except Exception as error:  # noqa: BLE001 - refused before any of the step ran: the per-tensor graph runs
         why = f"{type(error).__name__}: {error}"
-        # The per-tensor graph runs with the group's floats as constants, as it did before they were made inputs.
-        if tracer is not None and _compat.specialize_float_inputs(gm, lambda name: hyper_source(name) is not None):
-            log.info("tracing the step again with its floats as constants: batching failed (%s)", why)
-            raise _compat.restart_request() from None
+        if tracer is not None:
+            lane_hypers.trace_floats_as_constants(gm, why)
         raise CaptureError(f"the update is not elementwise ({reason}) and batching params of one shape failed "
                            f"({why})") from None
     runs = [bucketing.Run(b.key, b.positions, b.start, b.end) for b in batches]

@@ -16,6 +16,7 @@ Dynamo read it from, and every use of it in the program is either arithmetic tha
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Callable, Iterable
@@ -24,9 +25,12 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from optcapture import _compat
 from optcapture.discovery import HyperSource, StepGraph, hyper_source
 from optcapture.errors import CaptureError
 from optcapture.preparation import NON_HYPER_KEYS, PreparedOptimizer
+
+log = logging.getLogger(__name__)
 
 HyperKey = tuple[int, str]  # (param group, key), as :mod:`optcapture.bucketing` names a group entry
 
@@ -45,6 +49,31 @@ def floats_held_constant(step: StepGraph) -> set[HyperKey]:
             if key not in NON_HYPER_KEYS and items and all(type(item) is float for item in items):
                 floats.add((g, key))
     return floats - read
+
+
+def trace_floats_as_inputs(step: StepGraph) -> None:
+    """From the backend, at a lane-local capture: raise Dynamo's restart request, so that it traces the step again now
+    with the floats of :func:`floats_held_constant` as inputs (once per float: a float Dynamo specializes anyway is
+    not asked for again). A scheduler changing them then never compiles the step again."""
+    constants = floats_held_constant(step)
+    if constants and _compat.mark_floats_as_inputs(lambda name: _names(name, constants)):
+        log.info("tracing the step again with its floats %s as inputs", sorted(constants))
+        raise _compat.restart_request()
+
+
+def trace_floats_as_constants(gm: GraphModule, why: str) -> None:
+    """From the backend, when batching ``gm`` failed: raise Dynamo's restart request if ``gm`` reads floats of the
+    param groups as inputs, so that the step is traced again with them as constants, as Dynamo held them before
+    :func:`trace_floats_as_inputs` (a constant batches where a float an op needs as a number cannot, and the
+    per-tensor graph is the one it was)."""
+    if _compat.specialize_float_inputs(gm, lambda name: hyper_source(name) is not None):
+        log.info("tracing the step again with its floats as constants: batching failed (%s)", why)
+        raise _compat.restart_request()
+
+
+def _names(name: str, keys: set[HyperKey]) -> bool:
+    source = hyper_source(name)
+    return source is not None and (source.group, source.key) in keys
 
 
 def _sources_read(step: StepGraph) -> Iterable[HyperSource]:
