@@ -134,6 +134,31 @@ def mark_floats_as_inputs(source_selected: Callable[[str], bool]) -> list[str]:
     return marked
 
 
+def specialize_float_inputs(gm: torch.fx.GraphModule, source_selected: Callable[[str], bool]) -> list[str]:
+    """Have Dynamo's next trace of the frame being compiled hold as constants (guarded) the floats it passes ``gm``
+    as inputs (0-dim tensors it takes ``item()`` of) whose source ``source_selected`` picks; returns their source
+    names. Raise :func:`restart_request` from the backend then.
+
+    What Inductor's own pass does with a float it cannot keep a tensor (torch/fx/passes/_tensorify_python_scalars.py
+    records the float's symbol in ``TensorifyState`` and restarts; the trace after it replaces the symbol by its
+    value, ``OutputGraph.remove_tensorify_specialized_graphargs``). A float already recorded is not returned again.
+    """
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    specialized = []
+    for node in gm.graph.nodes:
+        grapharg = node.meta.get("grapharg")
+        memo = getattr(node.meta.get("example_value"), "item_memo", None)
+        if node.op != "placeholder" or not getattr(grapharg, "pass_arg_as_tensor", False) or memo is None:
+            continue
+        symbol = getattr(memo.node._expr, "name", None)
+        source = source_name(grapharg.source)
+        if isinstance(symbol, str) and source_selected(source) and not TensorifyState.should_specialize(symbol):
+            TensorifyState.specialize(symbol)
+            specialized.append(source)
+    return specialized
+
+
 def restart_request() -> Exception:
     """The exception that, raised inside a backend, makes Dynamo trace the frame again: the one restart Dynamo
     lets through a backend (torch/_dynamo/output_graph.py, ``_call_user_compiler``)."""

@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 
-from optcapture import _compat, bucketing, lane_batches, lowering, preparation, progress, registry, replay
+from optcapture import (
+    _compat,
+    bucketing,
+    lane_batches,
+    lane_hypers,
+    lowering,
+    preparation,
+    progress,
+    registry,
+    replay,
+)
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
@@ -63,7 +73,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     if step.optimizer is not None and not step.blockers and not step.lazy_state:
         try:
             if step.update == "lane-local":
-                return _capture_batches(step, gm, example_inputs, config, began)
+                return _capture_batches(step, gm, example_inputs, config, tracer, began)
             return _capture(step, gm, example_inputs, config, tracer, began)
         except FloatsSpecialized as error:
             return _eager_for_floats_that_change(step, gm, error, config, tracer)
@@ -280,12 +290,16 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence
 
 
 def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any], config: CaptureConfig,
-                     began: float) -> CapturedStep:
+                     tracer: Any, began: float) -> CapturedStep:
     """A lane-local update (not elementwise): params of one shape stepped as one vmapped batch
-    (:mod:`optcapture.lane_batches`). Grads are copied into flat storage; float hyperparameters stay the real
-    graph's constants, guarded by Dynamo as stock ``torch.compile`` guards them."""
+    (:mod:`optcapture.lane_batches`). Grads are copied into flat storage. The numbers of the param groups the graph
+    reads as inputs are read from device tensors refreshed before each step (:mod:`optcapture.lane_hypers`); the
+    floats it holds as constants are made inputs first, by tracing the step again now, so that a scheduler never
+    compiles it again."""
     optimizer = step.optimizer
     assert optimizer is not None and step.lane_report is not None
+    if tracer is not None:
+        lane_hypers.trace_floats_as_inputs(step)
     reason = step.lane_report.reason
     try:
         progress.enter("prepare")
@@ -293,27 +307,32 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
         flats = preparation.prepare(step, prepared)
         progress.enter("bucket")
         batches = lane_batches.plan_batches(step, flats)
-        batched = lane_batches.build_batched_step(step, gm, example_inputs, flats, batches)
+        batched = lane_batches.build_batched_step(step, gm, example_inputs, flats, batches, prepared)
         progress.enter("lower")
         lowered = lowering.lower_batched(batched.call, batched.inputs, config, batches[0].key.device)
     except _compat.restart_errors():
         raise
     except Exception as error:  # noqa: BLE001 - refused before any of the step ran: the per-tensor graph runs
+        why = f"{type(error).__name__}: {error}"
+        if tracer is not None:
+            lane_hypers.trace_floats_as_constants(gm, why)
         raise CaptureError(f"the update is not elementwise ({reason}) and batching params of one shape failed "
-                           f"({type(error).__name__}: {error})") from None
+                           f"({why})") from None
     runs = [bucketing.Run(b.key, b.positions, b.start, b.end) for b in batches]
     optimizer_ref = weakref.ref(optimizer)
     output = _outputs(gm)
 
-    rebuild = _rebuilder(step, lambda args: _capture_batches(step, gm, list(args), config, time.perf_counter()))
+    rebuild = _rebuilder(step, lambda args: _capture_batches(step, gm, list(args), config, None, time.perf_counter()))
 
     report = registry.record(step, "bucketed", [], runs=len(runs), seconds=time.perf_counter() - began,
-                             kernels=lowered.kernels, grads="copied", batches=len(batches))
+                             kernels=lowered.kernels, grads="copied", batches=len(batches),
+                             tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(batched.device_hypers)))
     plan = replay.CapturePlan(
         optimizer_ref=optimizer_ref, config=config, prepared=prepared, flats=flats, runs=runs, step=lowered.call,
         compiled_lazily=False, log=registry.ReportHandle(optimizer, report),
         grad_slots=_grad_slots(step, gm, flats), grad_tables=[], run_scalars=[],
-        frozen_hypers=bucketing.frozen_hypers(optimizer, runs, set()), mirrored=[], output=output, rebuild=rebuild,
+        frozen_hypers=bucketing.frozen_hypers(optimizer, runs, batched.device_hypers), mirrored=[], output=output,
+        rebuild=rebuild,
         held_inputs=_held_inputs(step, gm, example_inputs), runs_share_scalars=False,
         grads_written=batched.writes_grads)
     log.info("captured %s (lane-local update): %d batch(es) of one shape over %d bucket(s)", type(optimizer).__name__,

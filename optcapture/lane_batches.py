@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture.discovery import BucketKey, RoleKind, StepGraph
+from optcapture import lane_hypers
+from optcapture.discovery import BucketKey, HyperSource, RoleKind, StepGraph, hyper_source
 from optcapture.errors import CaptureError
 from optcapture.lanes import LaneId, in_place
-from optcapture.preparation import PARAM, FlatGroup, Role
+from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer, Role
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class BatchedStep:
     """The flat buffers and shared tensors the step reads and writes, each once."""
     writes_grads: bool
     """The update writes into its grads (it reads copies: the caller copies them back after each step)."""
+    device_hypers: set[tuple[int, str]] = dataclasses.field(default_factory=set)
+    """(group, key) of the group entries read from device tensors refreshed before each step
+    (:mod:`optcapture.lane_hypers`), not held as constants."""
 
 
 def plan_batches(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[LaneBatch]:
@@ -94,11 +98,13 @@ def _make_batch(flat: FlatGroup, positions: list[int]) -> LaneBatch:
 @dataclasses.dataclass(frozen=True)
 class _LaneInput:
     """A placeholder of a lane program: a tensor of the lane (``role``: param, grad, state or scalar_state, with
-    ``key``) or a value shared by all lanes (``shared``: the object the real graph read)."""
+    ``key``) or a value shared by all lanes (``shared``: the object the real graph read; ``source``: the param-group
+    entry it is, for a hyperparameter)."""
 
     role: RoleKind
     key: str | None = None
     shared: Any = None
+    source: HyperSource | None = None
 
 
 def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
@@ -109,12 +115,27 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
     its first input (vmap needs a tensor out)."""
     report = step.lane_report
     assert report is not None
-    lane_of = report.lane_of
-    roles = {role.node: role for role in step.roles}
     nodes = list(gm.graph.nodes)
     # A foreach node computes one item per lane: its position for ours, where it has one.
     position = {name: lanes_at.index(lane) for name, lanes_at in report.foreach_lanes.items() if lane in lanes_at}
     singles = {n: _lane_args(n, position[n.name], report.foreach_lanes[n.name]) for n in nodes if n.name in position}
+    try:
+        return _extract(gm, example_inputs, step, lane, singles)
+    finally:
+        for single in singles.values():
+            # A scratch node counts as a user of the real graph's nodes until it is erased, and Dynamo erases
+            # those nodes when it is done with the frame (``OutputGraph`` cleanup): it must find no other users.
+            single.graph.erase_node(single)
+
+
+def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: LaneId,
+             singles: dict[Node, Node]) -> tuple[GraphModule, list[_LaneInput]]:
+    """:func:`lane_program`, given the single-tensor op of each foreach node at ``lane``'s position."""
+    report = step.lane_report
+    assert report is not None
+    lane_of = report.lane_of
+    roles = {role.node: role for role in step.roles}
+    nodes = list(gm.graph.nodes)
     ancestors: set[Node] = set()
     stack = [n for n in nodes if lane_of.get(n.name, ()) == lane or n in singles]
     while stack:
@@ -146,7 +167,7 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
             elif role.kind in ("hyper", "global_state"):
                 value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
                          else getattr(gm, str(node.target)))
-                inputs.append(_LaneInput(role.kind, role.key, value))
+                inputs.append(_LaneInput(role.kind, role.key, value, hyper_source(role.source or "")))
             else:
                 raise CaptureError(f"input {node.name} of the step is {role.kind}")
             env[node] = graph.placeholder(node.name)
@@ -203,40 +224,59 @@ def _as_batch(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any],
-                       flats: dict[BucketKey, FlatGroup], batches: list[LaneBatch]) -> BatchedStep:
+                       flats: dict[BucketKey, FlatGroup], batches: list[LaneBatch],
+                       prepared: PreparedOptimizer) -> BatchedStep:
     """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
-    are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once."""
+    are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once: a number of a
+    param group that Dynamo passes as an input is read from ``prepared``'s device tensor for it."""
+    optimizer = step.optimizer
+    assert optimizer is not None
     inputs: list[torch.Tensor] = []
     shared_index: dict[int, int] = {}
     plan: list[tuple[Callable[..., Any], list[_Where]]] = []
     writes_grads = False
+    device_hypers: set[tuple[int, str]] = set()
     for batch in batches:
         flat = flats[batch.key]
         lane = (batch.key.group, flat.param_indices[batch.positions[0]])
         program, lane_inputs = lane_program(gm, example_inputs, step, lane)
         writes_grads |= _writes_input(program, "grad", lane_inputs)
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+        numbers: list[Node] = []
         where: list[_Where] = []
-        for lane_input in lane_inputs:
+        for node, lane_input in zip(placeholders, lane_inputs, strict=True):
             if lane_input.shared is not None:
-                if not isinstance(lane_input.shared, torch.Tensor):
-                    raise CaptureError(f"shared input {lane_input.key!r} is a {type(lane_input.shared).__name__}")
-                if id(lane_input.shared) not in shared_index:
-                    shared_index[id(lane_input.shared)] = len(inputs)
-                    inputs.append(lane_input.shared)
-                where.append((shared_index[id(lane_input.shared)], None))
+                shared = lane_input.shared
+                number = (lane_hypers.device_number(optimizer, prepared, lane_input.source, batch.key.device)
+                          if lane_input.role == "hyper" and lane_input.source is not None else None)
+                if number is not None:
+                    assert lane_input.source is not None
+                    # A SymInt, or a float64 tensor Dynamo makes anew at every call: the capture's own tensor.
+                    shared = number
+                    numbers.append(node)
+                    device_hypers.add((lane_input.source.group, lane_input.source.key))
+                elif not isinstance(shared, torch.Tensor):
+                    raise CaptureError(f"shared input {lane_input.key!r} is a {type(shared).__name__}")
+                if id(shared) not in shared_index:
+                    shared_index[id(shared)] = len(inputs)
+                    inputs.append(shared)
+                where.append((shared_index[id(shared)], None))
             else:
                 where.append((len(inputs), (len(batch.positions), *batch.shape) if lane_input.role != "scalar_state"
                               else (len(batch.positions),)))
                 inputs.append(_batch_range(flat, batch, lane_input))
+        if numbers:
+            lane_hypers.numbers_as_tensors(program, numbers)
         in_dims = tuple(None if size is None else 0 for _, size in where)
         plan.append((torch.func.vmap(_out_of_place(program), in_dims=in_dims), where))
-    log.info("batched lanes: %d batch(es) of shapes %s", len(batches), sorted({tuple(b.shape) for b in batches}))
+    log.info("batched lanes: %d batch(es) of shapes %s; group entries read from device tensors: %s", len(batches),
+             sorted({tuple(b.shape) for b in batches}), sorted(device_hypers))
 
     def step_batches(*tensors: torch.Tensor) -> None:
         for batched, where in plan:
             batched(*(tensors[i] if size is None else _as_batch(tensors[i], size) for i, size in where))
 
-    return BatchedStep(step_batches, inputs, writes_grads)
+    return BatchedStep(step_batches, inputs, writes_grads, device_hypers)
 
 
 # In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).
@@ -278,6 +318,9 @@ def _out_of_place(program: GraphModule) -> GraphModule:
     return program
 
 
+_CLAMPS = {"maximum": "clamp_min", "minimum": "clamp_max"}
+
+
 def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
     """The single-tensor op that foreach ``node`` applies at position ``j``, as a node of a scratch graph (copied
     into the lane program by the caller): ``_foreach_mul_(xs, ys, alpha=a)`` -> ``xs[j].mul_(ys[j], alpha=a)``,
@@ -291,6 +334,10 @@ def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
 
     args = [at(a) for a in node.args]
     kwargs = {k: at(v) for k, v in node.kwargs.items()}
+    if base.rstrip("_") in _CLAMPS and len(node.args) > 1 and not isinstance(node.args[1], (list, tuple)):
+        # ``_foreach_maximum(xs, scalar)`` is ``_foreach_clamp_min`` (native_functions.yaml); ``torch.maximum``
+        # takes no number.
+        base = _CLAMPS[base.rstrip("_")] + base[len(base.rstrip("_")):]
     target: Any
     if base == "norm":
         target = torch.linalg.vector_norm

@@ -5,13 +5,14 @@ iteration, in float32 so that eager and a batched matmul agree to float32 tolera
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
-__all__ = ["Float32Muon", "ForeachNovoGrad", "TrustRatioLamb"]
+__all__ = ["Float32Muon", "ForeachNovoGrad", "GroupStepRmsAdam", "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -72,3 +73,33 @@ class Float32Muon(torch.optim.Optimizer):
                 if transposed:
                     x = x.T
                 p.add_(x, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+
+
+class GroupStepRmsAdam(torch.optim.Optimizer):
+    """Adam with its step counted as a Python int in each param group (``group["step"] += 1``, as pytorch_optimizer's
+    StableAdamW counts it) and each param's update scaled down by its RMS where that exceeds 1 (a per-param mean)."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            bias_correction1 = 1 - beta1 ** group["step"]
+            bias_correction2_sqrt = math.sqrt(1 - beta2 ** group["step"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (state["exp_avg"] / bias_correction1) / (
+                    state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + group["eps"])
+                rms = update.square().mean().sqrt().clamp(min=1.0)
+                p.add_(update / rms, alpha=-group["lr"])

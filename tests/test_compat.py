@@ -76,6 +76,34 @@ def test_a_float_marked_as_input_is_one_from_the_restarted_trace_on() -> None:
     assert len(inputs_per_trace) == 3
 
 
+def test_a_float_input_specialized_again_is_a_constant_from_the_restarted_trace_on() -> None:
+    inputs_per_trace: list[list[str]] = []
+    specialized: list[list[str]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        inputs_per_trace.append([n.name for n in gm.graph.nodes if n.op == "placeholder"])
+        specialized.append(_compat.specialize_float_inputs(gm, lambda name: name.endswith("['scale']")))
+        if specialized[-1]:
+            raise _compat.restart_request()
+        return gm.forward
+
+    config = {"scale": 2.0}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x * config["scale"]
+
+    compiled = torch.compile(fn, backend=backend)
+    x = torch.ones(3)
+    assert torch.equal(compiled(x), torch.full((3,), 2.0))
+    config["scale"] = 3.0  # Dynamo makes it an input (automatic dynamic); the backend has it specialized again
+    assert torch.equal(compiled(x), torch.full((3,), 3.0))
+    assert [len(names) for names in inputs_per_trace] == [1, 2, 1], inputs_per_trace
+    assert [len(names) for names in specialized] == [0, 1, 0] and specialized[1][0].endswith("['scale']"), specialized
+    config["scale"] = 4.0  # a constant again, guarded: a new value compiles again
+    assert torch.equal(compiled(x), torch.full((3,), 4.0))
+    assert len(inputs_per_trace) == 4
+
+
 def test_a_python_float_inductor_specializes_is_never_served_from_a_cache_at_another_value() -> None:
     # pytorch#194976: Inductor specializes ``alpha=`` under a ShapeEnv guard only, so its caches returned the
     # first value's artifact to every later compile of the same graph.
