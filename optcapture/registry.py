@@ -51,7 +51,9 @@ class CaptureReport:
     """Bucketed captures: how many flat tensors the step is run on (a bucket splits into several runs where
     members' step counters differ, e.g. after grads came and went)."""
     tensor_hyperparameters: tuple[str, ...]
-    """Float hyperparameters held in device tensors: a scheduler changes them without a recompile."""
+    """Numbers of the param groups held in device tensors, refreshed before each step: float hyperparameters a
+    scheduler changes without a recompile, and (lane-local batches) an int step counter the step keeps in its
+    groups."""
     kernels: int
     """Kernels Inductor generated for this compile."""
     seconds: float = 0.0
