@@ -114,10 +114,6 @@ def test_fsdp2_local_shards_match_eager_with_no_recompile_once_warm(results: Any
     assert outcome.paths and set(outcome.paths) <= {"bucketed", "per-tensor"}, outcome.paths
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FSDP2's grads are views into its reduce-scatter output: Dynamo passes their sizes and storage offsets as "
-    "symbols, which discovery refuses ('Dynamo passes a number as a symbolic input'), so the step runs per-tensor; "
-    "bucketing DTensors is not implemented"))
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fsdp2_step_is_bucketed(results: Any, scenario: str, rank: int) -> None:
