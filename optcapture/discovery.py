@@ -16,13 +16,14 @@ import dataclasses
 import logging
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch.fx import GraphModule, Node
 
 from optcapture import _compat, dtensors, lanes, reach
+from optcapture.graph_outputs import host_outputs as host_outputs  # where backend and lowering import it from
 
 log = logging.getLogger(__name__)
 
@@ -272,48 +273,6 @@ def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[RoleKin
 def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[Any, Any]:
     state = optimizer.state.get(p)
     return state if isinstance(state, dict) else {}
-
-
-def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
-    """``gm``'s outputs computed from its inputs without running its kernels, when it returns no new tensor:
-    numbers the frame writes back after the graph (``group["step"] = s0 + 1``) and input tensors it stores again
-    (``state["step"] += 1`` outputs the counter it increments in place). None when the graph returns a tensor it
-    creates (lazily made state), which only the graph itself can give."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    inputs = {id(n.meta.get("example_value")): n for n in gm.graph.nodes if n.op == "placeholder"
-              and isinstance(n.meta.get("example_value"), torch.Tensor)}
-    needed: set[Node] = set()
-    replaced: dict[Node, Node] = {}
-    stack = list(output.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node in needed or node in replaced:
-            continue
-        example = node.meta.get("example_value")
-        if node.op != "placeholder" and isinstance(example, torch.Tensor):
-            if id(example) not in inputs:
-                return None
-            replaced[node] = inputs[id(example)]  # an in-place op's result: the input tensor itself
-            stack.append(replaced[node])
-            continue
-        if node.op not in ("placeholder", "call_function", "call_method"):
-            return None
-        needed.add(node)
-        stack.extend(node.all_input_nodes)
-    if not needed:
-        value = output.args[0]
-        empty = type(value)() if isinstance(value, (list, tuple)) else None
-        return lambda *args: empty
-    graph = torch.fx.Graph()
-    env: dict[Node, Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.placeholder(node.name)
-        elif node in needed:
-            env[node] = graph.node_copy(node, lambda arg: env[replaced.get(arg, arg)])
-    graph.output(torch.fx.map_arg(output.args[0], lambda arg: env[replaced.get(arg, arg)]))
-    forward: Callable[..., Any] = torch.fx.GraphModule(torch.nn.Module(), graph).forward
-    return forward
 
 
 def _grad_layout_symbols(placeholders: list[Node], values: dict[Node, Any],
