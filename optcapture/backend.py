@@ -425,8 +425,10 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
     run_grads = [table.virtual for table in tables] or None
     progress.enter("bucket")
     with preparation.backed_by_memory(tables):
+        # With the floats the real graph was traced with: a rebuild after a scheduler changed lr (which the capture
+        # reads as a tensor, its guard dropped) is proven against the graph's constants, not the new value.
         proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False,
-                                              run_grads=run_grads)
+                                              run_grads=run_grads, values=step.traced_floats)
         proof_graph = bucketing.trace_only(proof_shadow.call)
         if proof_graph is None:
             raise CaptureError("the step does not trace as one graph over flat storage")

@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import logging
 import types
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -129,7 +129,8 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 
 def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
                  flats: dict[BucketKey, FlatGroup], tensor_hypers: set[HyperKey],
-                 execution: bool = True, run_grads: Sequence[torch.Tensor] | None = None) -> ShadowStep:
+                 execution: bool = True, run_grads: Sequence[torch.Tensor] | None = None,
+                 values: Mapping[HyperKey, Any] | None = None) -> ShadowStep:
     """A shadow of ``optimizer`` whose params are the runs, and a function that steps it.
 
     ``execution=False`` builds the shadow that is proven against the real graph: the user's own
@@ -140,7 +141,8 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     PyTorch's test suite checks that the two implementations of each stock optimizer agree.
 
     ``run_grads``: each run's grad (a :class:`~optcapture.preparation.GradTable`'s virtual tensor); by
-    default, the run's slice of the flat grad storage.
+    default, the run's slice of the flat grad storage. ``values``: param-group entries the shadow holds instead of
+    the live ones (the proof's shadow holds the values the real graph was traced with).
     """
     stock = is_stock(optimizer)
     cls: Any = type(optimizer)
@@ -162,6 +164,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
         if g not in groups:
             live = optimizer.param_groups[g]
             group = dict(live)
+            group.update({key: value for (at, key), value in (values or {}).items() if at == g})
             group["params"] = []
             for key, value in live.items():
                 if (g, key) in tensor_hypers:

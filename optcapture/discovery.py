@@ -16,13 +16,14 @@ import dataclasses
 import logging
 import re
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture import _compat, lanes, reach
+from optcapture import _compat, dtensors, lanes, reach
+from optcapture.graph_outputs import host_outputs as host_outputs  # where backend and lowering import it from
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ def hyper_source(name: str) -> HyperSource | None:
 UpdateKind = Literal["elementwise", "lane-local"]
 """``elementwise``: each element of a param is updated from the same element of its tensors (flat runs);
 ``lane-local``: each param is updated from its own tensors alone, reductions included (batches of one shape)."""
-RoleKind = Literal["param", "grad", "state", "scalar_state", "hyper", "global_state", "other"]
+RoleKind = Literal["param", "grad", "state", "scalar_state", "hyper", "global_state", "layout", "other"]
+"""``layout``: a number Dynamo passes only to describe where a grad lies (the storage offset of a view into a
+reduce-scatter output or a bucket): no op of the graph reads it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +121,8 @@ class StepGraph:
     is_optimizer_graph: bool = True
     """False for a graph that is no piece of an optimizer step: it is not the step's own frame, reads no optimizer
     state or hyperparameter and writes no param (the forward of a whole training step, grad clipping)."""
+    traced_floats: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)
+    """(group, key) -> each float (or tuple of floats) of the param groups as the graph was traced with it."""
     lazy_state: bool = False
     """The first step of an optimizer that creates its state inside ``step()``: this call runs the graph as traced
     (the state it creates changes the guards) and the next call is captured."""
@@ -205,9 +210,12 @@ def not_bucketable_because(p: torch.Tensor) -> str | None:
     """Why ``p`` cannot move into flat storage, or None. Moving re-points ``p`` at a slot of a flat buffer
     (``p.data = slot``), which is only right for a plain tensor that owns all of its storage: a view of a larger
     buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, a user's flat parameter) would be cut from it,
-    and a tensor subclass (DTensor) keeps its elements in a local tensor of its own."""
+    and a tensor subclass keeps its elements elsewhere; a DTensor's local shard moves instead
+    (:mod:`optcapture.dtensors`)."""
     if not p.is_floating_point() or p.is_complex():
         return f"has dtype {p.dtype}; only real floating params are bucketed"
+    if dtensors.is_dtensor(p):
+        return dtensors.not_bucketable_because(p)
     if type(p.data) is not torch.Tensor:
         return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
     if p.layout != torch.strided or not p.is_contiguous():
@@ -267,46 +275,39 @@ def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[Any, An
     return state if isinstance(state, dict) else {}
 
 
-def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
-    """``gm``'s outputs computed from its inputs without running its kernels, when it returns no new tensor:
-    numbers the frame writes back after the graph (``group["step"] = s0 + 1``) and input tensors it stores again
-    (``state["step"] += 1`` outputs the counter it increments in place). None when the graph returns a tensor it
-    creates (lazily made state), which only the graph itself can give."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    inputs = {id(n.meta.get("example_value")): n for n in gm.graph.nodes if n.op == "placeholder"
-              and isinstance(n.meta.get("example_value"), torch.Tensor)}
-    needed: set[Node] = set()
-    replaced: dict[Node, Node] = {}
-    stack = list(output.all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node in needed or node in replaced:
-            continue
+def _grad_layout_symbols(placeholders: list[Node], values: dict[Node, Any],
+                         identity: dict[int, tuple[RoleKind, int | None, int | None, str | None]]) -> set[Node]:
+    """The number inputs that only say where grads lie: Dynamo passes the storage offset of a grad that views a
+    larger buffer (FSDP2's reduce-scatter output, DDP's buckets) as a symbol, and no op reads it. Grads are
+    copied or read where they lie at every step, so such a number is no part of the update; a symbol any op
+    reads, or one that is a size (the update's shape would change with it), is not one of these."""
+    grads = [n for n in placeholders if isinstance(values.get(n), torch.Tensor)
+             and identity.get(id(values[n]), ("other",))[0] == "grad"]
+    symbols = set()
+    for node in grads:
         example = node.meta.get("example_value")
-        if node.op != "placeholder" and isinstance(example, torch.Tensor):
-            if id(example) not in inputs:
-                return None
-            replaced[node] = inputs[id(example)]  # an in-place op's result: the input tensor itself
-            stack.append(replaced[node])
+        if not isinstance(example, torch.Tensor):
             continue
-        if node.op not in ("placeholder", "call_function", "call_method"):
-            return None
-        needed.add(node)
-        stack.extend(node.all_input_nodes)
-    if not needed:
-        value = output.args[0]
-        empty = type(value)() if isinstance(value, (list, tuple)) else None
-        return lambda *args: empty
-    graph = torch.fx.Graph()
-    env: dict[Node, Node] = {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.placeholder(node.name)
-        elif node in needed:
-            env[node] = graph.node_copy(node, lambda arg: env[replaced.get(arg, arg)])
-    graph.output(torch.fx.map_arg(output.args[0], lambda arg: env[replaced.get(arg, arg)]))
-    forward: Callable[..., Any] = torch.fx.GraphModule(torch.nn.Module(), graph).forward
-    return forward
+        where = dtensors.local(example)
+        symbols |= {str(number.node.expr) for number in (where.storage_offset(), *where.stride())
+                    if isinstance(number, torch.SymInt)}
+    sizes = {str(size.node.expr) for node in placeholders if isinstance(node.meta.get("example_value"), torch.Tensor)
+             for tensor in (node.meta["example_value"], dtensors.local(node.meta["example_value"]))
+             for size in tensor.shape if isinstance(size, torch.SymInt)}
+    symbols -= sizes
+    found = set()
+    for node in placeholders:
+        example = node.meta.get("example_value")
+        if isinstance(example, torch.SymInt) and not node.users and str(example.node.expr) in symbols:
+            found.add(node)
+    return found
+
+
+def _floats_of_groups(optimizer: torch.optim.Optimizer | None) -> dict[tuple[int, str], Any]:
+    if optimizer is None:
+        return {}
+    return {(g, key): value for g, group in enumerate(optimizer.param_groups) for key, value in group.items()
+            if type(value) is float or (type(value) is tuple and value and all(type(v) is float for v in value))}
 
 
 _CLOSURE_COUPLED = (torch.optim.LBFGS,)
@@ -361,6 +362,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                             "calls step() is compiled as a whole graph)")
 
     identity = _identity_roles(optimizer) if optimizer is not None else {}
+    layout = _grad_layout_symbols(placeholders, values, identity)
     roles: list[InputRole] = []
     lane_inputs: dict[Node, tuple[lanes.LaneId | None, str]] = {}
     present: dict[int, list[int]] = {}
@@ -381,7 +383,10 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                 present.setdefault(g, []).append(i)
             continue
         hyper = hyper_source(source or "")
-        if hyper is not None and hyper.whole:
+        if n in layout:
+            roles.append(InputRole(n.name, source, "layout"))
+            lane_inputs[n] = (None, "layout")
+        elif hyper is not None and hyper.whole:
             roles.append(InputRole(n.name, source, "hyper", hyper.group, None, hyper.role_key))
             lane_inputs[n] = (None, f"hyper:{hyper.role_key}")
         else:
@@ -414,9 +419,12 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                     blockers.append(f"param {i} of group {g} has a sparse grad or layout")
                 if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:
                     blockers.append(f"grad of param {i} of group {g} differs from its param in dtype, device or shape")
+                differs = dtensors.differs_because(p, p.grad, "its grad")
+                if differs is not None:
+                    blockers.append(f"param {i} of group {g}: {differs}")
                 by_key.setdefault(BucketKey(g, p.device, p.dtype), []).append(i)
             for bucket_key, members in by_key.items():
-                numel = sum(group["params"][i].numel() for i in members)
+                numel = sum(dtensors.local(group["params"][i]).numel() for i in members)
                 buckets.append(Bucket(bucket_key, tuple(members), numel))
 
     report = None
@@ -429,6 +437,10 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             report = lanes.LaneReport(False, f"the analysis failed ({type(error).__name__}: {error})", {})
         if not report.elementwise and not report.lane_local:
             blockers.append(f"the update is not provably elementwise: {report.reason}")
+        elif not report.elementwise and any(dtensors.is_dtensor(optimizer.param_groups[b.key.group]["params"][i])
+                                            for b in buckets for i in b.members):
+            blockers.append(f"the update is not elementwise ({report.reason}) and its params are DTensors: a reduction "
+                            "over a DTensor spans every rank's shard, so it is not stepped shard by shard")
         elif report.elementwise:
             for bucket in buckets:
                 programs = {report.programs[(bucket.key.group, i)] for i in bucket.members}
@@ -456,7 +468,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
                      buckets, report, blockers,
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
-                     is_optimizer_graph, lazy_state)
+                     is_optimizer_graph, _floats_of_groups(optimizer), lazy_state)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

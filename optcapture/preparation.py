@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from optcapture import _compat
+from optcapture import _compat, dtensors
 from optcapture.config import CaptureConfig
 from optcapture.discovery import (
     FLAT_STORAGE,
@@ -103,6 +103,7 @@ class FlatGroup:
     params: list[torch.Tensor]  # members in group order (weakly meaningful: Dynamo guards identity)
     param_indices: list[int]
     offsets: list[int]
+    shapes: list[torch.Size]  # per member: the shape of what its slot holds (a DTensor's local shard)
     numel: int
     flats: dict[Role, torch.Tensor]  # PARAM, each "state" role, and GRAD once made -> flat buffer
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
@@ -111,16 +112,16 @@ class FlatGroup:
 
     def slot(self, member: int) -> slice:
         start = self.offsets[member]
-        return slice(start, start + self.params[member].numel())
+        return slice(start, start + math.prod(self.shapes[member]))
 
     def grad_flat(self) -> torch.Tensor:
         """Flat grad storage, made on first use: only captures that copy grads need it (a grad-table capture
         reads grads where they are, so it costs no grad-sized buffer)."""
         flat = self.flats.get(GRAD)
         if flat is None:
-            flat = self.flats[GRAD] = _flat_buffer(self.numel, self.key, [(o, p.numel()) for p, o in
-                                                                         zip(self.params, self.offsets, strict=True)])
-            self.grad_homes = [alias(flat, offset, p.shape) for p, offset in zip(self.params, self.offsets,
+            flat = self.flats[GRAD] = _flat_buffer(self.numel, self.key, [(o, math.prod(shape)) for shape, o in
+                                                                         zip(self.shapes, self.offsets, strict=True)])
+            self.grad_homes = [alias(flat, offset, shape) for shape, offset in zip(self.shapes, self.offsets,
                                                                                    strict=True)]
         return flat
 
@@ -142,7 +143,7 @@ class GradTable:
     def __init__(self, flat: FlatGroup, positions: tuple[int, ...], chunk: int) -> None:
         start = flat.offsets[positions[0]]
         offsets = [flat.offsets[j] - start for j in positions]
-        numels = [flat.params[j].numel() for j in positions]
+        numels = [math.prod(flat.shapes[j]) for j in positions]
         length = offsets[-1] + numels[-1]
         chunks = -(-length // chunk)
         member_of_chunk = torch.empty(chunks, dtype=torch.int32)
@@ -215,6 +216,8 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
         return "grads are read in place only on CUDA"
     for j in positions:
         p = flat.params[j]
+        if dtensors.is_dtensor(p):
+            return "the grads of DTensor params are copied into flat storage"
         grad = p.grad
         if grad is None or grad.dtype != p.dtype or grad.device != p.device or grad.layout != torch.strided \
                 or not grad.is_contiguous() or grad.shape != p.shape:
@@ -287,12 +290,12 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
     if expected != {Role("state", k) for k in tensor_keys} | {Role("scalar", k) for k in scalar_keys}:
         return False
     for j, (i, p) in enumerate(zip(flat.param_indices, flat.params, strict=True)):
-        if group[i] is not p or p.data_ptr() != flat.homes[PARAM][j].data_ptr():
+        if group[i] is not p or dtensors.local(p).data_ptr() != flat.homes[PARAM][j].data_ptr():
             return False
         state = optimizer.state.get(p, {})
         for role in expected:
             value = state.get(role.key)
-            if isinstance(value, torch.Tensor) and value.data_ptr() != flat.homes[role][j].data_ptr():
+            if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != flat.homes[role][j].data_ptr():
                 return False
     return True
 
@@ -342,6 +345,8 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
     """
     slots = [(offset, math.prod(shape)) for offset, shape in zip(offsets, shapes, strict=True)]
     staged: list[torch.Tensor | None] = []
+    # Where each tensor's elements are (a DTensor's local shard): that tensor object moves.
+    tensors = [None if tensor is None else dtensors.local(tensor) for tensor in tensors]
     if key.device.type != "cpu" if staged_on_host is None else staged_on_host:
         try:
             for tensor in tensors:
@@ -384,11 +389,12 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         kind_of_shape.setdefault(group[i].shape, len(kind_of_shape))
     indices.sort(key=lambda i: kind_of_shape[group[i].shape])
     params = [group[i] for i in indices]
+    fsdp = dtensors.fsdp_shards(params)
     offsets, total = [], 0
     for p in params:
         offsets.append(total)
-        total += _round_up(p.numel(), align)
-    shapes = [p.shape for p in params]
+        total += _round_up(dtensors.footprint(p, fsdp), align)
+    shapes = [dtensors.local_shape(p) for p in params]
     tensor_keys, scalar_keys = _state_roles(optimizer, params)
     flats: dict[Role, torch.Tensor] = {}
     homes: dict[Role, list[torch.Tensor]] = {}
@@ -396,8 +402,14 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         members: list[torch.Tensor | None] = []
         for p in params:
             tensor = p if role == PARAM else optimizer.state.get(p, {}).get(role.key)
-            members.append(tensor if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape else None)
+            members.append(tensor if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape
+                           and dtensors.differs_because(p, tensor, "state") is None else None)
         flats[role], homes[role] = _move_into_flat(members, shapes, offsets, total, key)
+    for j, p in enumerate(params):
+        shard = fsdp.get(id(p))
+        if shard is not None:
+            # FSDP2 all-gathers from its padded shard: it now views the slot, whose padding is zeros.
+            dtensors.share_with_fsdp(shard, alias(flats[PARAM], offsets[j], torch.Size([shard.padded_numel])))
     scalars: dict[str, torch.Tensor] = {}
     for k in scalar_keys:
         sample = next(optimizer.state[p][k] for p in params if k in optimizer.state.get(p, {}))
@@ -417,7 +429,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
             homes[role].append(home)
     log.info("flat storage for group %d on %s/%s: %d tensors, %d elements, state keys %s, scalar keys %s",
              key.group, key.device, key.dtype, len(params), total, tensor_keys, scalar_keys)
-    return FlatGroup(key, params, indices, offsets, total, flats, scalars, homes)
+    return FlatGroup(key, params, indices, offsets, shapes, total, flats, scalars, homes)
 
 
 def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, FlatGroup]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -320,3 +321,34 @@ def test_torch_compile_enters_no_context_of_a_backend() -> None:
     torch._dynamo.reset()
     torch.compile(lambda x: x + 1, backend=backend)(torch.ones(2))
     assert entered == ["call"]
+
+
+def test_dtensor_and_fsdp2_internals(tmp_path: Any) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    plain = torch.ones(3)
+    assert _compat.local_tensor(plain) is None
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(torch.arange(6.0).view(3, 2), mesh, [Shard(0)])
+        local = _compat.local_tensor(sharded)
+        assert type(local) is torch.Tensor and local is _compat.local_tensor(sharded)  # the object, not a new wrapper
+        assert _compat.LOCAL_TENSOR(sharded) is local and torch.equal(local, torch.arange(6.0).view(3, 2))
+        assert _compat.dtensor_layout(sharded) == (mesh, ("shard(0)",))
+        assert _compat.dtensor_layout(distribute_tensor(plain, mesh, [Replicate()]))[1] == ("replicate",)
+
+        layer = torch.nn.Linear(2, 3)
+        fully_shard(layer)
+        managed = _compat.fsdp_sharded_params()
+        assert {id(layer.weight), id(layer.bias)} <= set(managed)
+        shard = _compat.fsdp_shard(managed[id(layer.weight)])
+        assert shard is not None and shard.padded_numel == 6 and not shard.pinned
+        assert shard.padded_data.data_ptr() == _compat.LOCAL_TENSOR(layer.weight).data_ptr()
+        replacement = torch.zeros(6)
+        shard.all_gather_from(replacement)
+        assert shard.padded_data is replacement
+    finally:
+        dist.destroy_process_group()

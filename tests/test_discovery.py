@@ -149,3 +149,30 @@ def test_params_updated_with_no_optimizer_in_reach_are_an_optimizer_graph_that_s
     assert graph.is_optimizer_graph
     expected = "no optimizer is in reach of the compiled frame 'manual_update'"
     assert graph.blockers[0].startswith(expected), graph.blockers
+
+
+def test_a_grad_storage_offset_dynamo_passes_as_a_symbol_is_layout_and_the_step_is_bucketed() -> None:
+    # Grads that view a larger buffer (FSDP2's reduce-scatter output, DDP's buckets) at an offset: Dynamo passes the
+    # offset as a number no op reads. It says where the grad lies, which the captured step reads at every call.
+    import optcapture
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    captured = optcapture.capture(torch.optim.AdamW(params, lr=0.01))
+    eager = torch.optim.AdamW(twins, lr=0.01)
+    for step in range(4):
+        buffer = torch.randn(64, generator=torch.Generator().manual_seed(step))
+        start = step % 3  # the offsets move from step to step
+        for group in (params, twins):
+            group[0].grad = buffer[start:start + 12].view(4, 3)
+            group[1].grad = buffer[start + 20:start + 25]
+        captured.step()
+        eager.step()
+    (report,) = optcapture.explain(captured)
+    assert report.path == "bucketed", report.reasons
+    layout = [role for role in report.roles if role.kind == "layout"]
+    assert layout and all(role.source is not None and role.source.endswith(".grad.storage_offset()")
+                          for role in layout), report.roles
+    for p, twin in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, twin)

@@ -191,6 +191,24 @@ def test_an_eager_step_over_some_params_splits_the_runs() -> None:
     assert optcapture.stats()["rebuilds"] >= 1
 
 
+def test_a_capture_rebuilt_after_lr_changed_stays_bucketed() -> None:
+    # A rebuilt capture is proven against the graph Dynamo traced, which holds lr as a constant; after lr changed
+    # (the capture reads it as a tensor: its guard is dropped, the graph is not traced again) the proof's shadow
+    # held the new lr, so the rebuild failed and the optimizer stepped eagerly from then on.
+    pair = make_pair(SCALAR_STATE["AdamW"])
+    for seed in range(3):
+        step_both(pair, seed)
+    for optimizer in (pair.eager, pair.optimizer):
+        optimizer.param_groups[0]["lr"] *= 0.5
+    step_both(pair, 3)
+    _eager_step_on_both(pair, 4, present=lambda i: i % 2 == 0)  # counters now differ within a run: a rebuild
+    for seed in range(5, 8):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    assert optcapture.stats()["rebuilds"] >= 1
+    assert set(paths(pair.optimizer)) == {"bucketed"}, paths(pair.optimizer)  # the capture, then its rebuild
+
+
 def test_step_counters_reset_by_the_user_are_read_again() -> None:
     pair = make_pair(SCALAR_STATE["AdamW"])
     for seed in range(3):

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from optcapture import bucketing
+from optcapture import _compat, bucketing, dtensors
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey
 from optcapture.preparation import PARAM, FlatGroup, GradLayoutError, GradTable, PreparedOptimizer
@@ -78,6 +78,7 @@ class CapturePlan:
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+_LOCAL = _compat.LOCAL_TENSOR  # a DTensor's elements are its local tensor's (DTensor.data_ptr() is 0)
 _VERSION = operator.attrgetter("_version")
 _tokens = itertools.count()
 
@@ -142,6 +143,9 @@ class _Capture:
         # of them is noticed. Member by member, so that a member's tensors are read together.
         self.homed: list[torch.Tensor] = []
         self.addresses: list[int] = []
+        # DTensors (params and state): their local tensors' addresses, read through the DTensor at each step.
+        self.homed_dtensors: list[torch.Tensor] = []
+        self.dtensor_addresses: list[int] = []
         # The optimizer's own per-param scalar state (step counters, ...): each run steps a copy of it, so a write
         # to it outside the capture (an eager ``opt.step()``) must be noticed; their versions tell.
         self.scalar_states: list[torch.Tensor] = []
@@ -155,26 +159,42 @@ class _Capture:
                     tensor = flat.params[j] if role == PARAM else member_state.get(role.key)
                     # State that was not moved into flat storage (another shape) is not the capture's to check.
                     if isinstance(tensor, torch.Tensor) and (role == PARAM or
-                                                             tensor.data_ptr() == homes[j].data_ptr()):
+                                                             dtensors.local(tensor).data_ptr() == homes[j].data_ptr()):
                         if id(tensor) not in held:
-                            self.homed.append(tensor)
-                            self.addresses.append(homes[j].data_ptr())
+                            is_dtensor = dtensors.is_dtensor(tensor)
+                            (self.homed_dtensors if is_dtensor else self.homed).append(tensor)
+                            (self.dtensor_addresses if is_dtensor else self.addresses).append(homes[j].data_ptr())
                         if role.kind == "scalar":
                             self.scalar_states.append(tensor)
         self.scalar_versions = _versions(self.scalar_states)
-        self.pick_held = _picker([index for index, _ in plan.held_inputs])
-        self.held_addresses = [tensor.data_ptr() for _, tensor in plan.held_inputs]
+        held_plain = [(index, tensor) for index, tensor in plan.held_inputs if not dtensors.is_dtensor(tensor)]
+        held_dtensors = [(index, tensor) for index, tensor in plan.held_inputs if dtensors.is_dtensor(tensor)]
+        self.pick_held = _picker([index for index, _ in held_plain])
+        self.held_addresses = [tensor.data_ptr() for _, tensor in held_plain]
+        self.pick_held_dtensors = _picker([index for index, _ in held_dtensors])
+        self.held_dtensor_addresses = [dtensors.local(tensor).data_ptr() for _, tensor in held_dtensors]
         # (table, picker of each member's grad from the graph inputs): grads read in place.
         self.grad_tables = [(table, _picker(indices)) for table, indices in plan.grad_tables]
         # Copied grads: each step copies every grad into its flat slot. ``p.grad`` stays the user's tensor: a
         # slot handed out as ``p.grad`` would be overwritten under a grad the user kept, and in-place writes
         # into a grad the user holds would stop reaching the step.
         copied = [] if self.grad_tables else plan.grad_slots
-        self.pick_grads = _picker([index for index, _, _ in copied])
-        self.grad_homes = [plan.flats[key].grad_homes[j] for _, key, j in copied]
+        # The grads of DTensor params are DTensors: their local tensors are copied.
+        local_grads = [dtensors.is_dtensor(plan.flats[key].params[j]) for _, key, j in copied]
+        self.pick_grads = _picker([index for (index, _, _), local in zip(copied, local_grads, strict=True)
+                                   if not local])
+        self.grad_homes = [plan.flats[key].grad_homes[j] for (_, key, j), local in zip(copied, local_grads, strict=True)
+                           if not local]
+        self.pick_local_grads = _picker([index for (index, _, _), local in zip(copied, local_grads, strict=True)
+                                         if local])
+        self.local_grad_homes = [plan.flats[key].grad_homes[j] for (_, key, j), local in
+                                 zip(copied, local_grads, strict=True) if local]
 
     def is_current(self, args: Sequence[Any]) -> bool:
         if list(map(_DATA_PTR, self.pick_held(args))) != self.held_addresses:
+            return False
+        if self.held_dtensor_addresses and \
+                list(map(_DATA_PTR, map(_LOCAL, self.pick_held_dtensors(args)))) != self.held_dtensor_addresses:
             return False
         optimizer = self.plan.optimizer_ref()
         if optimizer is None:
@@ -191,6 +211,8 @@ class _Capture:
                 return False
         # One C-level pass over every homed tensor (the per-tensor host cost of a step).
         if list(map(_DATA_PTR, self.homed)) != self.addresses:
+            return False
+        if self.homed_dtensors and list(map(_DATA_PTR, map(_LOCAL, self.homed_dtensors))) != self.dtensor_addresses:
             return False
         versions = _versions(self.scalar_states)
         if self.last_step.token == self.token and versions is not None and versions == self.scalar_versions:
@@ -224,6 +246,10 @@ class _Capture:
             with torch.no_grad():
                 torch._foreach_copy_(self.grad_homes, self.pick_grads(args))
             COUNTERS.grads_copied += len(self.grad_homes)
+        if self.local_grad_homes:
+            with torch.no_grad():
+                torch._foreach_copy_(self.local_grad_homes, list(map(_LOCAL, self.pick_local_grads(args))))
+            COUNTERS.grads_copied += len(self.local_grad_homes)
 
     def refresh(self) -> None:
         """Write the real optimizer's hyperparameters into the device tensors and the shadow's param groups."""
@@ -241,6 +267,9 @@ class _Capture:
         if self.plan.grads_written and self.grad_homes:
             with torch.no_grad():
                 torch._foreach_copy_(list(self.pick_grads(args)), self.grad_homes)
+        if self.plan.grads_written and self.local_grad_homes:  # (a lane-local update: DTensors are refused)
+            with torch.no_grad():
+                torch._foreach_copy_(list(map(_LOCAL, self.pick_local_grads(args))), self.local_grad_homes)
 
     def stepped(self) -> None:
         self.last_step.token = self.token

@@ -2,8 +2,9 @@
 
 Params, grads and AdamW's state are DTensors sharded on dim 0; what is compared is each rank's local shard. Every
 scenario has a layer used on even steps only, so its grads come and go (FSDP2 leaves them ``None`` when the layer's
-forward did not run). Today the step runs as Inductor's per-tensor graph: FSDP2's grads are views into its
-reduce-scatter output, so Dynamo passes their sizes and offsets as symbols, which discovery does not bucket. All
+forward did not run). The step is bucketed over the local shards (FSDP2's padded shard, which each forward
+all-gathers, views the same flat storage); FSDP2's grads are views into its reduce-scatter output, whose storage
+offsets Dynamo passes as symbols that describe only where the grads lie. All
 scenarios run in one pair of processes (one spawn for the module: a compile of a DTensor step takes tens of seconds
 on a small CPU).
 """
@@ -34,7 +35,7 @@ class Net(nn.Module):
         super().__init__()
         self.inner = nn.Linear(8, 16)
         self.sometimes = nn.Linear(16, 16, bias=False)  # used on even steps only: its grads come and go
-        self.head = nn.Linear(16, 4, bias=False)
+        self.head = nn.Linear(16, 3, bias=False)  # 3 rows on 2 ranks: rank 1's shard is padded by FSDP2
 
     def forward(self, x: torch.Tensor, use_sometimes: bool) -> torch.Tensor:
         hidden = torch.relu(self.inner(x))
@@ -52,7 +53,7 @@ def _sharded(model: Net) -> Net:
 
 def _loss(model: nn.Module, step: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1000 * step + torch.distributed.get_rank())
-    x, y = torch.randn(8, 8, generator=generator), torch.randn(8, 4, generator=generator)
+    x, y = torch.randn(8, 8, generator=generator), torch.randn(8, 3, generator=generator)
     return nn.functional.mse_loss(model(x, use_sometimes=step % 2 == 0), y)
 
 
@@ -114,10 +115,6 @@ def test_fsdp2_local_shards_match_eager_with_no_recompile_once_warm(results: Any
     assert outcome.paths and set(outcome.paths) <= {"bucketed", "per-tensor"}, outcome.paths
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FSDP2's grads are views into its reduce-scatter output: Dynamo passes their sizes and storage offsets as "
-    "symbols, which discovery refuses ('Dynamo passes a number as a symbolic input'), so the step runs per-tensor; "
-    "bucketing DTensors is not implemented"))
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_fsdp2_step_is_bucketed(results: Any, scenario: str, rank: int) -> None:
@@ -126,8 +123,9 @@ def test_fsdp2_step_is_bucketed(results: Any, scenario: str, rank: int) -> None:
 
 @pytest.mark.parametrize("rank", RANKS)
 def test_dtensor_params_with_fresh_grads_match_eager(results: Any, rank: int) -> None:
-    # DTensor params given new (non-view) DTensor grads: moving them into flat storage raised into the training loop
-    # ('aten.copy_.default got mixed torch.Tensor and DTensor'); a tensor subclass is now not bucketed, with its reason.
+    # DTensor params given new (non-view) DTensor grads: moving them into flat storage once raised into the training
+    # loop ('aten.copy_.default got mixed torch.Tensor and DTensor'); their local shards are bucketed, and each step
+    # copies the local tensors of the grads.
     outcome = _launch.outcome_of(results, "dtensor params, fresh grads", rank)
     _launch.assert_matches_eager(outcome)
-    assert outcome.paths and set(outcome.paths) <= {"per-tensor", "first-step"}, outcome.paths
+    assert "bucketed" in outcome.paths and set(outcome.paths) <= {"bucketed", "first-step"}, outcome.paths
