@@ -4,9 +4,9 @@
 
 Shard each layer, then the root, *then* build the optimizer over ``model.parameters()`` (DTensors sharded on dim 0)
 and capture it: ``optcapture.capture(torch.optim.AdamW(model.parameters()))``. ``clip_grad_norm_`` works on the
-sharded grads as usual (it all-reduces the norm). Today the step runs as Inductor's per-tensor graph, as stock
-``torch.compile`` runs it (FSDP2's grads are views into its reduce-scatter output, which optcapture does not bucket
-yet); ``optcapture.explain(opt)`` says so. It is exact: each rank's shard of the params and of AdamW's state is
+sharded grads as usual (it all-reduces the norm). The step is bucketed over each rank's local shards: flat storage
+holds them, and FSDP2's own sharded data views the same memory, so each forward all-gathers the updated values;
+``optcapture.explain(opt)`` says so. It is exact: each rank's shard of the params and of AdamW's state is
 checked against an eager FSDP2 model trained beside it on the same batches; the script exits non-zero otherwise.
 """
 
@@ -17,7 +17,6 @@ import argparse
 import copy
 import math
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -49,16 +48,14 @@ def train(steps: int, device: torch.device) -> float:
     eager_optimizer = torch.optim.AdamW(eager_model.parameters(), lr=1e-2, weight_decay=0.01)
     optimizer = optcapture.capture(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01))
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "optcapture: step of AdamW is not bucketed")  # said below, by explain()
-        for step in range(steps):
-            generator = torch.Generator().manual_seed(1000 * step + rank)
-            x, y = torch.randn(8, 16, generator=generator).to(device), torch.randn(8, 8, generator=generator).to(device)
-            for m, o in ((eager_model, eager_optimizer), (model, optimizer)):
-                nn.functional.mse_loss(m(x), y).backward()  # FSDP2 reduce-scatters the grads here
-                nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5)
-                o.step()
-                o.zero_grad()
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(1000 * step + rank)
+        x, y = torch.randn(8, 16, generator=generator).to(device), torch.randn(8, 8, generator=generator).to(device)
+        for m, o in ((eager_model, eager_optimizer), (model, optimizer)):
+            nn.functional.mse_loss(m(x), y).backward()  # FSDP2 reduce-scatters the grads here
+            nn.utils.clip_grad_norm_(m.parameters(), max_norm=0.5)
+            o.step()
+            o.zero_grad()
 
     # Each rank holds its shard of every param and of AdamW's state: compare those.
     difference = torch.stack([
