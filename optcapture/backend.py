@@ -27,6 +27,7 @@ from optcapture import (
     progress,
     registry,
     replay,
+    stock_paths,
 )
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
@@ -36,17 +37,14 @@ from optcapture.discovery import (
     changed_since_traced,
     cycled_floats_held_constant,
     discover,
-    host_outputs,
-    hyper_source,
 )
 from optcapture.errors import CaptureError, FloatsSpecialized, OptionError, UnsupportedStepError, warn_once
+from optcapture.graph_outputs import outputs_or_error
 from optcapture.replay import CapturedStep
 from optcapture.rewrites.indirect_grad_loads import triton_type
+from optcapture.sources import is_hyper_source
 
 log = logging.getLogger(__name__)
-
-_FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
-               "one is captured")
 
 
 @progress.timed
@@ -64,7 +62,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     progress.enter("discover")
     step = discover(gm, example_inputs, tracer)
     if not step.is_optimizer_graph:
-        return _not_an_optimizer_step(step, gm, example_inputs, config)
+        return stock_paths.not_an_optimizer_step(step, gm, example_inputs, config)
     if not config.bucketing:
         step.blockers.append("bucketing=False")
     _say_if_recompiling_every_step(step)
@@ -76,11 +74,11 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
                 return _capture_batches(step, gm, example_inputs, config, tracer, began)
             return _capture(step, gm, example_inputs, config, tracer, began)
         except FloatsSpecialized as error:
-            return _eager_for_floats_that_change(step, gm, error, config, tracer)
+            return stock_paths.eager_for_floats_that_change(step, gm, error, config, tracer)
         except CaptureError as error:
             step.blockers.append(str(error))
     try:
-        return _fallback(step, gm, example_inputs, config)
+        return stock_paths.fallback(step, gm, example_inputs, config)
     except UnsupportedStepError as error:
         # Dynamo wraps any other backend error in BackendCompilerFailed; the training loop must see this one.
         raise _compat.through_dynamo(error) from None
@@ -122,149 +120,10 @@ def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
     cycled = cycled_floats_held_constant(step)
     if not cycled:
         return
-    marked = _compat.mark_floats_as_inputs(lambda name: _is_hyper_source(name, cycled))
+    marked = _compat.mark_floats_as_inputs(lambda name: is_hyper_source(name, cycled))
     if marked:
         log.info("tracing the step again with %s as inputs: a scheduler cycles them", marked)
         raise _compat.restart_request()
-
-
-def _fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
-              config: CaptureConfig) -> Callable[..., Any]:
-    owner = type(step.optimizer).__name__ if step.optimizer else "a function"
-    # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
-    # state it creates changes the guards and the next call is captured, unless another reason stands in
-    # the way, which is said now.
-    said = bool(step.blockers) or not step.lazy_state
-    reason = "; ".join(step.blockers) or "unknown"
-    if said and config.fallback == "raise":
-        raise UnsupportedStepError(f"cannot capture this step of {owner}: {reason}")
-
-    def say(what_runs: str, key: str | None = None) -> None:
-        if said:
-            warn_once(f"step of {owner} is not bucketed ({reason}): {what_runs}", key=key)
-
-    per_tensor = "it runs as Inductor's per-tensor graph, as stock torch.compile runs it"
-
-    if step.attribute_stores:
-        writing_back, what_runs = _writing_back_attributes(step, gm)
-        # Once per reason whether its graph runs as traced or the optimizer's own step runs; a frame run as plain
-        # Python is said on its own.
-        say(what_runs, key=None if writing_back is None else f"attributes of {owner}: {reason}")
-        if writing_back is None:
-            # Run the frame uncompiled, as plain Python: Dynamo skips it at the backend's request.
-            raise _compat.skip_frame_request(f"optcapture: {reason}")
-        return writing_back
-    if step.lazy_state:
-        # Said once for both: this first step (run as traced) and the per-tensor steps after it.
-        say("this first step, which creates the optimizer's state, runs as Dynamo traced it, and the steps after "
-            "it as Inductor's per-tensor graph while the reason holds",
-            key=f"optcapture: step of {owner} is not bucketed ({reason}): {per_tensor}")
-        return _as_traced(step, gm, [*step.blockers, _FIRST_STEP], "first-step")
-    before = _compat.generated_kernel_count()
-    compiled = _inductor_or_error(gm, example_inputs, config)
-    if isinstance(compiled, Exception):
-        say(f"it runs eagerly, as Dynamo traced it: Inductor could not compile the per-tensor step "
-            f"({type(compiled).__name__}: {compiled})")
-        return _as_traced(step, gm, [*step.blockers, str(compiled)])
-    say(per_tensor)
-    registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
-    return compiled
-
-
-def _eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, error: FloatsSpecialized,
-                                  config: CaptureConfig, tracer: Any) -> Callable[..., Any]:
-    """A float a scheduler changes every step reaches the step where Dynamo can only use a fixed number (SGD with
-    ``nesterov=True`` passes ``momentum`` as ``alpha=``): compiled, the step would compile again at every change,
-    with any backend, a second or more each, until Dynamo's recompile limit. The optimizer's own step runs eagerly
-    from now on, reading the floats as they are, so this frame no longer guards them: it never recompiles."""
-    optimizer = step.optimizer
-    assert optimizer is not None
-    name = type(optimizer).__name__
-    cycled = any("base_momentum" in group and "max_momentum" in group for group in optimizer.param_groups)
-    by = ("OneCycleLR or CyclicLR (cycle_momentum=True) changes it every step" if cycled
-          else "it changes between steps")
-    nesterov = optimizer.defaults.get("nesterov") and "momentum" in error.keys
-    where = ("nesterov=True passes momentum as alpha=" if nesterov
-             else "an op that takes a Python number, such as alpha=")
-    reason = (f"{name}'s {', '.join(error.keys)} reaches its step where Dynamo can only use a fixed number ({where}), "
-              f"and {by}: compiled, the step would compile again at every change")
-    if config.fallback == "raise":
-        raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step of {name}: {reason}")) from None
-    keys = {(g, key) for g, group in enumerate(optimizer.param_groups) for key in error.keys if key in group}
-    if tracer is not None:
-        _compat.drop_guards(tracer, lambda source: _is_hyper_source(source, keys))
-    warn_once(f"step of {name} is not bucketed ({reason}): it runs eagerly, with no recompile (keep "
-              f"{', '.join(error.keys)} fixed to have it captured)")
-    registry.record(step, "eager", [reason])
-    return replay.stepping_eagerly(weakref.ref(optimizer), _outputs(gm))
-
-
-def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
-                       config: CaptureConfig) -> Callable[..., Any] | Exception:
-    """``gm`` compiled by Inductor per tensor (no CUDA graph), or the error that stopped it. Dynamo's requests to
-    restart its analysis are not failures: they pass through."""
-    progress.enter("lower")
-    try:
-        compiled: Callable[..., Any] = lowering.lower_graph(gm, example_inputs, config)
-    except _compat.restart_errors():
-        raise
-    except Exception as error:  # noqa: BLE001 - any Inductor failure: the caller runs the graph as traced instead
-        return error
-    return compiled
-
-
-def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any] | None, str]:
-    """A step that assigns attributes of its optimizer (a user's ``self._k += 1``), which Dynamo drops.
-
-    Constant values are exact for every call the frame's guards admit (Dynamo guarded the attributes it read to
-    compute them): the graph runs as traced and the stores are written after it. A value Dynamo holds as a
-    symbol cannot be written back, so the optimizer's own step runs eagerly instead; that is exact only when the
-    frame is the step's own and keeps no tensors of the graph (no lazily created state); any other such frame must
-    run uncompiled (None). Returns the callable, or None, and what runs, for the warning.
-    """
-    stores = step.attribute_stores
-    owners = {id(ref()) for ref, _, _ in stores}
-    if all(value is not _compat.NOT_CONSTANT for _, _, value in stores):
-        traced = _as_traced(step, gm, step.blockers)
-
-        def run_and_write_back(*args: Any) -> Any:
-            out = traced(*args)
-            for ref, name, value in stores:
-                owner = ref()
-                if owner is not None:
-                    setattr(owner, name, value)
-            return out
-
-        return run_and_write_back, "it runs as Dynamo traced it, and optcapture writes the attributes back after it"
-    # Only the step's own frame, keeping no tensors of the graph, can be replaced by the optimizer's eager step.
-    registry.record(step, "eager", step.blockers)
-    if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
-        return None, ("the frame runs uncompiled, as plain Python (Dynamo holds a new value of an attribute as a "
-                      "symbol in a frame that is not the optimizer's own step or keeps tensors of its graph)")
-    return (replay.stepping_eagerly(stores[0][0], _outputs(gm)),
-            "the optimizer's own step runs eagerly (Dynamo holds a new value of an attribute as a symbol)")
-
-
-def _not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
-                           config: CaptureConfig) -> Callable[..., Any]:
-    """A graph that is no piece of an optimizer step (the forward of a whole training step compiled with this
-    backend) is compiled as stock ``torch.compile`` compiles it, with nothing to warn about."""
-    log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
-    compiled = _inductor_or_error(gm, example_inputs, config)
-    if isinstance(compiled, Exception):
-        warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(compiled).__name__}: "
-                  f"{compiled}); running it eagerly")
-        traced: Callable[..., Any] = gm.forward
-        return traced
-    return compiled
-
-
-def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
-               path: registry.Path = "eager") -> Callable[..., Any]:
-    """Run the graph as Dynamo traced it (eagerly), and report that: a fallback, or an optimizer's first step."""
-    registry.record(step, path, reasons)
-    traced: Callable[..., Any] = gm.forward
-    return traced
 
 
 def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: CaptureConfig,
@@ -320,7 +179,7 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
                            f"({why})") from None
     runs = [bucketing.Run(b.key, b.positions, b.start, b.end) for b in batches]
     optimizer_ref = weakref.ref(optimizer)
-    output = _outputs(gm)
+    output = outputs_or_error(gm)
 
     rebuild = _rebuilder(step, lambda args: _capture_batches(step, gm, list(args), config, None, time.perf_counter()))
 
@@ -452,7 +311,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
                 raise
             lowered = lowering.LoweredShadow(replay.raising(error), None)
     if tracer is not None:
-        dropped = _compat.drop_guards(tracer, lambda name: _is_hyper_source(name, tensor_hypers))
+        dropped = _compat.drop_guards(tracer, lambda name: is_hyper_source(name, tensor_hypers))
         log.info("no recompile on changes of %s", dropped)
 
     grad_slots = _grad_slots(step, gm, flats)
@@ -464,7 +323,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
             flats[key].grad_flat()  # the slots the grads are copied into (made by the shadow already)
 
     optimizer_ref = weakref.ref(optimizer)
-    output = _outputs(gm)
+    output = outputs_or_error(gm)
 
     rebuild = _rebuilder(step, lambda args: _capture(step, gm, args, config, None, time.perf_counter(),
                                                      frozenset(tensor_hypers)))
@@ -486,16 +345,3 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
              sorted(tensor_hypers))
     return captured
 
-
-def _is_hyper_source(source: str, keys: set[tuple[int, str]]) -> bool:
-    """Whether the Dynamo source name ``source`` reads one of the param-group entries ``keys`` (its guards go)."""
-    hyper = hyper_source(source)
-    return hyper is not None and (hyper.group, hyper.key) in keys
-
-
-def _outputs(gm: torch.fx.GraphModule) -> Callable[..., Any]:
-    """The graph's outputs from its inputs, for a graph that returns no tensor (checked by discovery)."""
-    outputs = host_outputs(gm)
-    if outputs is None:
-        raise CaptureError("the step returns tensors to its frame")
-    return outputs

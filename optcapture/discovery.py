@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,37 +23,10 @@ from torch.fx import GraphModule, Node
 
 from optcapture import _compat, dtensors, lanes, reach
 from optcapture.graph_outputs import host_outputs as host_outputs  # where backend and lowering import it from
+from optcapture.sources import HyperSource as HyperSource  # where the lane modules import them from
+from optcapture.sources import hyper_source as hyper_source
 
 log = logging.getLogger(__name__)
-
-# How Dynamo names a param-group entry it reads: ``L['self'].param_groups[0]['lr']``, ``...['betas'][1]``, or a name
-# built on one (``type(L['self'].param_groups[0]['lr'])``, in a guard).
-_HYPER_SOURCE = re.compile(r"param_groups\[(\d+)\]\['(\w+)'\](?:\[(\d+)\])?")
-
-
-@dataclasses.dataclass(frozen=True)
-class HyperSource:
-    """The param-group entry a Dynamo source name reads (:func:`hyper_source`)."""
-
-    group: int
-    key: str
-    index: int | None  # the item of a tuple entry (``betas[1]``)
-    whole: bool  # the name is the entry itself, not a value reached through it (its type, an attribute)
-
-    @property
-    def role_key(self) -> str:
-        """The key as :class:`InputRole` and the lanes name it: ``lr``, ``betas[1]``."""
-        return self.key if self.index is None else f"{self.key}[{self.index}]"
-
-
-def hyper_source(name: str) -> HyperSource | None:
-    """The param-group entry that the source ``name`` reads, or None: the one parser of that name format."""
-    match = _HYPER_SOURCE.search(name)
-    if match is None:
-        return None
-    index = None if match.group(3) is None else int(match.group(3))
-    return HyperSource(int(match.group(1)), match.group(2), index, match.end() == len(name))
-
 
 UpdateKind = Literal["elementwise", "lane-local"]
 """``elementwise``: each element of a param is updated from the same element of its tensors (flat runs);

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from optcapture.errors import CaptureError
+
 
 def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
     """``gm``'s outputs computed from its inputs without running its kernels, when it returns no new tensor:
@@ -54,3 +56,11 @@ def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
     graph.output(torch.fx.map_arg(output.args[0], lambda arg: env[replaced.get(arg, arg)]))
     forward: Callable[..., Any] = torch.fx.GraphModule(torch.nn.Module(), graph).forward
     return forward
+
+
+def outputs_or_error(gm: GraphModule) -> Callable[..., Any]:
+    """The graph's outputs from its inputs, for a graph that returns no tensor (checked by discovery)."""
+    outputs = host_outputs(gm)
+    if outputs is None:
+        raise CaptureError("the step returns tensors to its frame")
+    return outputs

@@ -1,0 +1,167 @@
+"""The stock paths: what a graph runs when it is not bucketed, chosen at compile time by :mod:`optcapture.backend`.
+
+Inductor's per-tensor graph (as stock ``torch.compile`` runs it), the graph as Dynamo traced it (an optimizer's first
+step, which creates its state), the optimizer's own step run eagerly (a float Dynamo can only specialize that changes
+every step; attributes Dynamo drops), or the frame uncompiled. Invariant: every path returned computes what eager
+computes, and every one that is a fallback says why once (``fallback="raise"``: raises before any of the step ran).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from optcapture import _compat, lowering, progress, registry, replay
+from optcapture.config import CaptureConfig
+from optcapture.discovery import StepGraph
+from optcapture.errors import FloatsSpecialized, UnsupportedStepError, warn_once
+from optcapture.graph_outputs import outputs_or_error
+from optcapture.sources import is_hyper_source
+
+log = logging.getLogger(__name__)
+
+FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
+               "one is captured")
+
+
+def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
+              config: CaptureConfig) -> Callable[..., Any]:
+    owner = type(step.optimizer).__name__ if step.optimizer else "a function"
+    # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
+    # state it creates changes the guards and the next call is captured, unless another reason stands in
+    # the way, which is said now.
+    said = bool(step.blockers) or not step.lazy_state
+    reason = "; ".join(step.blockers) or "unknown"
+    if said and config.fallback == "raise":
+        raise UnsupportedStepError(f"cannot capture this step of {owner}: {reason}")
+
+    def say(what_runs: str, key: str | None = None) -> None:
+        if said:
+            warn_once(f"step of {owner} is not bucketed ({reason}): {what_runs}", key=key)
+
+    per_tensor = "it runs as Inductor's per-tensor graph, as stock torch.compile runs it"
+
+    if step.attribute_stores:
+        writing_back, what_runs = writing_back_attributes(step, gm)
+        # Once per reason whether its graph runs as traced or the optimizer's own step runs; a frame run as plain
+        # Python is said on its own.
+        say(what_runs, key=None if writing_back is None else f"attributes of {owner}: {reason}")
+        if writing_back is None:
+            # Run the frame uncompiled, as plain Python: Dynamo skips it at the backend's request.
+            raise _compat.skip_frame_request(f"optcapture: {reason}")
+        return writing_back
+    if step.lazy_state:
+        # Said once for both: this first step (run as traced) and the per-tensor steps after it.
+        say("this first step, which creates the optimizer's state, runs as Dynamo traced it, and the steps after "
+            "it as Inductor's per-tensor graph while the reason holds",
+            key=f"optcapture: step of {owner} is not bucketed ({reason}): {per_tensor}")
+        return as_traced(step, gm, [*step.blockers, FIRST_STEP], "first-step")
+    before = _compat.generated_kernel_count()
+    compiled = inductor_or_error(gm, example_inputs, config)
+    if isinstance(compiled, Exception):
+        say(f"it runs eagerly, as Dynamo traced it: Inductor could not compile the per-tensor step "
+            f"({type(compiled).__name__}: {compiled})")
+        return as_traced(step, gm, [*step.blockers, str(compiled)])
+    say(per_tensor)
+    registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
+    return compiled
+
+
+def eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, error: FloatsSpecialized,
+                                  config: CaptureConfig, tracer: Any) -> Callable[..., Any]:
+    """A float a scheduler changes every step reaches the step where Dynamo can only use a fixed number (SGD with
+    ``nesterov=True`` passes ``momentum`` as ``alpha=``): compiled, the step would compile again at every change,
+    with any backend, a second or more each, until Dynamo's recompile limit. The optimizer's own step runs eagerly
+    from now on, reading the floats as they are, so this frame no longer guards them: it never recompiles."""
+    optimizer = step.optimizer
+    assert optimizer is not None
+    name = type(optimizer).__name__
+    cycled = any("base_momentum" in group and "max_momentum" in group for group in optimizer.param_groups)
+    by = ("OneCycleLR or CyclicLR (cycle_momentum=True) changes it every step" if cycled
+          else "it changes between steps")
+    nesterov = optimizer.defaults.get("nesterov") and "momentum" in error.keys
+    where = ("nesterov=True passes momentum as alpha=" if nesterov
+             else "an op that takes a Python number, such as alpha=")
+    reason = (f"{name}'s {', '.join(error.keys)} reaches its step where Dynamo can only use a fixed number ({where}), "
+              f"and {by}: compiled, the step would compile again at every change")
+    if config.fallback == "raise":
+        raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step of {name}: {reason}")) from None
+    keys = {(g, key) for g, group in enumerate(optimizer.param_groups) for key in error.keys if key in group}
+    if tracer is not None:
+        _compat.drop_guards(tracer, lambda source: is_hyper_source(source, keys))
+    warn_once(f"step of {name} is not bucketed ({reason}): it runs eagerly, with no recompile (keep "
+              f"{', '.join(error.keys)} fixed to have it captured)")
+    registry.record(step, "eager", [reason])
+    return replay.stepping_eagerly(weakref.ref(optimizer), outputs_or_error(gm))
+
+
+def inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
+                       config: CaptureConfig) -> Callable[..., Any] | Exception:
+    """``gm`` compiled by Inductor per tensor (no CUDA graph), or the error that stopped it. Dynamo's requests to
+    restart its analysis are not failures: they pass through."""
+    progress.enter("lower")
+    try:
+        compiled: Callable[..., Any] = lowering.lower_graph(gm, example_inputs, config)
+    except _compat.restart_errors():
+        raise
+    except Exception as error:  # noqa: BLE001 - any Inductor failure: the caller runs the graph as traced instead
+        return error
+    return compiled
+
+
+def writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any] | None, str]:
+    """A step that assigns attributes of its optimizer (a user's ``self._k += 1``), which Dynamo drops.
+
+    Constant values are exact for every call the frame's guards admit (Dynamo guarded the attributes it read to
+    compute them): the graph runs as traced and the stores are written after it. A value Dynamo holds as a
+    symbol cannot be written back, so the optimizer's own step runs eagerly instead; that is exact only when the
+    frame is the step's own and keeps no tensors of the graph (no lazily created state); any other such frame must
+    run uncompiled (None). Returns the callable, or None, and what runs, for the warning.
+    """
+    stores = step.attribute_stores
+    owners = {id(ref()) for ref, _, _ in stores}
+    if all(value is not _compat.NOT_CONSTANT for _, _, value in stores):
+        traced = as_traced(step, gm, step.blockers)
+
+        def run_and_write_back(*args: Any) -> Any:
+            out = traced(*args)
+            for ref, name, value in stores:
+                owner = ref()
+                if owner is not None:
+                    setattr(owner, name, value)
+            return out
+
+        return run_and_write_back, "it runs as Dynamo traced it, and optcapture writes the attributes back after it"
+    # Only the step's own frame, keeping no tensors of the graph, can be replaced by the optimizer's eager step.
+    registry.record(step, "eager", step.blockers)
+    if step.returns_tensors or len(owners) != 1 or not step.frame_is_step:
+        return None, ("the frame runs uncompiled, as plain Python (Dynamo holds a new value of an attribute as a "
+                      "symbol in a frame that is not the optimizer's own step or keeps tensors of its graph)")
+    return (replay.stepping_eagerly(stores[0][0], outputs_or_error(gm)),
+            "the optimizer's own step runs eagerly (Dynamo holds a new value of an attribute as a symbol)")
+
+
+def not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
+                           config: CaptureConfig) -> Callable[..., Any]:
+    """A graph that is no piece of an optimizer step (the forward of a whole training step compiled with this
+    backend) is compiled as stock ``torch.compile`` compiles it, with nothing to warn about."""
+    log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
+    compiled = inductor_or_error(gm, example_inputs, config)
+    if isinstance(compiled, Exception):
+        warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(compiled).__name__}: "
+                  f"{compiled}); running it eagerly")
+        traced: Callable[..., Any] = gm.forward
+        return traced
+    return compiled
+
+
+def as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
+               path: registry.Path = "eager") -> Callable[..., Any]:
+    """Run the graph as Dynamo traced it (eagerly), and report that: a fallback, or an optimizer's first step."""
+    registry.record(step, path, reasons)
+    traced: Callable[..., Any] = gm.forward
+    return traced
