@@ -75,10 +75,10 @@ def _item(gm: GraphModule, cross: str, lane: LaneId, lanes: tuple[LaneId, ...]) 
     node = next(n for n in gm.graph.nodes if n.name == cross)
     items = node.args[0] if node.args else node.kwargs["tensors"]
     if isinstance(items, Node):  # a foreach result: its single op for ``lane`` in the lane's program
-        return items.name
+        return str(items.name)
     item = items[lanes.index(lane)]
     assert isinstance(item, Node)
-    return item.name
+    return str(item.name)
 
 
 def _check_no_write_after_read(gm: GraphModule, step: StepGraph) -> None:
@@ -170,8 +170,7 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
             outputs = phase.call(*(table.read(tensors, w) for w in phase.where if w is not None))
             exported[cross].append(outputs[0])
             carried.append(tuple(outputs[1:]))
-        stacked = {name: _stacked(values, None if orders[name] is None else tensors[orders[name]])
-                   for name, values in exported.items()}
+        stacked = {name: _stacked(values, _order(tensors, orders[name])) for name, values in exported.items()}
         shared = shared_program(*(tensors[int(at)] if kind == "input" else stacked[str(at)]
                                   for kind, at in shared_where)) if read_by_finishers else ()
         crossed = dict(zip(read_by_finishers, shared, strict=True))
@@ -208,6 +207,10 @@ def _orders(cross_lanes: Any, exporters: list[tuple[str, _Phase, tuple[LaneId, .
             orders[name] = len(inputs)
             inputs.append(torch.tensor(order, device=device))
     return orders
+
+
+def _order(tensors: tuple[torch.Tensor, ...], index: int | None) -> torch.Tensor | None:
+    return None if index is None else tensors[index]
 
 
 def _stacked(values: list[torch.Tensor], order: torch.Tensor | None) -> torch.Tensor:
