@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -190,8 +190,8 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
     return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers)
 
 
-def _orders(cross_lanes: Any, exporters: list[tuple[str, _Phase, tuple[LaneId, ...]]], device: torch.device,
-            inputs: list[torch.Tensor]) -> dict[str, int | None]:
+def _orders(cross_lanes: Mapping[str, tuple[LaneId, ...]], exporters: list[tuple[str, _Phase, tuple[LaneId, ...]]],
+            device: torch.device, inputs: list[torch.Tensor]) -> dict[str, int | None]:
     """Per cross-lane op, the input (appended to ``inputs``) holding the index that puts the concatenated exports
     (batch order) in its list's order; None when they are in it already."""
     orders: dict[str, int | None] = {}

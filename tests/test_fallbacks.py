@@ -140,7 +140,8 @@ def test_fallback_is_warned_once_per_reason() -> None:
 
 
 class NormalizedMomentum(torch.optim.Optimizer):
-    """Not bucketable (a norm over every param's grad), and creates its state in its first step."""
+    """Not bucketable (the grads' norms added one by one, each ``+`` mixing two params), and creates its state in its
+    first step."""
 
     def __init__(self, params: object, lr: float = 0.1) -> None:
         super().__init__(params, {"lr": lr})
@@ -148,7 +149,7 @@ class NormalizedMomentum(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: object = None) -> None:
         for group in self.param_groups:
-            total = torch.stack([p.grad.norm() for p in group["params"]]).norm()
+            total = sum(p.grad.norm() for p in group["params"])
             for p in group["params"]:
                 state = self.state[p]
                 if "buf" not in state:
