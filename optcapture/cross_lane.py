@@ -92,6 +92,11 @@ def _check_no_write_after_read(gm: GraphModule, step: StepGraph) -> None:
                 if arg.name in report.crossed:
                     first_lane_read.setdefault(arg, i)
         name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if report.lane_of.get(node.name, ()) is None and node.name not in report.crossed and in_place(name):
+            # E.g. timm's ``group["step"].add_(1)``: no lane program holds it (none reads its result), and running
+            # it in (B) would reorder it against the lanes of (A) that read the tensor.
+            raise CaptureError(f"{node.name} writes a value shared by all params in place, outside any param's "
+                               "update")
         if node.name in report.crossed and in_place(name) and node.args and isinstance(node.args[0], Node) \
                 and node.args[0] in first_lane_read:
             raise CaptureError(f"{node.name} writes a value shared by all params in place after a param's update "
