@@ -20,6 +20,7 @@ import torch
 from optcapture import (
     _compat,
     bucketing,
+    cross_lane,
     lane_batches,
     lane_hypers,
     lowering,
@@ -166,7 +167,8 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
         flats = preparation.prepare(step, prepared)
         progress.enter("bucket")
         batches = lane_batches.plan_batches(step, flats)
-        batched = lane_batches.build_batched_step(step, gm, example_inputs, flats, batches, prepared)
+        build = cross_lane.build_step if step.lane_report.cross_lanes else lane_batches.build_batched_step
+        batched = build(step, gm, example_inputs, flats, batches, prepared)
         progress.enter("lower")
         lowered = lowering.lower_batched(batched.call, batched.inputs, config, batches[0].key.device)
     except _compat.restart_errors():

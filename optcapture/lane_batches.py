@@ -21,8 +21,9 @@ import dataclasses
 import logging
 import math
 import operator
+import sys
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.fx import GraphModule, Node
@@ -95,32 +96,52 @@ def _make_batch(flat: FlatGroup, positions: list[int]) -> LaneBatch:
                      flat.slot(positions[-1]).stop, stride)
 
 
+InputKind = RoleKind | Literal["crossed", "carried", "stacked"]
+"""What a placeholder of an extracted program is: a role of the step's inputs; or, in the programs
+:mod:`optcapture.cross_lane` splits a step into, a shared value computed from a cross-lane op (``crossed``), a value
+of the lane computed by its earlier program (``carried``), a cross-lane op's result (``stacked``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _LaneInput:
     """A placeholder of a lane program: a tensor of the lane (``role``: param, grad, state or scalar_state, with
     ``key``) or a value shared by all lanes (``shared``: the object the real graph read; ``source``: the param-group
-    entry it is, for a hyperparameter)."""
+    entry it is, for a hyperparameter); for ``crossed``, ``carried`` and ``stacked``, ``key`` is the graph node."""
 
-    role: RoleKind
+    role: InputKind
     key: str | None = None
     shared: Any = None
     source: HyperSource | None = None
 
 
-def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
-                 lane: LaneId) -> tuple[GraphModule, list[_LaneInput]]:
-    """The nodes of ``gm`` that compute ``lane``'s update and the shared values it reads, as a graph of its own.
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The part of a step a program holds (:mod:`optcapture.cross_lane`). For a lane: its nodes at graph positions
+    in ``(after, upto]``, its nodes at or before ``after`` read as ``carried`` inputs; for no lane (None): the
+    shared values computed from cross-lane results, each cross-lane node read as a ``stacked`` input. Crossed
+    values are read as inputs either way; the program returns the nodes ``outputs``."""
+
+    after: int = -1
+    upto: int = sys.maxsize
+    outputs: tuple[str, ...] = ()
+
+
+def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: LaneId | None,
+                 window: Window | None = None) -> tuple[GraphModule, list[_LaneInput]]:
+    """The nodes of ``gm`` that compute ``lane``'s update and the shared values it reads, as a graph of its own
+    (with ``window``: that part of them, see :class:`Window`).
 
     Its placeholders are the graph inputs it reads (described by the returned list), in graph order; it returns
-    its first input (vmap needs a tensor out)."""
+    ``window.outputs``, or else its first input (vmap needs a tensor out)."""
     report = step.lane_report
     assert report is not None
     nodes = list(gm.graph.nodes)
     # A foreach node computes one item per lane: its position for ours, where it has one.
-    position = {name: lanes_at.index(lane) for name, lanes_at in report.foreach_lanes.items() if lane in lanes_at}
+    position = {name: lanes_at.index(lane) for name, lanes_at in report.foreach_lanes.items()
+                if lane is not None and lane in lanes_at}
     singles = {n: _lane_args(n, position[n.name], report.foreach_lanes[n.name]) for n in nodes if n.name in position}
     try:
-        return _extract(gm, example_inputs, step, lane, singles)
+        return _extract(gm, example_inputs, step, lane, singles, window)
     finally:
         for single in singles.values():
             # A scratch node counts as a user of the real graph's nodes until it is erased, and Dynamo erases
@@ -128,21 +149,41 @@ def lane_program(gm: GraphModule, example_inputs: list[Any], step: StepGraph,
             single.graph.erase_node(single)
 
 
-def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: LaneId,
-             singles: dict[Node, Node]) -> tuple[GraphModule, list[_LaneInput]]:
+def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: LaneId | None,
+             singles: dict[Node, Node], window: Window | None) -> tuple[GraphModule, list[_LaneInput]]:
     """:func:`lane_program`, given the single-tensor op of each foreach node at ``lane``'s position."""
     report = step.lane_report
     assert report is not None
     lane_of = report.lane_of
     roles = {role.node: role for role in step.roles}
     nodes = list(gm.graph.nodes)
+    at = {node: i for i, node in enumerate(nodes)}
+    part = window or Window()
+
+    def ours(node: Node) -> bool:
+        return lane is not None and (lane_of.get(node.name, ()) == lane or node in singles)
+
+    def boundary(node: Node) -> InputKind | None:
+        if window is None:
+            return None
+        if lane is None:
+            return "stacked" if node.name in report.cross_lanes else None
+        if node.name in report.crossed:
+            return "crossed"
+        return "carried" if ours(node) and at[node] <= part.after else None
+
     ancestors: set[Node] = set()
-    stack = [n for n in nodes if lane_of.get(n.name, ()) == lane or n in singles]
+    if lane is None:
+        stack = [n for n in nodes if n.name in report.crossed and n.name not in report.cross_lanes]
+    else:
+        stack = [n for n in nodes if ours(n) and part.after < at[n] <= part.upto]
     while stack:
         node = stack.pop()
         if node in ancestors:
             continue
         ancestors.add(node)
+        if boundary(node) is not None:
+            continue
         if node in singles:
             stack.extend(singles[node].all_input_nodes)
         elif node.target is operator.getitem and isinstance(node.args[0], Node) and node.args[0] in singles:
@@ -156,7 +197,12 @@ def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: 
     for node in nodes:
         if node not in ancestors:
             continue
-        if node.op in ("placeholder", "get_attr"):
+        kind = boundary(node)
+        if kind is not None:
+            inputs.append(_LaneInput(kind, node.name))
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+        elif node.op in ("placeholder", "get_attr"):
             role = roles.get(node.name)
             if role is None:
                 raise CaptureError(f"input {node.name} of the step has no role")
@@ -180,13 +226,19 @@ def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: 
             env[node] = graph.node_copy(node, lambda arg: env[arg])
         else:
             raise CaptureError(f"node {node.name} ({node.op}) in the update of param {lane}")
+    if part.outputs:
+        by_name = {node.name: node for node in env}
+        graph.output(tuple(env[by_name[name]] for name in part.outputs))
+        return GraphModule(gm, graph), inputs
     own = [env[n] for n in nodes if n in env and n.op in ("placeholder", "get_attr")]
-    first = next((node for node, i in zip(own, inputs, strict=True) if i.shared is None), None)
+    first = next((node for node, i in zip(own, inputs, strict=True) if i.role in _BATCHED_KINDS), None)
     if first is None:
         raise CaptureError(f"the update of param {lane} reads none of its tensors")
     graph.output(first)
     return GraphModule(gm, graph), inputs
 
+
+_BATCHED_KINDS = frozenset({"param", "grad", "state", "scalar_state", "carried"})
 
 _Where = tuple[int, tuple[int, ...] | None]
 """(input index, ``[k, *shape]`` of the batch) where the input is the batch's range of a flat buffer; shape None:
@@ -223,60 +275,94 @@ def _as_batch(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return tensor.view(k, -1)[:, :numel].view(size)
 
 
+class InputTable:
+    """The tensors a batched step reads, each once (flat buffer ranges, which never overlap, and shared tensors),
+    and the group entries among them read from device tensors."""
+
+    def __init__(self, step: StepGraph, prepared: PreparedOptimizer) -> None:
+        optimizer = step.optimizer
+        assert optimizer is not None
+        self.optimizer = optimizer
+        self.prepared = prepared
+        self.inputs: list[torch.Tensor] = []
+        self.device_hypers: set[tuple[int, str]] = set()
+        self._shared_index: dict[int, int] = {}
+
+    def shared(self, lane_input: _LaneInput, device: torch.device) -> tuple[int, bool]:
+        """The index of a shared input, and whether it is a number of a param group that Dynamo passes as an input,
+        read from ``prepared``'s device tensor for it (the program must then take it as a tensor)."""
+        shared = lane_input.shared
+        number = (lane_hypers.device_number(self.optimizer, self.prepared, lane_input.source, device)
+                  if lane_input.role == "hyper" and lane_input.source is not None else None)
+        if number is not None:
+            assert lane_input.source is not None
+            # A SymInt, or a float64 tensor Dynamo makes anew at every call: the capture's own tensor.
+            shared = number
+            self.device_hypers.add((lane_input.source.group, lane_input.source.key))
+        elif not isinstance(shared, torch.Tensor):
+            raise CaptureError(f"shared input {lane_input.key!r} is a {type(shared).__name__}")
+        if id(shared) not in self._shared_index:
+            self._shared_index[id(shared)] = len(self.inputs)
+            self.inputs.append(shared)
+        return self._shared_index[id(shared)], number is not None
+
+    def batched(self, program: GraphModule, lane_inputs: list[_LaneInput], flat: FlatGroup, batch: LaneBatch,
+                ) -> tuple[Callable[..., Any], list[_Where | None]]:
+        """``program`` under vmap over ``batch``, and where each of its inputs is: an index into :attr:`inputs`
+        (with the ``[k, *shape]`` of a flat buffer range); None for the inputs the caller passes (``crossed``,
+        ``carried``, ``stacked``)."""
+        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
+        numbers: list[Node] = []
+        where: list[_Where | None] = []
+        in_dims: list[int | None] = []
+        for node, lane_input in zip(placeholders, lane_inputs, strict=True):
+            if lane_input.role in ("crossed", "carried", "stacked"):
+                where.append(None)
+                in_dims.append(0 if lane_input.role == "carried" else None)
+            elif lane_input.shared is not None:
+                index, number = self.shared(lane_input, batch.key.device)
+                if number:
+                    numbers.append(node)
+                where.append((index, None))
+                in_dims.append(None)
+            else:
+                where.append((len(self.inputs), (len(batch.positions), *batch.shape)
+                              if lane_input.role != "scalar_state" else (len(batch.positions),)))
+                in_dims.append(0)
+                self.inputs.append(_batch_range(flat, batch, lane_input))
+        if numbers:
+            lane_hypers.numbers_as_tensors(program, numbers)
+        return torch.func.vmap(_out_of_place(program), in_dims=tuple(in_dims)), where
+
+    def read(self, tensors: tuple[torch.Tensor, ...], where: _Where) -> torch.Tensor:
+        index, size = where
+        return tensors[index] if size is None else _as_batch(tensors[index], size)
+
+
 def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any],
                        flats: dict[BucketKey, FlatGroup], batches: list[LaneBatch],
                        prepared: PreparedOptimizer) -> BatchedStep:
     """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
     are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once: a number of a
     param group that Dynamo passes as an input is read from ``prepared``'s device tensor for it."""
-    optimizer = step.optimizer
-    assert optimizer is not None
-    inputs: list[torch.Tensor] = []
-    shared_index: dict[int, int] = {}
+    table = InputTable(step, prepared)
     plan: list[tuple[Callable[..., Any], list[_Where]]] = []
     writes_grads = False
-    device_hypers: set[tuple[int, str]] = set()
     for batch in batches:
         flat = flats[batch.key]
         lane = (batch.key.group, flat.param_indices[batch.positions[0]])
         program, lane_inputs = lane_program(gm, example_inputs, step, lane)
         writes_grads |= _writes_input(program, "grad", lane_inputs)
-        placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-        numbers: list[Node] = []
-        where: list[_Where] = []
-        for node, lane_input in zip(placeholders, lane_inputs, strict=True):
-            if lane_input.shared is not None:
-                shared = lane_input.shared
-                number = (lane_hypers.device_number(optimizer, prepared, lane_input.source, batch.key.device)
-                          if lane_input.role == "hyper" and lane_input.source is not None else None)
-                if number is not None:
-                    assert lane_input.source is not None
-                    # A SymInt, or a float64 tensor Dynamo makes anew at every call: the capture's own tensor.
-                    shared = number
-                    numbers.append(node)
-                    device_hypers.add((lane_input.source.group, lane_input.source.key))
-                elif not isinstance(shared, torch.Tensor):
-                    raise CaptureError(f"shared input {lane_input.key!r} is a {type(shared).__name__}")
-                if id(shared) not in shared_index:
-                    shared_index[id(shared)] = len(inputs)
-                    inputs.append(shared)
-                where.append((shared_index[id(shared)], None))
-            else:
-                where.append((len(inputs), (len(batch.positions), *batch.shape) if lane_input.role != "scalar_state"
-                              else (len(batch.positions),)))
-                inputs.append(_batch_range(flat, batch, lane_input))
-        if numbers:
-            lane_hypers.numbers_as_tensors(program, numbers)
-        in_dims = tuple(None if size is None else 0 for _, size in where)
-        plan.append((torch.func.vmap(_out_of_place(program), in_dims=in_dims), where))
+        batched, where = table.batched(program, lane_inputs, flat, batch)
+        plan.append((batched, [w for w in where if w is not None]))
     log.info("batched lanes: %d batch(es) of shapes %s; group entries read from device tensors: %s", len(batches),
-             sorted({tuple(b.shape) for b in batches}), sorted(device_hypers))
+             sorted({tuple(b.shape) for b in batches}), sorted(table.device_hypers))
 
     def step_batches(*tensors: torch.Tensor) -> None:
         for batched, where in plan:
-            batched(*(tensors[i] if size is None else _as_batch(tensors[i], size) for i, size in where))
+            batched(*(table.read(tensors, w) for w in where))
 
-    return BatchedStep(step_batches, inputs, writes_grads, device_hypers)
+    return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers)
 
 
 # In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).
@@ -351,7 +437,7 @@ def _lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
     return scratch.create_node("call_function", target, tuple(args), kwargs, name=f"{node.name}_{j}")
 
 
-def _writes_input(program: GraphModule, role: RoleKind, inputs: list[_LaneInput]) -> bool:
+def _writes_input(program: GraphModule, role: InputKind, inputs: list[_LaneInput]) -> bool:
     """Whether an in-place op of ``program`` writes the input of ``role`` (or a view of it)."""
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     written: set[Node] = {p for p, i in zip(placeholders, inputs, strict=True) if i.role == role}

@@ -10,6 +10,11 @@ It reports ``lane_local=True`` (an update that may reduce or multiply within a p
 ratio or Muon's Newton-Schulz iteration) only when no op mixes two lanes, no op writes into a value shared
 by all lanes, no op draws random numbers and every lane op is a single-tensor op: each lane's update is
 then a function of that lane's tensors and the shared values alone (:func:`lane_program` extracts it).
+The one exception is a cross-lane op (:data:`CROSS_LANE`, ``torch.stack`` of one value of each param, as a global
+grad norm starts): it reads each of its lanes exactly once, in its list's order, and makes a value shared by all
+lanes, so it is recorded (:attr:`LaneReport.cross_lanes`, and an ``("export", op)`` event in each lane's program)
+instead of refused; the shared values computed from it are "crossed" (:attr:`LaneReport.crossed`) and may use any
+op but a random one (they are computed once per step, as eager computes them).
 Anything it does not understand makes it return both False with the reason.
 """
 
@@ -47,6 +52,10 @@ SHARED_ONLY = frozenset(
 NEUTRAL = frozenset({"_set_grad_enabled", "getitem", "item", "record_function", "_record_function_enter_new"})
 # Foreach ops that are not pointwise but reduce each list item on its own (``_foreach_norm``).
 FOREACH_LANE_LOCAL = frozenset({"norm"})
+# Ops that gather one value of each lane into one value shared by all lanes, item i from list item i, copying each:
+# ``torch.stack(norms)`` of a global grad norm. Stacking along dim 0 only, so that the items of a batch of lanes are
+# one contiguous range of the result (:mod:`optcapture.cross_lane`).
+CROSS_LANE = frozenset({"stack"})
 # Ops that draw from a random generator: eager draws once per param, a batched program once per batch.
 RANDOM = frozenset("""bernoulli dropout exponential geometric multinomial normal poisson rand rand_like randint
     randint_like randn randn_like randperm uniform""".split())
@@ -66,6 +75,10 @@ class LaneReport:
     """Graph node name -> the lane it computes, or None for a value shared by all lanes (when ``lane_local``)."""
     foreach_lanes: Mapping[str, tuple[LaneId | None, ...]] = dataclasses.field(default_factory=dict)
     """Foreach node name -> the lane of each position of its lists (when ``lane_local``)."""
+    cross_lanes: Mapping[str, tuple[LaneId, ...]] = dataclasses.field(default_factory=dict)
+    """Cross-lane node name (:data:`CROSS_LANE`) -> the lane of each item of its list, in order, each once."""
+    crossed: frozenset[str] = frozenset()
+    """Names of the nodes computing shared values from a cross-lane op's result (the cross-lane nodes included)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +90,7 @@ class _LaneValue:
 @dataclasses.dataclass(frozen=True)
 class _Shared:
     key: Hashable
+    crossed: bool = False  # computed from a cross-lane op's result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +142,7 @@ class _Analyzer:
         self.not_elementwise: str | None = None  # why not, once seen; the analysis goes on for lane locality
         self.foreach_beyond_pointwise = False
         self.foreach_lanes: dict[str, tuple[LaneId | None, ...]] = {}
+        self.cross_lanes: dict[str, tuple[LaneId, ...]] = {}
         for node, (lane, name) in inputs.items():
             self.values[node] = _Shared(("in", name)) if lane is None else _LaneValue(lane, ("in", name))
 
@@ -171,14 +186,17 @@ class _Analyzer:
         if isinstance(example, torch.Tensor) and example.dim() != 0 and example.shape != self.shapes[lane]:
             self._not_elementwise(f"a value of param {lane} has shape {tuple(example.shape)}, not the param's")
 
-    def _emit(self, lane: LaneId | None, event: Hashable, example: Any) -> Any:
+    def _emit(self, lane: LaneId | None, event: Hashable, example: Any, crossed: bool = False) -> Any:
         if lane is None:
             # Shared values are named by what computes them, so that two graphs can be compared.
-            return _Shared(("op", event))
+            return _Shared(("op", event), crossed)
         self._check_shape(lane, example)
         program = self.programs[lane]
         program.append(event)
         return _LaneValue(lane, ("v", len(program)))
+
+    def crossed(self) -> frozenset[str]:
+        return frozenset(node.name for node, value in self.values.items() if _crossed(value))
 
     def lane_of(self) -> dict[str, LaneId | None]:
         """Node name -> its lane, or None for shared values; foreach results (lists) are left out."""
@@ -216,13 +234,16 @@ class _Analyzer:
         touched: set[LaneId] = set()
         for value in (*args, *kwargs.values()):
             self._lanes_in(value, touched)
-        if base in RANDOM and touched:
+        crossed = any(_crossed(value) for value in (*args, *kwargs.values()))
+        if base in RANDOM and (touched or crossed):
             raise _Reject(f"op {name!r} draws random numbers for each param")
+        if base in CROSS_LANE and touched:
+            return self._cross_lane(node, name, args, kwargs)
         if base not in POINTWISE and base not in NEUTRAL:
             if touched:
                 self._not_elementwise(f"op {name!r} is not elementwise")
                 self.foreach_beyond_pointwise |= name.startswith("_foreach_") and base not in FOREACH_LANE_LOCAL
-            elif base not in SHARED_ONLY and name not in SHARED_ONLY:
+            elif base not in SHARED_ONLY and name not in SHARED_ONLY and not crossed:
                 raise _Reject(f"op {name!r} is not elementwise and computes no per-param value")
         if touched and _writes_first_argument(node, name) and node.args and not isinstance(
                 self._value(node.args[0]), (_LaneValue, _List)):
@@ -236,7 +257,25 @@ class _Analyzer:
         lane = next(iter(touched)) if touched else None
         event = (name, tuple(self._canon(a, lane) for a in args),
                  tuple(sorted((k, self._canon(v, lane)) for k, v in kwargs.items())))
-        return self._emit(lane, event, example)
+        return self._emit(lane, event, example, crossed)
+
+    def _cross_lane(self, node: Node, name: str, args: list[Any], kwargs: dict[str, Any]) -> _Shared:
+        """``stack(items)`` of one value of each of its lanes: recorded, with an export event in each lane."""
+        items = args[0].items if args and isinstance(args[0], _List) else ()
+        lanes = tuple(item.lane for item in items if isinstance(item, _LaneValue))
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        rest: set[LaneId] = set()
+        for value in (*args[1:], *kwargs.values()):
+            self._lanes_in(value, rest)
+        if not lanes or len(lanes) != len(items) or len(set(lanes)) != len(lanes) or rest or dim != 0:
+            raise _Reject(f"op {name!r} mixes params {sorted(set(lanes) | rest)} (a cross-param op must stack, along "
+                          "dim 0, one value of each param, each once)")
+        for item in items:
+            assert isinstance(item, _LaneValue)
+            self.programs[item.lane].append(("export", item.key))
+        self.cross_lanes[node.name] = lanes
+        self._not_elementwise(f"op {name!r} reduces across params")
+        return _Shared(("cross", node.name), crossed=True)
 
     def _foreach(self, node: Node, base: str, args: list[Any], kwargs: dict[str, Any], example: Any) -> Any:
         lengths = {len(a.items) for a in (*args, *kwargs.values()) if isinstance(a, _List)}
@@ -264,9 +303,15 @@ class _Analyzer:
             event = ("foreach." + base, tuple(self._canon(a, lane) for a in pos_args),
                      tuple(sorted((k, self._canon(v, lane)) for k, v in pos_kwargs.items())))
             item_example = example[j] if isinstance(example, (list, tuple)) and len(example) > j else None
-            outputs.append(self._emit(lane, event, item_example))
+            outputs.append(self._emit(lane, event, item_example, any(_crossed(v) for v in pos_args)))
         self.foreach_lanes[node.name] = tuple(lanes_at)
         return _List(tuple(outputs))
+
+
+def _crossed(value: Any) -> bool:
+    if isinstance(value, _Shared):
+        return value.crossed
+    return isinstance(value, _List) and any(_crossed(item) for item in value.items)
 
 
 def _example(arg: Any) -> Any:
@@ -304,4 +349,5 @@ def analyze(gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],
     if analyzer.foreach_beyond_pointwise:
         return LaneReport(False, f"{analyzer.not_elementwise} (in a foreach op)", programs)
     return LaneReport(False, analyzer.not_elementwise, programs, lane_local=True, lane_of=analyzer.lane_of(),
-                      foreach_lanes=analyzer.foreach_lanes)
+                      foreach_lanes=analyzer.foreach_lanes, cross_lanes=analyzer.cross_lanes,
+                      crossed=analyzer.crossed())

@@ -102,7 +102,8 @@ class NormalizedSGD(torch.optim.Optimizer):
 
 
 class GlobalNormSGD(torch.optim.Optimizer):
-    """Divides every update by the norm of all grads together: a reduction across params, so never bucketed."""
+    """Divides every update by the norm of all grads together: a reduction across params (``torch.stack`` of one norm
+    per param), batched in three phases (:mod:`optcapture.cross_lane`)."""
 
     def __init__(self, params: Any, lr: float = 0.1) -> None:
         super().__init__(params, {"lr": lr})
@@ -112,6 +113,22 @@ class GlobalNormSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             grads = [p.grad for p in group["params"] if p.grad is not None]
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad / (total + 1e-8), alpha=-group["lr"])
+
+
+class SummedNormSGD(torch.optim.Optimizer):
+    """Divides every update by the sum of the grads' norms, added one by one (Python's ``sum``): each ``+`` mixes two
+    params, which no analysis proves a cross-param op, so never bucketed."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            total = sum(torch.linalg.vector_norm(p.grad) for p in group["params"] if p.grad is not None)
             for p in group["params"]:
                 if p.grad is not None:
                     p.add_(p.grad / (total + 1e-8), alpha=-group["lr"])

@@ -1,7 +1,8 @@
 """Optimizers whose update reduces or multiplies within each param (lane-local, not elementwise), written as their
 libraries write them: LAMB's trust ratio (a per-param loop), NovoGrad's per-param grad norm kept as 0-dim state and
 written into the grads (foreach ops, as pytorch_optimizer writes it), a Newton-Schulz orthogonalisation (Muon's
-iteration, in float32 so that eager and a batched matmul agree to float32 tolerance)."""
+iteration, in float32 so that eager and a batched matmul agree to float32 tolerance), and timm's LAMB, whose
+update also divides every grad by a clip factor computed from the norm of all grads together (across params)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
-__all__ = ["Float32Muon", "ForeachNovoGrad", "GroupStepRmsAdam", "TrustRatioLamb"]
+__all__ = ["Float32Muon", "ForeachNovoGrad", "GlobalClipLamb", "GroupStepRmsAdam", "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -103,3 +104,47 @@ class GroupStepRmsAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + group["eps"])
                 rms = update.square().mean().sqrt().clamp(min=1.0)
                 p.add_(update / rms, alpha=-group["lr"])
+
+
+class GlobalClipLamb(torch.optim.Optimizer):
+    """LAMB as timm writes it (``timm.optim.Lamb``, single-tensor path): every grad divided by
+    ``max(global_norm / max_grad_norm, 1)``, where ``global_norm`` is the norm of the stacked per-param grad norms
+    (``_foreach_norm`` over the grads of every group), then Adam moments and a per-param trust ratio."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, max_grad_norm: float = 1.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "max_grad_norm": max_grad_norm})
+
+    def _clip_factor(self) -> torch.Tensor:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        global_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return (global_norm / self.defaults["max_grad_norm"]).clamp_(min=1.0)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        clip = self._clip_factor()
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            bias_correction1 = 1 - beta1 ** group["step"]
+            bias_correction2 = 1 - beta2 ** group["step"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad / clip
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+                update = (exp_avg / bias_correction1).div_(denom)
+                if group["weight_decay"] != 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = p.norm(2.0), update.norm(2.0)
+                    trust_ratio = torch.where(w_norm > 0, torch.where(g_norm > 0, w_norm / g_norm, 1.0), 1.0)
+                    update.mul_(trust_ratio)
+                p.add_(update, alpha=-group["lr"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from helpers import GlobalNormSGD, NormalizedSGD
+from helpers import GlobalNormSGD, NormalizedSGD, SummedNormSGD
 
 from optcapture.discovery import StepGraph, discover
 
@@ -83,8 +83,15 @@ def test_a_per_param_reduction_is_lane_local_not_elementwise() -> None:
     assert step.lane_report is not None and "norm" in step.lane_report.reason
 
 
-def test_a_reduction_across_params_is_not_bucketed() -> None:
+def test_a_reduction_across_params_through_stack_is_lane_local_with_its_cross_lane_op() -> None:
     (step,) = _discovered(GlobalNormSGD(_params((4, 4), (4,))))
+    assert step.blockers == [] and step.update == "lane-local"
+    assert step.lane_report is not None
+    assert list(step.lane_report.cross_lanes.values()) == [((0, 0), (0, 1))]
+
+
+def test_a_reduction_across_params_by_adding_is_not_bucketed() -> None:
+    (step,) = _discovered(SummedNormSGD(_params((4, 4), (4,))))
     assert step.update is None
     assert any("not provably elementwise" in b and "mixes params" in b for b in step.blockers), step.blockers
 

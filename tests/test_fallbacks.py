@@ -9,8 +9,8 @@ import helpers
 import pytest
 import torch
 from helpers import (
-    GlobalNormSGD,
     Pair,
+    SummedNormSGD,
     assert_matches_eager,
     make_model,
     make_pair,
@@ -130,7 +130,7 @@ def test_differentiable_runs_as_traced_and_matches_eager() -> None:
 
 
 def test_fallback_is_warned_once_per_reason() -> None:
-    pair = make_pair(lambda p: GlobalNormSGD(p))
+    pair = make_pair(lambda p: SummedNormSGD(p))
     first = _warnings_of(lambda: step_both(pair, 0))
     second = _warnings_of(lambda: step_both(pair, 1))
     assert len(first) == 1 and "not provably elementwise" in first[0], first
@@ -140,7 +140,8 @@ def test_fallback_is_warned_once_per_reason() -> None:
 
 
 class NormalizedMomentum(torch.optim.Optimizer):
-    """Not bucketable (a norm over every param's grad), and creates its state in its first step."""
+    """Not bucketable (the grads' norms added one by one, each ``+`` mixing two params), and creates its state in its
+    first step."""
 
     def __init__(self, params: object, lr: float = 0.1) -> None:
         super().__init__(params, {"lr": lr})
@@ -148,7 +149,7 @@ class NormalizedMomentum(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: object = None) -> None:
         for group in self.param_groups:
-            total = torch.stack([p.grad.norm() for p in group["params"]]).norm()
+            total = sum(p.grad.norm() for p in group["params"])
             for p in group["params"]:
                 state = self.state[p]
                 if "buf" not in state:
@@ -172,13 +173,13 @@ def test_a_reason_is_warned_once_whether_the_first_step_runs_as_traced_or_per_te
 
 def test_fallback_raise_names_the_reason() -> None:
     # The error reaches the training loop as itself: Dynamo wraps other backend errors in BackendCompilerFailed.
-    pair = make_pair(lambda p: GlobalNormSGD(p), options={"fallback": "raise"})
+    pair = make_pair(lambda p: SummedNormSGD(p), options={"fallback": "raise"})
     with pytest.raises(optcapture.UnsupportedStepError, match="not provably elementwise"):
         step_both(pair, 0)
 
 
 def test_fallback_raise_on_a_graph_that_is_never_bucketed() -> None:
-    pair = make_pair(lambda p: GlobalNormSGD(p), options={"fallback": "raise"})
+    pair = make_pair(lambda p: SummedNormSGD(p), options={"fallback": "raise"})
     before = [p.detach().clone() for p in pair.model.parameters()]
     with pytest.raises(optcapture.UnsupportedStepError, match="cannot capture this step"):
         step_both(pair, 0)
@@ -730,12 +731,12 @@ def test_a_fallback_warning_says_what_runs_and_points_at_the_users_line() -> Non
     params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
     for p in params:
         p.grad = torch.ones_like(p)
-    step = torch.compile(GlobalNormSGD(params).step, backend="optcapture")
+    step = torch.compile(SummedNormSGD(params).step, backend="optcapture")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step()
     (warning,) = [w for w in caught if "optcapture" in str(w.message)]
-    assert str(warning.message) == ("optcapture: step of GlobalNormSGD is not bucketed (the update is not provably "
-                                    "elementwise: op 'stack' mixes params [(0, 0), (0, 1)]): it runs as Inductor's "
+    assert str(warning.message) == ("optcapture: step of SummedNormSGD is not bucketed (the update is not provably "
+                                    "elementwise: op 'add' mixes params [(0, 0), (0, 1)]): it runs as Inductor's "
                                     "per-tensor graph, as stock torch.compile runs it")
     assert warning.filename == __file__, warning.filename

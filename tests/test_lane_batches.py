@@ -10,8 +10,17 @@ from collections.abc import Callable, Iterable
 import pytest
 import torch
 from expecttest import assert_expected_inline
-from helpers import GlobalNormSGD, NormalizedSGD, assert_matches_eager, make_pair, paths, set_grads, step_both
-from lane_local_optimizers import Float32Muon, ForeachNovoGrad, GroupStepRmsAdam, TrustRatioLamb
+from helpers import (
+    GlobalNormSGD,
+    NormalizedSGD,
+    SummedNormSGD,
+    assert_matches_eager,
+    make_pair,
+    paths,
+    set_grads,
+    step_both,
+)
+from lane_local_optimizers import Float32Muon, ForeachNovoGrad, GlobalClipLamb, GroupStepRmsAdam, TrustRatioLamb
 from torch import nn
 
 import optcapture
@@ -140,9 +149,29 @@ class SharedAccumulatorSGD(torch.optim.Optimizer):
                 p.add_(p.grad, alpha=-group["lr"])
 
 
+class TwiceGlobalNormSGD(torch.optim.Optimizer):
+    """Clips the grads by their global norm, then scales by the global norm of the clipped grads: each param feeds
+    two ops across params, the second after reading the first's result (two rounds, not batched)."""
+
+    def __init__(self, params: Iterable[torch.Tensor]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            first = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            clipped = [p.grad / first.clamp(min=1.0) for p in params]
+            second = torch.linalg.vector_norm(torch.stack([c.norm() for c in clipped]))
+            for p, c in zip(params, clipped, strict=True):
+                p.add_(c / (second + 1e-8), alpha=-group["lr"])
+
+
 @pytest.mark.parametrize(("make", "reason"), [(PerParamNoiseSGD, "draws random numbers"),
                                               (SharedAccumulatorSGD, "shared by all params"),
-                                              (GlobalNormSGD, "mixes params")], ids=["random", "shared", "global"])
+                                              (SummedNormSGD, "op 'add' mixes params"),
+                                              (TwiceGlobalNormSGD, "feeds two ops across params")],
+                         ids=["random", "shared", "summed", "twice-global"])
 def test_what_is_not_lane_local_is_refused_with_the_reason(make: Callable[..., torch.optim.Optimizer],
                                                           reason: str) -> None:
     pair = make_pair(lambda p: make(p), model=_model(MIXED))
@@ -216,3 +245,58 @@ def test_a_float_that_cannot_be_a_tensor_is_a_constant_again() -> None:
     report = optcapture.explain(pair.optimizer)[-1]
     assert report.path == "bucketed" and report.batches == 3, report
     assert not report.tensor_hyperparameters, report
+
+
+_Make = Callable[..., torch.optim.Optimizer]
+
+
+def _two_groups(make: _Make) -> Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]:
+    def build(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        listed = list(params)
+        return make([{"params": listed[:4]}, {"params": listed[4:], "lr": 5e-3}])
+    return build
+
+
+@pytest.mark.parametrize("make", [GlobalNormSGD, GlobalClipLamb], ids=lambda c: c.__name__)
+def test_a_global_grad_norm_is_batched_and_matches_eager(make: Callable[..., torch.optim.Optimizer]) -> None:
+    # The per-param norms are computed per batch, stacked in the graph's order, reduced once as eager reduces them;
+    # the updates then run per batch. GlobalNormSGD reduces per group, GlobalClipLamb over every group's grads.
+    pair = make_pair(_two_groups(make), model=_model(MIXED))
+    for seed in range(6):
+        # The (5, 6) param has no grad at steps 2 and 3: it is left out of the global norm, as eager leaves it.
+        step_both(pair, seed, present=lambda i, seed=seed: not (i == 4 and seed in (2, 3)))
+        assert_matches_eager(pair)
+    reports = optcapture.explain(pair.optimizer)
+    assert {r.path for r in reports} <= {"first-step", "bucketed"}, [r.reasons for r in reports]
+    # group 0: (6, 4) (4,) (6, 4) (4,); group 1: (5, 6) (6, 4) (4,), without (5, 6) at steps 2 and 3
+    assert {r.batches for r in reports if r.path == "bucketed"} == {5, 4}, reports
+
+
+def test_global_norm_kernels_follow_the_shapes_not_the_tensor_count() -> None:
+    kernels = []
+    for copies in (2, 6):
+        optcapture.reset()
+        torch._dynamo.reset()
+        pair = make_pair(lambda p: GlobalClipLamb(p), model=_model([(6, 4), (4,)] * copies))
+        for seed in range(3):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
+        report = optcapture.explain(pair.optimizer)[-1]
+        assert report.path == "bucketed" and report.batches == 2, report
+        kernels.append(report.kernels)
+    assert kernels[0] == kernels[1] and kernels[0] > 0, kernels
+    if torch.__version__.startswith("2.13."):  # the CPU golden is torch 2.13's (CI)
+        assert_expected_inline(str(kernels[1]), """17""")
+
+
+def test_a_global_grad_norm_does_not_recompile_after_warm_up() -> None:
+    pair = make_pair(lambda p: GlobalClipLamb(p), model=_model(MIXED))
+    for seed in range(3):
+        step_both(pair, seed)
+    captures, frames = optcapture.stats().captures, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed in range(3, 7):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    assert optcapture.stats().captures == captures
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert paths(pair.optimizer)[-1] == "bucketed"

@@ -56,3 +56,26 @@ def test_an_op_mixing_two_params_is_not_elementwise() -> None:
 
     report = _analyze(step, SGD_ROLES)
     assert not report.elementwise
+
+
+def test_a_stack_of_one_value_per_param_is_a_cross_lane_op() -> None:
+    def step(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        total = torch.linalg.vector_norm(torch.stack([g1.norm(), g0.norm()]))
+        p0.add_(g0 / total * lr)
+        p1.add_(g1 / total * lr)
+
+    report = _analyze(step, SGD_ROLES)
+    assert not report.elementwise and report.lane_local, report.reason
+    assert list(report.cross_lanes.values()) == [((0, 1), (0, 0))]  # the list's order
+    assert {name for name in report.crossed if name not in report.cross_lanes}  # the norm of the stack
+    assert report.programs[(0, 0)] == report.programs[(0, 1)]
+
+
+def test_a_stack_holding_a_param_twice_is_refused() -> None:
+    def step(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        total = torch.stack([g0.norm(), g0.norm(), g1.norm()]).sum()
+        p0.add_(g0 / total * lr)
+        p1.add_(g1 / total * lr)
+
+    report = _analyze(step, SGD_ROLES)
+    assert not report.lane_local and "each once" in report.reason, report.reason
