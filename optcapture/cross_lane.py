@@ -38,6 +38,7 @@ from optcapture.lane_batches import (
     _Where,
     _writes_input,
     lane_program,
+    refuse_shared_writes,
 )
 from optcapture.lanes import LaneId, in_place
 from optcapture.preparation import FlatGroup, PreparedOptimizer
@@ -82,9 +83,11 @@ def _item(gm: GraphModule, cross: str, lane: LaneId, lanes: tuple[LaneId, ...]) 
 
 
 def _check_no_write_after_read(gm: GraphModule, step: StepGraph) -> None:
-    """A crossed value written in place after a lane read it: (B) would write it before every lane reads it."""
+    """A crossed value written in place after a lane read it: (B) would write it before every lane reads it; any
+    other shared in-place write: see :func:`refuse_shared_writes`."""
     report = step.lane_report
     assert report is not None
+    refuse_shared_writes(gm, step, frozenset(report.crossed))
     first_lane_read: dict[Node, int] = {}
     for i, node in enumerate(gm.graph.nodes):
         if report.lane_of.get(node.name) is not None or node.name in report.foreach_lanes:
@@ -92,11 +95,6 @@ def _check_no_write_after_read(gm: GraphModule, step: StepGraph) -> None:
                 if arg.name in report.crossed:
                     first_lane_read.setdefault(arg, i)
         name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if report.lane_of.get(node.name, ()) is None and node.name not in report.crossed and in_place(name):
-            # E.g. timm's ``group["step"].add_(1)``: no lane program holds it (none reads its result), and running
-            # it in (B) would reorder it against the lanes of (A) that read the tensor.
-            raise CaptureError(f"{node.name} writes a value shared by all params in place, outside any param's "
-                               "update")
         if node.name in report.crossed and in_place(name) and node.args and isinstance(node.args[0], Node) \
                 and node.args[0] in first_lane_read:
             raise CaptureError(f"{node.name} writes a value shared by all params in place after a param's update "

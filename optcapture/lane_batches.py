@@ -345,6 +345,7 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
     """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
     are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once: a number of a
     param group that Dynamo passes as an input is read from ``prepared``'s device tensor for it."""
+    refuse_shared_writes(gm, step)
     table = InputTable(step, prepared)
     plan: list[tuple[Callable[..., Any], list[_Where]]] = []
     writes_grads = False
@@ -363,6 +364,20 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
             batched(*(table.read(tensors, w) for w in where))
 
     return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers)
+
+
+def refuse_shared_writes(gm: GraphModule, step: StepGraph, crossed: frozenset[str] = frozenset()) -> None:
+    """A :class:`CaptureError` when the step writes in place into a value shared by all params (timm's Lamb:
+    ``group["step"].add_(1)`` on a tensor in its param group). A batch runs each param's update: a shared write is in
+    no lane's program, or in every one made out of place, so the shared tensor would never change (it stayed 1 where
+    eager counts 5: a silent wrong answer before this check). ``crossed``: values a cross-param phase computes."""
+    report = step.lane_report
+    assert report is not None
+    for node in gm.graph.nodes:
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if report.lane_of.get(node.name, ()) is None and node.name not in crossed and in_place(name):
+            raise CaptureError(f"{node.name} ({name}) writes a value shared by all params in place, outside any "
+                               "param's update")
 
 
 # In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).

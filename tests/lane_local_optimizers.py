@@ -13,7 +13,8 @@ import torch
 
 from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
-__all__ = ["Float32Muon", "ForeachNovoGrad", "GlobalClipLamb", "GroupStepRmsAdam", "TrustRatioLamb"]
+__all__ = ["Float32Muon", "ForeachNovoGrad", "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam",
+           "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -91,6 +92,38 @@ class GroupStepRmsAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             bias_correction1 = 1 - beta1 ** group["step"]
             bias_correction2_sqrt = math.sqrt(1 - beta2 ** group["step"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (state["exp_avg"] / bias_correction1) / (
+                    state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + group["eps"])
+                rms = update.square().mean().sqrt().clamp(min=1.0)
+                p.add_(update / rms, alpha=-group["lr"])
+
+
+class GroupTensorStepRmsAdam(torch.optim.Optimizer):
+    """:class:`GroupStepRmsAdam` counting its step in a tensor of each param group, incremented in place (timm's
+    Lamb: ``group["step"].add_(1)``, a write into a value shared by all params)."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            if "step" not in group:
+                group["step"] = torch.tensor(0.0)
+            group["step"].add_(1)
+            beta1, beta2 = group["betas"]
+            bias_correction1 = 1 - beta1 ** group["step"]
+            bias_correction2_sqrt = (1 - beta2 ** group["step"]).sqrt()
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -20,7 +20,14 @@ from helpers import (
     set_grads,
     step_both,
 )
-from lane_local_optimizers import Float32Muon, ForeachNovoGrad, GlobalClipLamb, GroupStepRmsAdam, TrustRatioLamb
+from lane_local_optimizers import (
+    Float32Muon,
+    ForeachNovoGrad,
+    GlobalClipLamb,
+    GroupStepRmsAdam,
+    GroupTensorStepRmsAdam,
+    TrustRatioLamb,
+)
 from torch import nn
 
 import optcapture
@@ -300,3 +307,16 @@ def test_a_global_grad_norm_does_not_recompile_after_warm_up() -> None:
     assert optcapture.stats().captures == captures
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
     assert paths(pair.optimizer)[-1] == "bucketed"
+
+
+def test_a_step_counter_written_in_place_into_a_tensor_of_the_param_groups_is_not_batched() -> None:
+    # timm's Lamb (max_grad_norm=None) was batched and silently wrong: its group["step"].add_(1) is in no param's
+    # program, so the counter stayed 1 (eager: 5) and every bias correction after the first step was off.
+    pair = make_pair(lambda p: GroupTensorStepRmsAdam(p), model=_model(MIXED))
+    for seed in range(5):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+        assert float(pair.optimizer.param_groups[0]["step"]) == float(pair.eager.param_groups[0]["step"]) == seed + 1
+    reports = optcapture.explain(pair.optimizer)
+    assert "bucketed" not in [r.path for r in reports], reports
+    assert any("writes a value shared by all params in place" in reason for r in reports for reason in r.reasons)
