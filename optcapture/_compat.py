@@ -248,11 +248,19 @@ def through_dynamo(error: Exception) -> Exception:
 
     kind = type(error)
 
+    message = str(error)
+
     def __init__(self: Exception, *args: object) -> None:  # noqa: N807 - the class's own __init__
         ShortenTraceback.__init__(self, *args, first_useful_frame=None)
 
+    def __str__(self: Exception) -> str:  # noqa: N807
+        # Dynamo appends its own advice to the message on the way out ("Set TORCHDYNAMO_VERBOSE=1 ... if you're
+        # reporting a bug to PyTorch", torch/_dynamo/exc.py, augment_exc_message): the user's error is optcapture's.
+        return message
+
     # A class per raise (rare, and raised once): nothing for optcapture.reset() to clear.
-    passing = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__module__": kind.__module__,
+    passing = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__str__": __str__,
+                                                             "__module__": kind.__module__,
                                                              "__qualname__": kind.__qualname__})
     return passing(*error.args)  # type: ignore[no-any-return]
 

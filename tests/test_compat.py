@@ -208,8 +208,9 @@ def test_through_dynamo_keeps_the_type_and_message_past_dynamos_wrapping() -> No
         raise UnsupportedStepError("named reason")
 
     x = torch.ones(3)
-    with pytest.raises(UnsupportedStepError, match="named reason"):
+    with pytest.raises(UnsupportedStepError, match="named reason") as passed:
         torch.compile(lambda t: t * 2, backend=backend)(x)
+    assert str(passed.value) == "named reason"  # without the advice Dynamo appends on the way out
     torch._dynamo.reset()
     with pytest.raises(Exception) as wrapped:  # what it guards against
         torch.compile(lambda t: t * 3, backend=wrapped_backend)(x)
