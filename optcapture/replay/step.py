@@ -26,6 +26,7 @@ from optcapture.preparation import PARAM, FlatGroup, GradLayoutError, GradTable,
 from optcapture.progress import Timings
 from optcapture.replay.counters import COUNTERS
 from optcapture.replay.fallback import Runner, give_up, stepping_eagerly, then
+from optcapture.replay.grad_copies import GradCopies, picker
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,6 @@ def _same_hyper(live: Any, held: Any) -> bool:
     return bool(live == held)
 
 
-def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """``args -> tuple(args[i] for i in indices)``, in C."""
-    if len(indices) == 1:
-        (index,) = indices
-        return lambda args: (args[index],)
-    if not indices:
-        return lambda args: ()
-    return operator.itemgetter(*indices)
-
-
 class _Capture:
     """The live part of a capture: what each call checks, binds and runs. Dropped (so that no storage outlives
     it) when the optimizer dies, when the capture is rebuilt, and when it gives up."""
@@ -162,15 +153,16 @@ class _Capture:
                         if role.kind == "scalar":
                             self.scalar_states.append(tensor)
         self.scalar_versions = _versions(self.scalar_states)
-        self.pick_held = _picker([index for index, _ in plan.held_inputs])
+        self.pick_held = picker([index for index, _ in plan.held_inputs])
         self.held_addresses = [tensor.data_ptr() for _, tensor in plan.held_inputs]
         # (table, picker of each member's grad from the graph inputs): grads read in place.
-        self.grad_tables = [(table, _picker(indices)) for table, indices in plan.grad_tables]
+        self.grad_tables = [(table, picker(indices)) for table, indices in plan.grad_tables]
         # Copied grads: each step copies every grad into its flat slot. ``p.grad`` stays the user's tensor: a
         # slot handed out as ``p.grad`` would be overwritten under a grad the user kept, and in-place writes
         # into a grad the user holds would stop reaching the step.
         copied = [] if self.grad_tables else plan.grad_slots
-        self.pick_grads = _picker([index for index, _, _ in copied])
+        self.copy_grads = GradCopies(copied, plan.flats)
+        self.pick_grads = picker([index for index, _, _ in copied])
         self.grad_homes = [plan.flats[key].grad_homes[j] for _, key, j in copied]
 
     def is_current(self, args: Sequence[Any]) -> bool:
@@ -221,8 +213,7 @@ class _Capture:
                     COUNTERS.grad_tables_written += 1
             return
         if self.grad_homes:
-            with torch.no_grad():
-                torch._foreach_copy_(self.grad_homes, self.pick_grads(args))
+            self.copy_grads(args)
             COUNTERS.grads_copied += len(self.grad_homes)
 
     def refresh(self) -> None:
