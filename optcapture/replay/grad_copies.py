@@ -39,6 +39,7 @@ def picker(indices: Sequence[int]) -> Picker:
 class _Segment:
     out: torch.Tensor  # the slots of consecutive members, as one tensor: (their first dims summed, *the rest)
     pick: Picker  # their grads, in member order, from the graph inputs
+    homes: list[torch.Tensor]  # each member's own slot
 
 
 class GradCopies:
@@ -66,7 +67,12 @@ class GradCopies:
     def __call__(self, args: Sequence[Any]) -> None:
         with torch.no_grad():
             for segment in self.segments:
-                torch.cat(segment.pick(args), out=segment.out)
+                grads = segment.pick(args)
+                try:
+                    torch.cat(grads, out=segment.out)
+                except RuntimeError:
+                    # ``cat`` refuses a grad that shares memory with its slot (``_foreach_copy_`` copies it in place).
+                    torch._foreach_copy_(segment.homes, grads)
             if self.single_homes:
                 torch._foreach_copy_(self.single_homes, self.pick_singles(args))
 
@@ -88,4 +94,5 @@ def _segment(flats: dict[BucketKey, FlatGroup], run: Sequence[tuple[int, BucketK
     flat = flats[key]
     shapes = [flat.params[j].shape for _, _, j in run]
     shape = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
-    return _Segment(alias(flat.grad_flat(), flat.offsets[first], shape), picker([index for index, _, _ in run]))
+    return _Segment(alias(flat.grad_flat(), flat.offsets[first], shape), picker([index for index, _, _ in run]),
+                    [flat.grad_homes[j] for _, _, j in run])

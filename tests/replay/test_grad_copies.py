@@ -61,3 +61,13 @@ def test_each_grad_lands_in_its_slot_and_padding_is_untouched(shapes: list[tuple
     for j, shape in enumerate(shapes):
         written[flat.offsets[j]:flat.offsets[j] + torch.Size(shape).numel()] = True
     assert bool((flat.buffer[~written] == -7.0).all())
+
+
+def test_a_grad_that_is_its_own_slot_is_copied_anyway() -> None:
+    flat = _flat([(64,)] * 3, 64)
+    key: Any = "bucket"
+    copies = GradCopies([(i, key, i) for i in range(3)], {key: flat})  # type: ignore[dict-item]
+    grads = [torch.randn(64), flat.grad_homes[1], torch.randn(64)]
+    flat.grad_homes[1].fill_(5.0)
+    copies(grads)
+    assert torch.equal(flat.buffer, torch.cat([grads[0], torch.full((64,), 5.0), grads[2]]))
