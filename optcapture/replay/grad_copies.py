@@ -3,7 +3,8 @@
 ``torch._foreach_copy_`` copies one grad at a time on the CPU (about 1 us per grad on the CI machine, most of it
 per-tensor dispatch). ``torch.cat(grads, out=...)`` copies a whole list in one operator (0.25 us per grad at 64
 floats): grads that lie next to each other in flat storage, with no alignment gap between them and the same shape
-past their first dimension, are copied as one such segment. What is left is copied by one ``_foreach_copy_``.
+past their first dimension, are copied as one such segment. What is left is copied by one ``_foreach_copy_``, as
+is everything on CUDA (one multi-tensor kernel there already).
 
 Invariant: every copied grad is written to exactly its own slot, the slot :attr:`FlatGroup.grad_homes` gives it;
 nothing between slots (alignment padding) is written.
@@ -84,6 +85,8 @@ def _continues(flats: dict[BucketKey, FlatGroup], before: tuple[int, BucketKey, 
     if next_key != key or k != j + 1:
         return False
     flat = flats[key]
+    if flat.grad_flat().device.type != "cpu":
+        return False  # measured on the CPU only; a CUDA step keeps its one multi-tensor copy
     shape, next_shape = flat.params[j].shape, flat.params[k].shape
     return (len(shape) >= 1 and len(next_shape) == len(shape) and next_shape[1:] == shape[1:]
             and flat.offsets[k] == flat.offsets[j] + math.prod(shape))

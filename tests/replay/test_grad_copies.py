@@ -71,3 +71,11 @@ def test_a_grad_that_is_its_own_slot_is_copied_anyway() -> None:
     flat.grad_homes[1].fill_(5.0)
     copies(grads)
     assert torch.equal(flat.buffer, torch.cat([grads[0], torch.full((64,), 5.0), grads[2]]))
+
+
+def test_grads_on_another_device_than_the_cpu_keep_one_foreach_copy() -> None:
+    flat = _flat([(64,)] * 3, 64)
+    flat.buffer = torch.empty(192, device="meta")  # stands for a CUDA buffer: only its device is read
+    key: Any = "bucket"
+    copies = GradCopies([(i, key, i) for i in range(3)], {key: flat})  # type: ignore[dict-item]
+    assert (len(copies.segments), len(copies.single_homes)) == (0, 3)
