@@ -586,3 +586,34 @@ def fsdp_shard(fsdp_param: Any) -> FsdpShard | None:
 
 LOCAL_TENSOR: Callable[[torch.Tensor], torch.Tensor] = operator.attrgetter("_local_tensor")
 """A DTensor's local tensor, read in C (a step maps it over every DTensor it checks)."""
+
+
+
+def realize_in_own_buffer(node: torch.fx.Node) -> None:
+    """Make Inductor store ``node``'s value in a buffer of its own instead of inlining its computation into each
+    reader: ``GraphLowering.run_node`` realizes a node whose meta has ``inductor_realize_to_strides`` (set by
+    Inductor's own ``decompose_mem_bound_mm`` pass; torch 2.11 and 2.13), then restores the node's strides."""
+    node.meta["inductor_realize_to_strides"] = True
+
+
+def post_grad_pass(graph_pass: Callable[[torch.fx.Graph], None], source_file: str) -> Any:
+    """``graph_pass`` as an Inductor ``post_grad_custom_post_pass``: a ``CustomGraphPass`` whose uuid hashes
+    ``source_file`` (the module that defines the pass), so that Inductor's FX graph cache keys on it instead of
+    bypassing the cache."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class SourcedPass(CustomGraphPass):  # type: ignore[misc]
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            graph_pass(graph)
+
+        def uuid(self) -> Any:
+            return get_hash_for_files((source_file, __file__))
+
+    return SourcedPass()
+
+
+def custom_post_grad_pass() -> Any:
+    """The ``post_grad_custom_post_pass`` set in Inductor's configuration now (None: none)."""
+    from torch._inductor import config
+
+    return config.post_grad_custom_post_pass

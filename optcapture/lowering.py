@@ -36,6 +36,7 @@ from optcapture.bucketing import ShadowStep, is_stock
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, FloatsSpecialized
 from optcapture.preparation import GradTable
+from optcapture.rewrites import scalars_once
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,14 @@ def shadow_patches(config: CaptureConfig, device: torch.device, cudagraphs: bool
     """Inductor configuration of the bucketed step. Unlike Inductor's default, its few kernels are not autotuned
     unless ``config.autotune``: over flat storage the heuristic launch configuration measured as fast, and
     autotuning cost seconds of the first call (CHANGELOG, 2026-11-22)."""
-    return {**inductor_patches(config, device, cudagraphs), "triton.autotune_pointwise": config.autotune}
+    patches = {**inductor_patches(config, device, cudagraphs), "triton.autotune_pointwise": config.autotune}
+    if device.type == "cpu":
+        # A user's own post-grad pass is kept, and the step's scalars then are computed per vector, as before.
+        if _compat.custom_post_grad_pass() is None:
+            patches["post_grad_custom_post_pass"] = scalars_once.inductor_pass()
+        else:
+            log.info("a post_grad_custom_post_pass is set: the CPU kernel computes the step's scalars per vector")
+    return patches
 
 
 # A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms

@@ -200,3 +200,9 @@ def test_scaling_preset_steps_with_new_grads_every_step(capsys: pytest.CaptureFi
     # Stock compile's first call grows with the count: it runs only up to the preset's limit unless named.
     assert set(_rows(table, "scaling-32")) == set(methods.SCALING_METHODS) - {"compile"}, table
     assert "NO (" not in table
+
+
+def test_scaling_counts_take_a_size_per_count() -> None:
+    from optcapture.bench.scaling import parse_counts
+
+    assert parse_counts("16x1024, 96x4096,1000", 64) == [(16, 1024), (96, 4096), (1000, 64)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -353,3 +354,24 @@ def test_dtensor_and_fsdp2_internals(tmp_path: Any) -> None:
         assert shard.padded_data is replacement
     finally:
         dist.destroy_process_group()
+
+
+def test_a_post_grad_pass_sees_the_graph_and_a_realized_scalar_gets_a_buffer_of_its_own() -> None:
+    def fn(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return x * (1 - b**s).sqrt()
+
+    def mark(graph: torch.fx.Graph) -> None:
+        (root,) = [n for n in graph.nodes if n.target == torch.ops.aten.sqrt.default]
+        _compat.realize_in_own_buffer(root)
+
+    def scalar_buffers(patches: dict[str, object]) -> list[str]:
+        torch._dynamo.reset()
+        with torch._inductor.config.patch(fx_graph_cache=False), _compat.generated_modules() as sources:
+            compiled = torch.compile(fn, backend="inductor", options=patches)
+            result = compiled(torch.ones(64), torch.tensor(3.0), torch.tensor(0.9))
+        torch.testing.assert_close(result, torch.ones(64) * math.sqrt(1 - 0.9**3))
+        return [line for source in sources for line in source.split("\n") if "empty_strided_cpu((), ()" in line]
+
+    assert _compat.custom_post_grad_pass() is None
+    assert scalar_buffers({}) == []  # Inductor inlines the scalar into the element loop
+    assert len(scalar_buffers({"post_grad_custom_post_pass": _compat.post_grad_pass(mark, __file__)})) == 1

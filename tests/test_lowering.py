@@ -33,7 +33,7 @@ def test_capture_compiles_without_stepping(monkeypatch: object) -> None:
     finally:
         patcher.undo()
     assert len(lowered) == 1
-    assert lowered[0].kernels == 3  # Adam on CPU: update, step increment, step broadcast
+    assert lowered[0].kernels == 3  # Adam on CPU: update, step increment (and bias corrections), step broadcast
     (report,) = [r for r in optcapture.explain(pair.optimizer) if r.path == "bucketed"]
     assert report.kernels == 3 and report.grads == "copied"
 

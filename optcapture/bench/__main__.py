@@ -18,7 +18,7 @@ import torch
 from optcapture.bench import measure, methods, presets, report
 from optcapture.bench.compare import from_factory
 from optcapture.bench.results import Result
-from optcapture.bench.scaling import compare_scaling
+from optcapture.bench.scaling import compare_scaling, default_numel, parse_counts
 from optcapture.bench.training import Amp, compare_training
 
 STEP_PRESETS = tuple(presets.PRESETS)
@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                              "none on CPU")
     parser.add_argument("--compile-model", action="store_true", help="training presets: torch.compile the model too")
     parser.add_argument("--counts", default=None,
-                        help="scaling: comma-separated tensor counts (default 77,300,1000,3000; quick 8,32); stock "
+                        help="scaling: comma-separated tensor counts (default 77,300,1000,3000; quick 8,32), each "
+                             "COUNT or COUNTxNUMEL (floats per tensor; default 4096 on CUDA, 64 on CPU); stock "
                              "compile runs up to 300 tensors (quick 8) unless --methods names it")
     parser.add_argument("--isolated", action="store_true",
                         help="step presets: build and time one method at a time (automatic where copies for "
@@ -110,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if kind == "scaling":
         chosen = _chosen(parser, args.methods, methods.SCALING_METHODS)
         scaling = presets.SCALING_QUICK if args.quick else presets.SCALING
-        counts = [int(c) for c in args.counts.split(",")] if args.counts else list(scaling.counts)
+        numel = default_numel(device)
+        counts = parse_counts(args.counts, numel) if args.counts else [(c, numel) for c in scaling.counts]
         named = [m.strip() for m in (args.methods or "").split(",")]
-        compile_limit = max(counts) if "compile" in named else scaling.compile_limit
-        results = compare_scaling(counts, presets.SCALING_NUMEL[device.type], optimizer, chosen, device, blocks,
-                                  steps, bandwidth, compile_limit, run["notes"])
+        compile_limit = max(c for c, _ in counts) if "compile" in named else scaling.compile_limit
+        results = compare_scaling(counts, optimizer, chosen, device, blocks, steps, bandwidth, compile_limit,
+                                  run["notes"])
         return _finish(results, run, args.out)
 
     chosen = _chosen(parser, args.methods, methods.METHODS)

@@ -26,6 +26,7 @@ from optcapture.preparation import PARAM, FlatGroup, GradLayoutError, GradTable,
 from optcapture.progress import Timings
 from optcapture.replay.counters import COUNTERS
 from optcapture.replay.fallback import Runner, give_up, stepping_eagerly, then
+from optcapture.replay.grad_copies import GradCopies, picker
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +115,6 @@ def _same_hyper(live: Any, held: Any) -> bool:
     return bool(live == held)
 
 
-def _picker(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """``args -> tuple(args[i] for i in indices)``, in C."""
-    if len(indices) == 1:
-        (index,) = indices
-        return lambda args: (args[index],)
-    if not indices:
-        return lambda args: ()
-    return operator.itemgetter(*indices)
-
-
 class _Capture:
     """The live part of a capture: what each call checks, binds and runs. Dropped (so that no storage outlives
     it) when the optimizer dies, when the capture is rebuilt, and when it gives up."""
@@ -169,26 +160,25 @@ class _Capture:
         self.scalar_versions = _versions(self.scalar_states)
         held_plain = [(index, tensor) for index, tensor in plan.held_inputs if not dtensors.is_dtensor(tensor)]
         held_dtensors = [(index, tensor) for index, tensor in plan.held_inputs if dtensors.is_dtensor(tensor)]
-        self.pick_held = _picker([index for index, _ in held_plain])
+        self.pick_held = picker([index for index, _ in held_plain])
         self.held_addresses = [tensor.data_ptr() for _, tensor in held_plain]
-        self.pick_held_dtensors = _picker([index for index, _ in held_dtensors])
+        self.pick_held_dtensors = picker([index for index, _ in held_dtensors])
         self.held_dtensor_addresses = [dtensors.local(tensor).data_ptr() for _, tensor in held_dtensors]
         # (table, picker of each member's grad from the graph inputs): grads read in place.
-        self.grad_tables = [(table, _picker(indices)) for table, indices in plan.grad_tables]
+        self.grad_tables = [(table, picker(indices)) for table, indices in plan.grad_tables]
         # Copied grads: each step copies every grad into its flat slot. ``p.grad`` stays the user's tensor: a
         # slot handed out as ``p.grad`` would be overwritten under a grad the user kept, and in-place writes
         # into a grad the user holds would stop reaching the step.
         copied = [] if self.grad_tables else plan.grad_slots
         # The grads of DTensor params are DTensors: their local tensors are copied.
-        local_grads = [dtensors.is_dtensor(plan.flats[key].params[j]) for _, key, j in copied]
-        self.pick_grads = _picker([index for (index, _, _), local in zip(copied, local_grads, strict=True)
-                                   if not local])
-        self.grad_homes = [plan.flats[key].grad_homes[j] for (_, key, j), local in zip(copied, local_grads, strict=True)
-                           if not local]
-        self.pick_local_grads = _picker([index for (index, _, _), local in zip(copied, local_grads, strict=True)
-                                         if local])
-        self.local_grad_homes = [plan.flats[key].grad_homes[j] for (_, key, j), local in
-                                 zip(copied, local_grads, strict=True) if local]
+        is_local = [dtensors.is_dtensor(plan.flats[key].params[j]) for _, key, j in copied]
+        plain = [slot for slot, local in zip(copied, is_local, strict=True) if not local]
+        local = [slot for slot, local in zip(copied, is_local, strict=True) if local]
+        self.copy_grads = GradCopies(plain, plan.flats)
+        self.pick_grads = picker([index for index, _, _ in plain])
+        self.grad_homes = [plan.flats[key].grad_homes[j] for _, key, j in plain]
+        self.pick_local_grads = picker([index for index, _, _ in local])
+        self.local_grad_homes = [plan.flats[key].grad_homes[j] for _, key, j in local]
 
     def is_current(self, args: Sequence[Any]) -> bool:
         if list(map(_DATA_PTR, self.pick_held(args))) != self.held_addresses:
@@ -243,8 +233,7 @@ class _Capture:
                     COUNTERS.grad_tables_written += 1
             return
         if self.grad_homes:
-            with torch.no_grad():
-                torch._foreach_copy_(self.grad_homes, self.pick_grads(args))
+            self.copy_grads(args)
             COUNTERS.grads_copied += len(self.grad_homes)
         if self.local_grad_homes:
             with torch.no_grad():
