@@ -323,16 +323,19 @@ def test_cycling_momentum_on_cuda_never_recompiles(name: str) -> None:
     assert_matches_eager(pair)
 
 
-def test_nesterov_with_a_cycled_momentum_never_computes_with_an_old_value_cuda() -> None:
-    # Inductor specializes momentum passed as ``alpha=``; its caches once served the first value's compile to
-    # every later value (pytorch#194976). Past Dynamo's recompile limit the step runs eagerly, warned once.
+def test_nesterov_with_a_cycled_momentum_steps_eagerly_and_never_recompiles_cuda() -> None:
+    # Dynamo specializes momentum passed as ``alpha=``; Inductor's caches once served the first value's compile to
+    # every later value (pytorch#194976). The capture spots the specialization and steps eagerly, warned once.
     _compat.reset_cudagraph_trees()
     pair = make_pair(lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True), device="cuda",
                      scheduler=lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=40))
-    with pytest.warns(RuntimeWarning, match="stepping eagerly"):
+    with pytest.warns(RuntimeWarning, match="nesterov=True passes momentum as alpha=.*runs eagerly, with no recompile"):
         for seed in range(14):
             step_both(pair, seed)
             assert_matches_eager(pair)
+            if seed == 2:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a Dynamo frame recompiled"
 
 
 def test_nothing_captured_keeps_params_state_or_flat_storage_alive_cuda() -> None:
