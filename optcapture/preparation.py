@@ -200,9 +200,20 @@ _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 @contextlib.contextmanager
 def backed_by_memory(tables: Sequence[GradTable]) -> Iterator[None]:
     """While active, each table's virtual grad has real memory of its own length (zeros), so tracing code that
-    reads its operands reads memory it owns; afterwards the virtual grads are the descriptors again."""
+    reads its operands reads memory it owns; afterwards the virtual grads are the descriptors again.
+
+    On CUDA that memory is pinned host memory, which CUDA's unified addressing maps into the device's address space
+    at the same address: a virtual grad is as long as a whole run of grads, and device memory for it raised the
+    first call's peak by a copy of the params (1158 against fused=True's 768 MB for 6 x 64 MB of AdamW, H100)."""
     for table in tables:
-        table.virtual.data = torch.zeros(table.virtual.shape, dtype=table.virtual.dtype, device=table.virtual.device)
+        virtual = table.virtual
+        if virtual.device.type == "cuda":
+            host = torch.zeros(virtual.numel(), dtype=virtual.dtype, pin_memory=True)
+            mapped = torch.as_tensor(_CudaArrayInterface(host, host.data_ptr(), host.numel() * host.element_size()),
+                                     device=virtual.device)
+            virtual.data = mapped.view(virtual.dtype)
+        else:
+            virtual.data = torch.zeros(virtual.shape, dtype=virtual.dtype, device=virtual.device)
     try:
         yield
     finally:
