@@ -191,17 +191,28 @@ def test_a_followed_hyperparameter_keeps_every_step_in_dynamo() -> None:
     assert isinstance(last, lowering._ShadowRunner) and last.direct is None
 
 
-def test_priming_traces_once_with_values_nudged_towards_zero_and_restores_them() -> None:
+def test_priming_traces_with_values_nudged_towards_zero_and_restores_them() -> None:
     group = {"momentum": 0.9, "dampening": -0.5, "zero": 0.0}
     seen: list[dict[str, float]] = []
-    lowering._prime_followed(lambda: seen.append(dict(group)),
-                             [(group, "momentum"), (group, "dampening"), (group, "zero")])
-    assert len(seen) == 1
-    traced = seen[0]
-    assert 0.9 - 1e-5 < traced["momentum"] < 0.9  # towards zero: a check like ``momentum < 1`` still holds
-    assert -0.5 < traced["dampening"] < -0.5 + 1e-5
-    assert traced["zero"] == 0.0  # any other value could take another branch (``if momentum != 0``)
+    specialized = lowering._prime_followed(lambda: seen.append(dict(group)),
+                                           [(group, "momentum"), (group, "dampening"), (group, "zero")], lambda: 1)
+    # Once nudged (Dynamo makes them inputs), once nudged further (no new compile: they are inputs).
+    assert len(seen) == 2 and specialized == ()
+    for traced in seen:
+        assert 0.9 - 1e-5 < traced["momentum"] < 0.9  # towards zero: a check like ``momentum < 1`` still holds
+        assert -0.5 < traced["dampening"] < -0.5 + 1e-5
+        assert traced["zero"] == 0.0  # any other value could take another branch (``if momentum != 0``)
+    assert seen[1]["momentum"] < seen[0]["momentum"]
     assert group == {"momentum": 0.9, "dampening": -0.5, "zero": 0.0}
+
+
+def test_priming_names_the_floats_whose_second_nudge_compiles_again() -> None:
+    # A float Dynamo can only specialize (``alpha=momentum``) compiles again at every new value.
+    group = {"momentum": 0.9, "step": 3}
+    compiles: list[None] = []
+    assert lowering._prime_followed(lambda: compiles.append(None), [(group, "momentum"), (group, "step")],
+                                    lambda: len(compiles)) == ("momentum",)
+    assert group == {"momentum": 0.9, "step": 3}
 
 
 def test_priming_is_best_effort_and_restores_the_values_when_the_trace_fails() -> None:
@@ -212,12 +223,13 @@ def test_priming_is_best_effort_and_restores_the_values_when_the_trace_fails() -
         seen.append(group["momentum"])
         raise RuntimeError("simulated")
 
-    lowering._prime_followed(failing, [(group, "momentum")])  # a failed priming costs a recompile, not the capture
+    # A failed priming costs a recompile, not the capture.
+    assert lowering._prime_followed(failing, [(group, "momentum")], lambda: 0) == ()
     assert len(seen) == 1 and seen[0] < 0.9
     assert group == {"momentum": 0.9}
 
 
 def test_priming_skips_the_trace_when_every_followed_value_is_zero() -> None:
     calls: list[None] = []
-    lowering._prime_followed(lambda: calls.append(None), [({"momentum": 0.0}, "momentum")])
+    assert lowering._prime_followed(lambda: calls.append(None), [({"momentum": 0.0}, "momentum")], lambda: 0) == ()
     assert calls == []

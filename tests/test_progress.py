@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import GlobalNormSGD
+from helpers import SummedNormSGD
 
 import optcapture
 from optcapture import progress
@@ -115,7 +115,7 @@ def test_a_fallback_is_timed_and_warned_about_too(monkeypatch: pytest.MonkeyPatc
     params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = GlobalNormSGD(params)  # per-tensor: no first replay of ours
+    opt = SummedNormSGD(params)  # per-tensor (a norm summed across params): no first replay of ours
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(opt.step, backend="optcapture")()
