@@ -1,0 +1,102 @@
+"""DTensor's and FSDP2's internals (see :mod:`optcapture._compat`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# DTensor and FSDP2 (``fully_shard``) internals, read by optcapture.dtensors.
+
+
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or None on a build without distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    cls: type = DTensor
+    return cls
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The local shard of a DTensor (its ``_local_tensor``: the one object the DTensor keeps, where ``to_local()``
+    makes a new wrapper at each call), or None for any other tensor."""
+    cls = dtensor_class()
+    if cls is None or not isinstance(tensor, cls):
+        return None
+    local: torch.Tensor = tensor._local_tensor  # type: ignore[attr-defined]
+    return local
+
+
+def dtensor_layout(tensor: torch.Tensor) -> tuple[Any, tuple[str, ...]]:
+    """(device mesh, each placement named ``shard(dim)``, ``replicate`` or ``partial``) of a DTensor."""
+    names = []
+    for placement in tensor.placements:  # type: ignore[attr-defined]
+        if placement.is_shard():
+            names.append(f"shard({placement.dim})")
+        elif placement.is_replicate():
+            names.append("replicate")
+        else:
+            names.append("partial" if placement.is_partial() else type(placement).__name__)
+    return tensor.device_mesh, tuple(names)  # type: ignore[attr-defined]
+
+
+def fsdp_sharded_params() -> dict[int, Any]:
+    """``id(sharded param) -> FSDPParam`` of every param FSDP2's ``fully_shard`` manages in this process, found
+    through the states ``torch.distributed._composable_state`` maps modules to (torch/distributed/fsdp/_fully_shard/
+    _fsdp_state.py: ``_fsdp_param_groups``, a single ``_fsdp_param_group`` on older torch)."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:
+        return {}
+    found: dict[int, Any] = {}
+    for state_ref in list(_module_state_mapping.values()):
+        state = state_ref()
+        if not isinstance(state, FSDPState):
+            continue
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            single = state.__dict__.get("_fsdp_param_group")
+            groups = [single] if single is not None else []
+        for group in groups:
+            for fsdp_param in group.fsdp_params:
+                found[id(fsdp_param.sharded_param)] = fsdp_param
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class FsdpShard:
+    """What FSDP2 keeps of one param's shard besides the DTensor (torch/distributed/fsdp/_fully_shard/
+    _fsdp_param.py): ``_sharded_param_data``, the 1-D padded shard each forward all-gathers, whose first elements
+    the DTensor's local tensor views."""
+
+    fsdp_param: Any
+    padded_numel: int
+    pinned: bool  # CPU offload with pinned memory: FSDP2 re-pins (copies) a shard that is not pinned
+
+    @property
+    def padded_data(self) -> torch.Tensor:
+        data: torch.Tensor = self.fsdp_param._sharded_param_data
+        return data
+
+    def all_gather_from(self, padded: torch.Tensor) -> None:
+        """Make FSDP2 all-gather from ``padded`` (1-D, ``padded_numel`` elements)."""
+        self.fsdp_param._sharded_param_data = padded
+
+
+def fsdp_shard(fsdp_param: Any) -> FsdpShard | None:
+    """The shard FSDP2 keeps of ``fsdp_param``, or None when FSDP2 keeps it in a form optcapture does not know."""
+    data = getattr(fsdp_param, "_sharded_param_data", None)
+    size = getattr(fsdp_param, "padded_sharded_param_size", None)
+    if not isinstance(data, torch.Tensor) or type(data) is not torch.Tensor or size is None:
+        return None
+    return FsdpShard(fsdp_param, data.numel(), bool(getattr(fsdp_param, "pin_memory", False)))
+
+
+LOCAL_TENSOR: Callable[[torch.Tensor], torch.Tensor] = operator.attrgetter("_local_tensor")
+"""A DTensor's local tensor, read in C (a step maps it over every DTensor it checks)."""
