@@ -85,13 +85,18 @@ class GroupStepRmsAdam(torch.optim.Optimizer):
                  eps: float = 1e-8) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
+    @staticmethod
+    def _count(group: dict[str, Any]) -> tuple[Any, Any]:
+        """Count the step; return the two bias corrections (the second one's square root)."""
+        group["step"] = group.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
+        return 1 - beta1 ** group["step"], math.sqrt(1 - beta2 ** group["step"])
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
-            group["step"] = group.get("step", 0) + 1
             beta1, beta2 = group["betas"]
-            bias_correction1 = 1 - beta1 ** group["step"]
-            bias_correction2_sqrt = math.sqrt(1 - beta2 ** group["step"])
+            bias_correction1, bias_correction2_sqrt = self._count(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -107,36 +112,17 @@ class GroupStepRmsAdam(torch.optim.Optimizer):
                 p.add_(update / rms, alpha=-group["lr"])
 
 
-class GroupTensorStepRmsAdam(torch.optim.Optimizer):
+class GroupTensorStepRmsAdam(GroupStepRmsAdam):
     """:class:`GroupStepRmsAdam` counting its step in a tensor of each param group, incremented in place (timm's
     Lamb: ``group["step"].add_(1)``, a write into a value shared by all params)."""
 
-    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99),
-                 eps: float = 1e-8) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            if "step" not in group:
-                group["step"] = torch.tensor(0.0)
-            group["step"].add_(1)
-            beta1, beta2 = group["betas"]
-            bias_correction1 = 1 - beta1 ** group["step"]
-            bias_correction2_sqrt = (1 - beta2 ** group["step"]).sqrt()
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = (state["exp_avg"] / bias_correction1) / (
-                    state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + group["eps"])
-                rms = update.square().mean().sqrt().clamp(min=1.0)
-                p.add_(update / rms, alpha=-group["lr"])
+    @staticmethod
+    def _count(group: dict[str, Any]) -> tuple[Any, Any]:
+        if "step" not in group:
+            group["step"] = torch.tensor(0.0)
+        group["step"].add_(1)
+        beta1, beta2 = group["betas"]
+        return 1 - beta1 ** group["step"], (1 - beta2 ** group["step"]).sqrt()
 
 
 class GlobalClipLamb(torch.optim.Optimizer):
