@@ -29,17 +29,8 @@ from torch.fx import GraphModule, Node
 from optcapture import lane_hypers
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
-from optcapture.lane_batches import (
-    BatchedStep,
-    InputTable,
-    LaneBatch,
-    Window,
-    _LaneInput,
-    _Where,
-    _writes_input,
-    lane_program,
-    refuse_shared_writes,
-)
+from optcapture.lane_batches import BatchedStep, InputTable, LaneBatch, Where, refuse_shared_writes
+from optcapture.lane_programs import LaneInput, Window, lane_program, writes_input
 from optcapture.lanes import LaneId, in_place
 from optcapture.preparation import FlatGroup, PreparedOptimizer
 
@@ -51,8 +42,8 @@ class _Phase:
     """One vmapped program of a batch, and where each of its inputs comes from."""
 
     call: Callable[..., Any]
-    where: list[_Where | None]
-    inputs: list[_LaneInput]
+    where: list[Where | None]
+    inputs: list[LaneInput]
     carried_from: int | None = None
     """The index (in the batch order of phase A) of the program whose outputs after the first are its
     ``carried`` inputs, in order."""
@@ -123,7 +114,7 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
             raise CaptureError(f"params of the batch of {lane} feed different ops across params")
         after = positions[cross] if cross is not None else -1
         program, inputs = lane_program(gm, example_inputs, step, lane, Window(after=after))
-        writes_grads |= _writes_input(program, "grad", inputs)
+        writes_grads |= writes_input(program, "grad", inputs)
         call, where = table.batched(program, inputs, flat, batch)
         finisher = _Phase(call, where, inputs)
         if cross is not None:
@@ -135,7 +126,7 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
             if read:
                 raise CaptureError(f"the update of param {lane} reads {read[0]}, computed across params, before it "
                                    f"feeds {cross} across params")
-            writes_grads |= _writes_input(program, "grad", inputs)
+            writes_grads |= writes_input(program, "grad", inputs)
             call, where = table.batched(program, inputs, flat, batch)
             finisher.carried_from = len(exporters)
             exporters.append((cross, _Phase(call, where, inputs), members))

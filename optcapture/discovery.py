@@ -22,6 +22,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from optcapture import _compat, dtensors, lanes, reach
+from optcapture.eligible import FLAT_STORAGE as FLAT_STORAGE  # where preparation imports them from
+from optcapture.eligible import bucketable as bucketable
+from optcapture.eligible import not_bucketable_because as not_bucketable_because
 from optcapture.graph_outputs import host_outputs as host_outputs  # where backend and lowering import it from
 from optcapture.sources import HyperSource as HyperSource  # where the lane modules import them from
 from optcapture.sources import hyper_source as hyper_source
@@ -167,37 +170,6 @@ def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
                 and type(group.get("momentum")) is float):
             cycled.add((g, "momentum"))
     return cycled - step.hypers_read
-
-
-FLAT_STORAGE = "_optcapture_flat_storage"
-"""Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
-
-
-def bucketable(p: torch.Tensor) -> bool:
-    """A param whose elements can live in a flat buffer in its own element order."""
-    return not_bucketable_because(p) is None
-
-
-def not_bucketable_because(p: torch.Tensor) -> str | None:
-    """Why ``p`` cannot move into flat storage, or None. Moving re-points ``p`` at a slot of a flat buffer
-    (``p.data = slot``), which is only right for a plain tensor that owns all of its storage: a view of a larger
-    buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, a user's flat parameter) would be cut from it,
-    and a tensor subclass keeps its elements elsewhere; a DTensor's local shard moves instead
-    (:mod:`optcapture.dtensors`)."""
-    if not p.is_floating_point() or p.is_complex():
-        return f"has dtype {p.dtype}; only real floating params are bucketed"
-    if dtensors.is_dtensor(p):
-        return dtensors.not_bucketable_because(p)
-    if type(p.data) is not torch.Tensor:
-        return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
-    if p.layout != torch.strided or not p.is_contiguous():
-        return "is not a contiguous strided tensor"
-    if getattr(p._base, FLAT_STORAGE, False):
-        return None  # a shadow's run: a slice of the flat storage optcapture made itself
-    if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
-        return ("is a view of a larger buffer (moving it into flat storage would cut it from that buffer, which "
-                "would no longer see its updates)")
-    return None
 
 
 def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:

@@ -1,0 +1,42 @@
+"""Which params flat storage can hold: a plain, contiguous, real floating tensor that owns all of its storage, or a
+DTensor whose local shard is one (:mod:`optcapture.dtensors`).
+
+Invariant: a param this module calls bucketable can be re-pointed at a slot of a flat buffer (``p.data = slot``)
+without cutting it from memory anything else reads; everything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from optcapture import dtensors
+
+FLAT_STORAGE = "_optcapture_flat_storage"
+"""Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
+
+
+def bucketable(p: torch.Tensor) -> bool:
+    """A param whose elements can live in a flat buffer in its own element order."""
+    return not_bucketable_because(p) is None
+
+
+def not_bucketable_because(p: torch.Tensor) -> str | None:
+    """Why ``p`` cannot move into flat storage, or None. Moving re-points ``p`` at a slot of a flat buffer
+    (``p.data = slot``), which is only right for a plain tensor that owns all of its storage: a view of a larger
+    buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, a user's flat parameter) would be cut from it,
+    and a tensor subclass keeps its elements elsewhere; a DTensor's local shard moves instead
+    (:mod:`optcapture.dtensors`)."""
+    if not p.is_floating_point() or p.is_complex():
+        return f"has dtype {p.dtype}; only real floating params are bucketed"
+    if dtensors.is_dtensor(p):
+        return dtensors.not_bucketable_because(p)
+    if type(p.data) is not torch.Tensor:
+        return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
+    if p.layout != torch.strided or not p.is_contiguous():
+        return "is not a contiguous strided tensor"
+    if getattr(p._base, FLAT_STORAGE, False):
+        return None  # a shadow's run: a slice of the flat storage optcapture made itself
+    if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
+        return ("is a view of a larger buffer (moving it into flat storage would cut it from that buffer, which "
+                "would no longer see its updates)")
+    return None
