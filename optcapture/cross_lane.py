@@ -31,7 +31,7 @@ from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.lane_batches import BatchedStep, InputTable, LaneBatch, Where, refuse_shared_writes
 from optcapture.lane_programs import LaneInput, Window, lane_program, writes_input
-from optcapture.lanes import LaneId, in_place
+from optcapture.lanes import LaneId, called_name, in_place
 from optcapture.preparation import FlatGroup, PreparedOptimizer
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def _check_no_write_after_read(gm: GraphModule, step: StepGraph) -> None:
             for arg in node.all_input_nodes:
                 if arg.name in report.crossed:
                     first_lane_read.setdefault(arg, i)
-        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        name = called_name(node)
         if node.name in report.crossed and in_place(name) and node.args and isinstance(node.args[0], Node) \
                 and node.args[0] in first_lane_read:
             raise CaptureError(f"{node.name} writes a value shared by all params in place after a param's update "

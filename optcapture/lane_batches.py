@@ -31,7 +31,7 @@ from optcapture import lane_hypers
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.lane_programs import LaneInput, lane_program, out_of_place, writes_input
-from optcapture.lanes import in_place
+from optcapture.lanes import called_name, in_place
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer, Role
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def refuse_shared_writes(gm: GraphModule, step: StepGraph, crossed: frozenset[st
     report = step.lane_report
     assert report is not None
     for node in gm.graph.nodes:
-        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        name = called_name(node)
         if report.lane_of.get(node.name, ()) is None and node.name not in crossed and in_place(name):
             raise CaptureError(f"{node.name} ({name}) writes a value shared by all params in place, outside any "
                                "param's update")

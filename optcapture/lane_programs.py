@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from optcapture.discovery import HyperSource, RoleKind, StepGraph, hyper_source
 from optcapture.errors import CaptureError
-from optcapture.lanes import LaneId, in_place
+from optcapture.lanes import LaneId, called_name, in_place
 
 _BATCHED_KINDS = frozenset({"param", "grad", "state", "scalar_state", "carried"})
 
@@ -189,8 +189,8 @@ def out_of_place(program: GraphModule) -> GraphModule:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
             continue
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if not isinstance(name, str) or not in_place(name) or name.startswith("_") or name in _BATCHED_IN_PLACE \
+        name = called_name(node)
+        if not in_place(name) or name.startswith("_") or name in _BATCHED_IN_PLACE \
                 or not hasattr(torch.Tensor, name[:-1]):
             continue
         with graph.inserting_before(node):
@@ -246,7 +246,7 @@ def writes_input(program: GraphModule, role: InputKind, inputs: list[LaneInput])
         if node.op not in ("call_function", "call_method") or not node.args:
             continue
         first = node.args[0]
-        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        name = called_name(node)
         if isinstance(first, Node) and first in written:
             if in_place(name):
                 return True

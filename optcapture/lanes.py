@@ -318,6 +318,12 @@ def _example(arg: Any) -> Any:
     return arg.meta.get("example_value") if isinstance(arg, Node) else arg
 
 
+def called_name(node: Node) -> str:
+    """The name of the op a call node calls (as :func:`in_place` and the op sets above take it); "" for a node that
+    calls nothing (a placeholder's target is its own name, which may well end in ``_``)."""
+    return _op_name(node) if node.op in ("call_function", "call_method") else ""
+
+
 def in_place(name: str) -> bool:
     """Whether the op named ``name`` writes its first argument in place (``add_``, ``_foreach_mul_``, ``copy_``; not a
     dunder such as ``__and__``)."""
