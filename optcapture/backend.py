@@ -69,16 +69,16 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
     _say_if_recompiling_every_step(step)
     _read_cycled_floats_as_inputs(step)
     replay.count_graph()
-    if step.optimizer is not None and not step.blockers and not step.lazy_state:
-        try:
-            if step.update == "lane-local":
-                return _capture_batches(step, gm, example_inputs, config, tracer, began)
-            return _capture(step, gm, example_inputs, config, tracer, began)
-        except FloatsSpecialized as error:
-            return stock_paths.eager_for_floats_that_change(step, gm, error, config, tracer)
-        except CaptureError as error:
-            step.blockers.append(str(error))
     try:
+        if step.optimizer is not None and not step.blockers and not step.lazy_state:
+            try:
+                if step.update == "lane-local":
+                    return _capture_batches(step, gm, example_inputs, config, tracer, began)
+                return _capture(step, gm, example_inputs, config, tracer, began)
+            except FloatsSpecialized as error:
+                return stock_paths.eager_for_floats_that_change(step, gm, error, config, tracer)
+            except CaptureError as error:
+                step.blockers.append(str(error))
         return stock_paths.fallback(step, gm, example_inputs, config)
     except UnsupportedStepError as error:
         # Dynamo wraps any other backend error in BackendCompilerFailed; the training loop must see this one.

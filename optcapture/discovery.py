@@ -22,12 +22,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from optcapture import _compat, dtensors, lanes, reach
-from optcapture.eligible import FLAT_STORAGE as FLAT_STORAGE  # where preparation imports them from
-from optcapture.eligible import bucketable as bucketable
-from optcapture.eligible import not_bucketable_because as not_bucketable_because
-from optcapture.graph_outputs import host_outputs as host_outputs  # where backend and lowering import it from
-from optcapture.sources import HyperSource as HyperSource  # where the lane modules import them from
-from optcapture.sources import hyper_source as hyper_source
+from optcapture.eligible import not_bucketable_because
+from optcapture.graph_outputs import host_outputs
+from optcapture.sources import hyper_source
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +152,12 @@ def changed_since_traced(step: StepGraph) -> str | None:
     return None
 
 
+def cycles_momentum(group: dict[str, Any]) -> bool:
+    """Whether OneCycleLR or CyclicLR (``cycle_momentum=True``) cycles this param group's momentum: they mark the
+    groups they cycle with ``base_momentum`` and ``max_momentum``."""
+    return "base_momentum" in group and "max_momentum" in group
+
+
 def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
     """(group, key) of each float a scheduler cycles that the graph holds as a constant, so each new value would
     recompile the step: OneCycleLR and CyclicLR (``cycle_momentum=True``) mark the groups they cycle with
@@ -166,8 +169,7 @@ def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
     cycled = set()
     for g in sorted({b.key.group for b in step.buckets}):
         group = optimizer.param_groups[g]
-        if ("base_momentum" in group and "max_momentum" in group and "betas" not in group
-                and type(group.get("momentum")) is float):
+        if cycles_momentum(group) and "betas" not in group and type(group.get("momentum")) is float:
             cycled.add((g, "momentum"))
     return cycled - step.hypers_read
 
@@ -353,10 +355,11 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                     blockers.append(f"param {i} of group {g} shares its grad tensor with param {owner[1]} of group "
                                     f"{owner[0]}")
             by_key: dict[BucketKey, list[int]] = {}
+            shards = dtensors.fsdp_shards([group["params"][i] for i in present.get(g, [])])
             for i in sorted(present.get(g, [])):
                 p = group["params"][i]
                 assert p.grad is not None
-                why = not_bucketable_because(p)
+                why = not_bucketable_because(p, shards)
                 if why is not None:
                     blockers.append(f"param {i} of group {g} {why}")
                 if p.grad.is_sparse or p.layout != torch.strided:

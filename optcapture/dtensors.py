@@ -52,8 +52,10 @@ def fsdp_shards(params: list[torch.Tensor]) -> dict[int, _compat.FsdpShard]:
     return shards
 
 
-def not_bucketable_because(p: torch.Tensor) -> str | None:
-    """Why the local shard of the DTensor ``p`` cannot move into flat storage, or None."""
+def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard] | None = None) -> str | None:
+    """Why the local shard of the DTensor ``p`` cannot move into flat storage, or None. ``shards``:
+    :func:`fsdp_shards` of params that include ``p``, made once for all of them (finding FSDP2's shards walks every
+    FSDP2 state of the process: once per param, a capture would cost the square of the param count)."""
     shard = local(p)
     _, placements = _compat.dtensor_layout(p)
     if not set(placements) <= _ELEMENTWISE_PLACEMENTS:
@@ -64,7 +66,7 @@ def not_bucketable_because(p: torch.Tensor) -> str | None:
                 "all-gather extension), which is not bucketed")
     if shard.layout != torch.strided or not shard.is_contiguous():
         return "is a DTensor whose local tensor is not a contiguous strided tensor"
-    fsdp = fsdp_shards([p]).get(id(p))
+    fsdp = (fsdp_shards([p]) if shards is None else shards).get(id(p))
     if fsdp is not None:
         if fsdp.pinned:
             return ("is sharded by fully_shard with CPUOffloadPolicy(pin_memory=True): FSDP2 re-pins (copies) a "
@@ -100,11 +102,6 @@ def footprint(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]) -> int:
     numel: int = math.prod(local_shape(p))
     shard = shards.get(id(p))
     return numel if shard is None else max(numel, shard.padded_numel)
-
-
-def rehome(tensor: torch.Tensor, home: torch.Tensor) -> None:
-    """Point ``tensor``'s elements (a DTensor's local tensor) at ``home``, which already holds their values."""
-    local(tensor).data = home
 
 
 def share_with_fsdp(shard: _compat.FsdpShard, padded_home: torch.Tensor) -> None:

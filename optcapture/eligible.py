@@ -9,27 +9,27 @@ from __future__ import annotations
 
 import torch
 
-from optcapture import dtensors
+from optcapture import _compat, dtensors
 
 FLAT_STORAGE = "_optcapture_flat_storage"
 """Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
 
 
-def bucketable(p: torch.Tensor) -> bool:
+def bucketable(p: torch.Tensor, shards: dict[int, _compat.FsdpShard] | None = None) -> bool:
     """A param whose elements can live in a flat buffer in its own element order."""
-    return not_bucketable_because(p) is None
+    return not_bucketable_because(p, shards) is None
 
 
-def not_bucketable_because(p: torch.Tensor) -> str | None:
+def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard] | None = None) -> str | None:
     """Why ``p`` cannot move into flat storage, or None. Moving re-points ``p`` at a slot of a flat buffer
     (``p.data = slot``), which is only right for a plain tensor that owns all of its storage: a view of a larger
     buffer (ZeroRedundancyOptimizer's ``parameters_as_bucket_view``, a user's flat parameter) would be cut from it,
     and a tensor subclass keeps its elements elsewhere; a DTensor's local shard moves instead
-    (:mod:`optcapture.dtensors`)."""
+    (:mod:`optcapture.dtensors`; ``shards``: FSDP2's shards of the params asked about, see there)."""
     if not p.is_floating_point() or p.is_complex():
         return f"has dtype {p.dtype}; only real floating params are bucketed"
     if dtensors.is_dtensor(p):
-        return dtensors.not_bucketable_because(p)
+        return dtensors.not_bucketable_because(p, shards)
     if type(p.data) is not torch.Tensor:
         return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
     if p.layout != torch.strided or not p.is_contiguous():

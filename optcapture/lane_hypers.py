@@ -26,9 +26,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from optcapture import _compat
-from optcapture.discovery import HyperSource, StepGraph, hyper_source
+from optcapture.discovery import StepGraph
 from optcapture.errors import CaptureError
+from optcapture.lanes import called_name
 from optcapture.preparation import NON_HYPER_KEYS, PreparedOptimizer
+from optcapture.sources import HyperSource, hyper_source, is_hyper_source
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def trace_floats_as_inputs(step: StepGraph) -> None:
     with the floats of :func:`floats_held_constant` as inputs (once per float: a float Dynamo specializes anyway is
     not asked for again). A scheduler changing them then never compiles the step again."""
     constants = floats_held_constant(step)
-    if constants and _compat.mark_floats_as_inputs(lambda name: _names(name, constants)):
+    if constants and _compat.mark_floats_as_inputs(lambda name: is_hyper_source(name, constants)):
         log.info("tracing the step again with its floats %s as inputs", sorted(constants))
         raise _compat.restart_request()
 
@@ -69,11 +71,6 @@ def trace_floats_as_constants(gm: GraphModule, why: str) -> None:
     if _compat.specialize_float_inputs(gm, lambda name: hyper_source(name) is not None):
         log.info("tracing the step again with its floats as constants: batching failed (%s)", why)
         raise _compat.restart_request()
-
-
-def _names(name: str, keys: set[HyperKey]) -> bool:
-    source = hyper_source(name)
-    return source is not None and (source.group, source.key) in keys
 
 
 def _sources_read(step: StepGraph) -> Iterable[HyperSource]:
@@ -135,12 +132,6 @@ _VALUE_OPS = frozenset({"addcmul", "addcmul_", "addcdiv", "addcdiv_"})
 _WEIGHT_OPS = frozenset({"lerp", "lerp_"})
 
 
-def _op_name(node: Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    return str(getattr(node.target, "__name__", node.target))
-
-
 def numbers_as_tensors(program: GraphModule, numbers: Iterable[Node]) -> None:
     """Rewrite ``program`` in place so that its placeholders ``numbers``, which Dynamo traced as Python numbers (or
     as tensors it takes ``item()`` of), can be 0-dim float64 tensors holding the same values."""
@@ -149,7 +140,7 @@ def numbers_as_tensors(program: GraphModule, numbers: Iterable[Node]) -> None:
     for node in list(graph.nodes):
         if node.op not in ("call_function", "call_method") or not any(arg in marked for arg in node.all_input_nodes):
             continue
-        name = _op_name(node)
+        name = called_name(node)
         example = node.meta.get("example_value")
         if name in _SAME_VALUE and len(node.args) == 1:
             node.replace_all_uses_with(node.args[0])

@@ -18,9 +18,10 @@ from typing import Any, Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture.discovery import HyperSource, RoleKind, StepGraph, hyper_source
+from optcapture.discovery import RoleKind, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.lanes import LaneId, called_name, in_place
+from optcapture.sources import HyperSource, hyper_source
 
 _BATCHED_KINDS = frozenset({"param", "grad", "state", "scalar_state", "carried"})
 

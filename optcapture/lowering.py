@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
-from optcapture import _compat, discovery
+from optcapture import _compat
 from optcapture.bucketing import ShadowStep, is_stock
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, FloatsSpecialized
+from optcapture.graph_outputs import host_outputs
 from optcapture.preparation import GradTable
 from optcapture.rewrites import scalars_once
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
@@ -173,7 +174,7 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 
     def capture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         _log_inputs(gm, example_inputs)
-        outputs = discovery.host_outputs(gm)
+        outputs = host_outputs(gm)
         if not armed[0] and outputs is None:
             # Dynamo would rebuild Python state from the graph's tensor outputs: only a real step may run this
             # frame. (Side effects without outputs, like SGD re-storing its momentum buffers into the shadow's

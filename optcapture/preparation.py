@@ -34,14 +34,8 @@ import torch
 
 from optcapture import _compat, dtensors
 from optcapture.config import CaptureConfig
-from optcapture.discovery import (
-    FLAT_STORAGE,
-    BucketKey,
-    StepGraph,
-    bucketable,
-    is_per_element_state,
-    per_element_state_keys,
-)
+from optcapture.discovery import BucketKey, StepGraph, is_per_element_state, per_element_state_keys
+from optcapture.eligible import FLAT_STORAGE, bucketable
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +386,9 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
 
 def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: int) -> FlatGroup:
     group = optimizer.param_groups[key.group]["params"]
-    indices = [i for i, p in enumerate(group) if p.device == key.device and p.dtype == key.dtype and bucketable(p)]
+    shards = dtensors.fsdp_shards(group)
+    indices = [i for i, p in enumerate(group)
+               if p.device == key.device and p.dtype == key.dtype and bucketable(p, shards)]
     # Params of one shape lie next to each other, at one stride: a lane-local update (LAMB, Muon) views them as one
     # [k, *shape] batch (optcapture.lane_batches). Elementwise runs do not care about the order.
     kind_of_shape: dict[torch.Size, int] = {}
@@ -400,7 +396,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         kind_of_shape.setdefault(group[i].shape, len(kind_of_shape))
     indices.sort(key=lambda i: kind_of_shape[group[i].shape])
     params = [group[i] for i in indices]
-    fsdp = dtensors.fsdp_shards(params)
+    fsdp = {id(p): shards[id(p)] for p in params if id(p) in shards}
     offsets, total = [], 0
     for p in params:
         offsets.append(total)

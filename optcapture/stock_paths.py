@@ -17,14 +17,14 @@ import torch
 
 from optcapture import _compat, lowering, progress, registry, replay
 from optcapture.config import CaptureConfig
-from optcapture.discovery import StepGraph
+from optcapture.discovery import StepGraph, cycles_momentum
 from optcapture.errors import FloatsSpecialized, UnsupportedStepError, warn_once
 from optcapture.graph_outputs import outputs_or_error
 from optcapture.sources import is_hyper_source
 
 log = logging.getLogger(__name__)
 
-FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
+_FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
                "one is captured")
 
 
@@ -46,7 +46,7 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
     per_tensor = "it runs as Inductor's per-tensor graph, as stock torch.compile runs it"
 
     if step.attribute_stores:
-        writing_back, what_runs = writing_back_attributes(step, gm)
+        writing_back, what_runs = _writing_back_attributes(step, gm)
         # Once per reason whether its graph runs as traced or the optimizer's own step runs; a frame run as plain
         # Python is said on its own.
         say(what_runs, key=None if writing_back is None else f"attributes of {owner}: {reason}")
@@ -59,13 +59,13 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
         say("this first step, which creates the optimizer's state, runs as Dynamo traced it, and the steps after "
             "it as Inductor's per-tensor graph while the reason holds",
             key=f"optcapture: step of {owner} is not bucketed ({reason}): {per_tensor}")
-        return as_traced(step, gm, [*step.blockers, FIRST_STEP], "first-step")
+        return _as_traced(step, gm, [*step.blockers, _FIRST_STEP], "first-step")
     before = _compat.generated_kernel_count()
-    compiled = inductor_or_error(gm, example_inputs, config)
+    compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):
         say(f"it runs eagerly, as Dynamo traced it: Inductor could not compile the per-tensor step "
             f"({type(compiled).__name__}: {compiled})")
-        return as_traced(step, gm, [*step.blockers, str(compiled)])
+        return _as_traced(step, gm, [*step.blockers, str(compiled)])
     say(per_tensor)
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
     return compiled
@@ -80,7 +80,7 @@ def eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, erro
     optimizer = step.optimizer
     assert optimizer is not None
     name = type(optimizer).__name__
-    cycled = any("base_momentum" in group and "max_momentum" in group for group in optimizer.param_groups)
+    cycled = any(map(cycles_momentum, optimizer.param_groups))
     by = ("OneCycleLR or CyclicLR (cycle_momentum=True) changes it every step" if cycled
           else "it changes between steps")
     nesterov = optimizer.defaults.get("nesterov") and "momentum" in error.keys
@@ -89,7 +89,7 @@ def eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, erro
     reason = (f"{name}'s {', '.join(error.keys)} reaches its step where Dynamo can only use a fixed number ({where}), "
               f"and {by}: compiled, the step would compile again at every change")
     if config.fallback == "raise":
-        raise _compat.through_dynamo(UnsupportedStepError(f"cannot capture this step of {name}: {reason}")) from None
+        raise UnsupportedStepError(f"cannot capture this step of {name}: {reason}")
     keys = {(g, key) for g, group in enumerate(optimizer.param_groups) for key in error.keys if key in group}
     if tracer is not None:
         _compat.drop_guards(tracer, lambda source: is_hyper_source(source, keys))
@@ -99,7 +99,7 @@ def eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, erro
     return replay.stepping_eagerly(weakref.ref(optimizer), outputs_or_error(gm))
 
 
-def inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
+def _inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
                        config: CaptureConfig) -> Callable[..., Any] | Exception:
     """``gm`` compiled by Inductor per tensor (no CUDA graph), or the error that stopped it. Dynamo's requests to
     restart its analysis are not failures: they pass through."""
@@ -113,7 +113,7 @@ def inductor_or_error(gm: torch.fx.GraphModule, example_inputs: list[Any],
     return compiled
 
 
-def writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any] | None, str]:
+def _writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[Callable[..., Any] | None, str]:
     """A step that assigns attributes of its optimizer (a user's ``self._k += 1``), which Dynamo drops.
 
     Constant values are exact for every call the frame's guards admit (Dynamo guarded the attributes it read to
@@ -125,7 +125,7 @@ def writing_back_attributes(step: StepGraph, gm: torch.fx.GraphModule) -> tuple[
     stores = step.attribute_stores
     owners = {id(ref()) for ref, _, _ in stores}
     if all(value is not _compat.NOT_CONSTANT for _, _, value in stores):
-        traced = as_traced(step, gm, step.blockers)
+        traced = _as_traced(step, gm, step.blockers)
 
         def run_and_write_back(*args: Any) -> Any:
             out = traced(*args)
@@ -150,7 +150,7 @@ def not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inp
     """A graph that is no piece of an optimizer step (the forward of a whole training step compiled with this
     backend) is compiled as stock ``torch.compile`` compiles it, with nothing to warn about."""
     log.info("not an optimizer step (%s): compiled by Inductor", step.summary())
-    compiled = inductor_or_error(gm, example_inputs, config)
+    compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):
         warn_once(f"Inductor could not compile a graph that is not an optimizer step ({type(compiled).__name__}: "
                   f"{compiled}); running it eagerly")
@@ -159,7 +159,7 @@ def not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inp
     return compiled
 
 
-def as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
+def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],
                path: registry.Path = "eager") -> Callable[..., Any]:
     """Run the graph as Dynamo traced it (eagerly), and report that: a fallback, or an optimizer's first step."""
     registry.record(step, path, reasons)

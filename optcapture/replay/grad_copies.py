@@ -48,10 +48,10 @@ class GradCopies:
 
     def __init__(self, slots: Sequence[tuple[int, BucketKey, int]], flats: dict[BucketKey, FlatGroup]) -> None:
         """``slots``: (graph input index, bucket, member position) of each grad to copy."""
-        self.count = len(slots)
         self.segments: list[_Segment] = []
         singles: list[tuple[int, BucketKey, int]] = []
-        ordered = sorted(slots, key=lambda slot: (list(flats).index(slot[1]), slot[2]))
+        order = {key: n for n, key in enumerate(flats)}
+        ordered = sorted(slots, key=lambda slot: (order[slot[1]], slot[2]))
         start = 0
         while start < len(ordered):
             end = start + 1
@@ -85,9 +85,9 @@ def _continues(flats: dict[BucketKey, FlatGroup], before: tuple[int, BucketKey, 
     if next_key != key or k != j + 1:
         return False
     flat = flats[key]
-    if flat.grad_flat().device.type != "cpu":
+    if flat.key.device.type != "cpu":
         return False  # measured on the CPU only; a CUDA step keeps its one multi-tensor copy
-    shape, next_shape = flat.params[j].shape, flat.params[k].shape
+    shape, next_shape = flat.shapes[j], flat.shapes[k]
     return (len(shape) >= 1 and len(next_shape) == len(shape) and next_shape[1:] == shape[1:]
             and flat.offsets[k] == flat.offsets[j] + math.prod(shape))
 
@@ -95,7 +95,7 @@ def _continues(flats: dict[BucketKey, FlatGroup], before: tuple[int, BucketKey, 
 def _segment(flats: dict[BucketKey, FlatGroup], run: Sequence[tuple[int, BucketKey, int]]) -> _Segment:
     _, key, first = run[0]
     flat = flats[key]
-    shapes = [flat.params[j].shape for _, _, j in run]
+    shapes = [flat.shapes[j] for _, _, j in run]
     shape = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
     return _Segment(alias(flat.grad_flat(), flat.offsets[first], shape), picker([index for index, _, _ in run]),
                     [flat.grad_homes[j] for _, _, j in run])

@@ -179,6 +179,8 @@ class _Capture:
         self.grad_homes = [plan.flats[key].grad_homes[j] for _, key, j in plain]
         self.pick_local_grads = picker([index for index, _, _ in local])
         self.local_grad_homes = [plan.flats[key].grad_homes[j] for _, key, j in local]
+        # Only a lane-local update writes grads, and discovery refuses lane-local updates of DTensors.
+        assert not (plan.grads_written and self.local_grad_homes), "a step that writes grads over DTensor grads"
 
     def is_current(self, args: Sequence[Any]) -> bool:
         if list(map(_DATA_PTR, self.pick_held(args))) != self.held_addresses:
@@ -256,9 +258,6 @@ class _Capture:
         if self.plan.grads_written and self.grad_homes:
             with torch.no_grad():
                 torch._foreach_copy_(list(self.pick_grads(args)), self.grad_homes)
-        if self.plan.grads_written and self.local_grad_homes:  # (a lane-local update: DTensors are refused)
-            with torch.no_grad():
-                torch._foreach_copy_(list(map(_LOCAL, self.pick_local_grads(args))), self.local_grad_homes)
 
     def stepped(self) -> None:
         self.last_step.token = self.token

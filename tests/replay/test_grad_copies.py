@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import pytest
@@ -23,6 +24,14 @@ class _Flat:
 
     def grad_flat(self) -> torch.Tensor:
         return self.buffer
+
+    @property
+    def shapes(self) -> list[torch.Size]:
+        return [p.shape for p in self.params]
+
+    @property
+    def key(self) -> types.SimpleNamespace:  # a BucketKey's device: the buffer's
+        return types.SimpleNamespace(device=self.buffer.device)
 
 
 def _flat(shapes: list[tuple[int, ...]], align: int) -> _Flat:
