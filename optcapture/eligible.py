@@ -31,7 +31,7 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
     if dtensors.is_dtensor(p):
         return dtensors.not_bucketable_because(p, shards)
     if type(p.data) is not torch.Tensor:
-        return f"is a {type(p.data).__name__}, a tensor subclass (its local tensor is not bucketed)"
+        return f"is a {type(p.data).__name__}, a tensor subclass, which keeps its elements elsewhere"
     if p.layout != torch.strided or not p.is_contiguous():
         return "is not a contiguous strided tensor"
     if getattr(p._base, FLAT_STORAGE, False):

@@ -301,8 +301,8 @@ def drop_guards(tracer: Any, should_drop: Callable[[str], bool]) -> list[str]:
     return sorted(dropped)
 
 
-GraphBreakTally = dict[str, int]
-"""How often Dynamo has met each graph break (or unsupported construct) in this process, by its message."""
+GraphBreakTally = dict[tuple[str, str], int]
+"""How often Dynamo has met each graph break (or unsupported construct) in this process, by (counter, message)."""
 
 # Dynamo's counters by message (torch/_dynamo/utils.py, ``counters``): ``Unsupported.add_to_stats`` counts every
 # unsupported construct under "unimplemented", and a graph break again under "graph_break" (torch/_dynamo/exc.py,
@@ -317,7 +317,7 @@ def graph_break_tally() -> GraphBreakTally:
     """A copy of Dynamo's process-wide graph-break counts now (read only), for :func:`graph_breaks_since`."""
     from torch._dynamo.utils import counters
 
-    return {f"{kind}\0{message}": count for kind in _GRAPH_BREAK_COUNTERS
+    return {(kind, message): count for kind in _GRAPH_BREAK_COUNTERS
             for message, count in counters.get(kind, {}).items()}
 
 
@@ -329,7 +329,7 @@ def graph_breaks_since(before: GraphBreakTally) -> list[str]:
     for key, count in graph_break_tally().items():
         if count <= before.get(key, 0):
             continue
-        message = key.split("\0", 1)[1].strip()
+        message = key[1].strip()
         first = message.splitlines()[0].strip() if message else ""
         if first and not first.startswith(_DELIBERATE_GRAPH_BREAK):
             lines[first] = None
