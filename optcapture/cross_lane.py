@@ -29,7 +29,7 @@ from torch.fx import GraphModule, Node
 from optcapture import lane_hypers
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
-from optcapture.lane_batches import BatchedStep, InputTable, LaneBatch, Where, refuse_shared_writes
+from optcapture.lane_batches import BatchedStep, InputTable, LaneBatch, Where, shared_writes
 from optcapture.lane_programs import LaneInput, Window, lane_program, writes_input
 from optcapture.lanes import LaneId, called_name, in_place
 from optcapture.preparation import FlatGroup, PreparedOptimizer
@@ -75,10 +75,9 @@ def _item(gm: GraphModule, cross: str, lane: LaneId, lanes: tuple[LaneId, ...]) 
 
 def _check_no_write_after_read(gm: GraphModule, step: StepGraph) -> None:
     """A crossed value written in place after a lane read it: (B) would write it before every lane reads it; any
-    other shared in-place write: see :func:`refuse_shared_writes`."""
+    other shared in-place write: see :func:`optcapture.lane_batches.shared_writes`."""
     report = step.lane_report
     assert report is not None
-    refuse_shared_writes(gm, step, frozenset(report.crossed))
     first_lane_read: dict[Node, int] = {}
     for i, node in enumerate(gm.graph.nodes):
         if report.lane_of.get(node.name) is not None or node.name in report.foreach_lanes:
@@ -102,6 +101,7 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
     export_of = _export_points(step)
     _check_no_write_after_read(gm, step)
     table = InputTable(step, prepared)
+    write_once = shared_writes(gm, example_inputs, step, table, batches[0].key.device, frozenset(report.crossed))
     exporters: list[tuple[str, _Phase, tuple[LaneId, ...]]] = []
     finishers: list[_Phase] = []
     writes_grads = False
@@ -158,6 +158,8 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
              len(report.cross_lanes), ", ".join(report.cross_lanes))
 
     def step_batches(*tensors: torch.Tensor) -> None:
+        if write_once is not None:
+            write_once(*tensors)
         exported: dict[str, list[torch.Tensor]] = {name: [] for name in report.cross_lanes}
         carried: list[tuple[torch.Tensor, ...]] = []
         for cross, phase, _ in exporters:

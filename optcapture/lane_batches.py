@@ -33,6 +33,7 @@ from optcapture.errors import CaptureError
 from optcapture.lane_programs import LaneInput, lane_program, out_of_place, writes_input
 from optcapture.lanes import called_name, in_place
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer, Role
+from optcapture.sources import hyper_source
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,8 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
     """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
     are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once: a number of a
     param group that Dynamo passes as an input is read from ``prepared``'s device tensor for it."""
-    refuse_shared_writes(gm, step)
     table = InputTable(step, prepared)
+    write_once = shared_writes(gm, example_inputs, step, table, batches[0].key.device)
     plan: list[tuple[Callable[..., Any], list[Where]]] = []
     writes_grads = False
     for batch in batches:
@@ -216,21 +217,84 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
              sorted({tuple(b.shape) for b in batches}), sorted(table.device_hypers))
 
     def step_batches(*tensors: torch.Tensor) -> None:
+        if write_once is not None:
+            write_once(*tensors)
         for batched, where in plan:
             batched(*(table.read(tensors, w) for w in where))
 
     return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers)
 
 
-def refuse_shared_writes(gm: GraphModule, step: StepGraph, crossed: frozenset[str] = frozenset()) -> None:
-    """A :class:`CaptureError` when the step writes in place into a value shared by all params (timm's Lamb:
-    ``group["step"].add_(1)`` on a tensor in its param group). A batch runs each param's update: a shared write is in
-    no lane's program, or in every one made out of place, so the shared tensor would never change (it stayed 1 where
-    eager counts 5: a silent wrong answer before this check). ``crossed``: values a cross-param phase computes."""
+def shared_writes(gm: GraphModule, example_inputs: list[Any], step: StepGraph, table: InputTable,
+                  device: torch.device, crossed: frozenset[str] = frozenset()) -> Callable[..., None] | None:
+    """The step's in-place writes into inputs shared by all params, as one program to run once before the batches
+    (``table`` gets its inputs); None when there are none. timm's Lamb counts steps with ``group["step"].add_(1)``
+    on a tensor in its param group: a batch runs each param's update, in which such a write is in no lane's
+    program, so it must run once of its own (before this, the counter stayed 1 where eager counts 5).
+
+    Run first, it is exact when every lane reads the input after the write in graph order (what the lanes then
+    read is the written value, as in eager), the write's result is not read (a lane would compute it again from
+    the written input) and the write reads only shared values. Anything else raises :class:`CaptureError` with the
+    reason, before anything runs. ``crossed``: values a cross-param phase computes (written there, not here)."""
     report = step.lane_report
     assert report is not None
-    for node in gm.graph.nodes:
-        name = called_name(node)
-        if report.lane_of.get(node.name, ()) is None and node.name not in crossed and in_place(name):
-            raise CaptureError(f"{node.name} ({name}) writes a value shared by all params in place, outside any "
-                               "param's update")
+    nodes = list(gm.graph.nodes)
+    at = {node: i for i, node in enumerate(nodes)}
+    writes = [node for node in nodes if report.lane_of.get(node.name, ()) is None and node.name not in crossed
+              and in_place(called_name(node))]
+    if not writes:
+        return None
+    roles = {role.node: role for role in step.roles}
+    needed: set[Node] = set()
+    for write in writes:
+        what = f"{write.name} ({called_name(write)}) writes a value shared by all params in place, outside any " \
+               "param's update"
+        target = write.args[0] if write.args else None
+        if not isinstance(target, Node) or target.op not in ("placeholder", "get_attr") \
+                or getattr(roles.get(target.name), "kind", None) not in ("hyper", "global_state"):
+            raise CaptureError(f"{what}, into a value the step computes")
+        if write.users:
+            raise CaptureError(f"{what}, and the step reads its result")
+        if any(at[user] < at[write] and user not in writes for user in target.users):
+            raise CaptureError(f"{what}, after the step read it")
+        stack = [write]
+        while stack:
+            node = stack.pop()
+            if node in needed:
+                continue
+            if report.lane_of.get(node.name) is not None or node.name in crossed:
+                raise CaptureError(f"{what}, from a value of a param")
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    where: list[int] = []
+    numbers: list[Node] = []
+    targets = {write.args[0] for write in writes}
+    for node in sorted(needed, key=at.__getitem__):
+        if node.op in ("placeholder", "get_attr"):
+            role = roles[node.name]
+            value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
+                     else getattr(gm, str(node.target)))
+            index, number = table.shared(LaneInput(role.kind, role.key, value, hyper_source(role.source or "")),
+                                         device)
+            if node in targets and table.inputs[index] is not value:
+                raise CaptureError(f"{node.name} is written in place and is not a tensor of the optimizer's")
+            env[node] = graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+            where.append(index)
+            if number:
+                numbers.append(env[node])
+        else:
+            env[node] = graph.node_copy(node, lambda arg: env[arg])
+    graph.output(None)
+    program = GraphModule(gm, graph)
+    if numbers:
+        lane_hypers.numbers_as_tensors(program, numbers)
+    log.info("writes into shared values run once before the batches: %s", [write.name for write in writes])
+
+    def write_once(*tensors: torch.Tensor) -> None:
+        program(*(tensors[i] for i in where))
+
+    return write_once

@@ -125,6 +125,32 @@ class GroupTensorStepRmsAdam(GroupStepRmsAdam):
         return 1 - beta1 ** group["step"], (1 - beta2 ** group["step"]).sqrt()
 
 
+class CounterReadBeforeWriteRmsAdam(GroupStepRmsAdam):
+    """:class:`GroupTensorStepRmsAdam` reading its counter tensor before incrementing it in place: the bias
+    corrections use the count before this step (plus one), so the write cannot run ahead of the params' updates."""
+
+    @staticmethod
+    def _count(group: dict[str, Any]) -> tuple[Any, Any]:
+        if "step" not in group:
+            group["step"] = torch.tensor(0.0)
+        beta1, beta2 = group["betas"]
+        corrections = 1 - beta1 ** (group["step"] + 1), (1 - beta2 ** (group["step"] + 1)).sqrt()
+        group["step"].add_(1)
+        return corrections
+
+
+class CounterResultReadRmsAdam(GroupStepRmsAdam):
+    """:class:`GroupTensorStepRmsAdam` reading the result of the in-place increment (``s = group["step"].add_(1)``)."""
+
+    @staticmethod
+    def _count(group: dict[str, Any]) -> tuple[Any, Any]:
+        if "step" not in group:
+            group["step"] = torch.tensor(0.0)
+        count = group["step"].add_(1)
+        beta1, beta2 = group["betas"]
+        return 1 - beta1 ** count, (1 - beta2 ** count).sqrt()
+
+
 class GlobalClipLamb(torch.optim.Optimizer):
     """LAMB as timm writes it (``timm.optim.Lamb``, single-tensor path): every grad divided by
     ``max(global_norm / max_grad_norm, 1)``, where ``global_norm`` is the norm of the stacked per-param grad norms

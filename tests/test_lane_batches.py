@@ -21,6 +21,8 @@ from helpers import (
     step_both,
 )
 from lane_local_optimizers import (
+    CounterReadBeforeWriteRmsAdam,
+    CounterResultReadRmsAdam,
     Float32Muon,
     ForeachNovoGrad,
     GlobalClipLamb,
@@ -309,14 +311,28 @@ def test_a_global_grad_norm_does_not_recompile_after_warm_up() -> None:
     assert paths(pair.optimizer)[-1] == "bucketed"
 
 
-def test_a_step_counter_written_in_place_into_a_tensor_of_the_param_groups_is_not_batched() -> None:
-    # timm's Lamb (max_grad_norm=None) was batched and silently wrong: its group["step"].add_(1) is in no param's
-    # program, so the counter stayed 1 (eager: 5) and every bias correction after the first step was off.
+def test_a_step_counter_written_in_place_into_a_tensor_of_the_param_groups_is_written_once_per_step() -> None:
+    # timm's Lamb counts steps with group["step"].add_(1): in no param's program. Batched without that write it was
+    # silently wrong (the counter stayed 1, eager reaches 5); now the write runs once before the batches.
     pair = make_pair(lambda p: GroupTensorStepRmsAdam(p), model=_model(MIXED))
     for seed in range(5):
         step_both(pair, seed)
         assert_matches_eager(pair)
         assert float(pair.optimizer.param_groups[0]["step"]) == float(pair.eager.param_groups[0]["step"]) == seed + 1
+    assert paths(pair.optimizer)[-1] == "bucketed"
+    assert optcapture.explain(pair.optimizer)[-1].batches >= 2
+
+
+@pytest.mark.parametrize(("factory", "reason"), [
+    (CounterReadBeforeWriteRmsAdam, "after the step read it"),
+    (CounterResultReadRmsAdam, "the step reads its result"),
+])
+def test_a_shared_write_that_cannot_run_first_is_not_batched(factory: type, reason: str) -> None:
+    pair = make_pair(lambda p: factory(p), model=_model(MIXED))
+    for seed in range(4):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+        assert float(pair.optimizer.param_groups[0]["step"]) == float(pair.eager.param_groups[0]["step"]) == seed + 1
     reports = optcapture.explain(pair.optimizer)
     assert "bucketed" not in [r.path for r in reports], reports
-    assert any("writes a value shared by all params in place" in reason for r in reports for reason in r.reasons)
+    assert any(reason in why for r in reports for why in r.reasons), [r.reasons for r in reports]
