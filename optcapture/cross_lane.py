@@ -3,16 +3,17 @@ norm: ``vector_norm(stack([vector_norm(g) for g in grads]))``, timm's and pytorc
 
 :mod:`optcapture.lanes` records ``torch.stack`` of one value of each param as a cross-lane op, and the shared values
 computed from its result as crossed. Such a step runs in three phases: (A) for each batch of same-shape params, the
-part of its members' update up to the cross-lane op that reads them, under vmap, giving the ``[k]`` values it
-exports (and the values its later part reads); (B) once, each cross-lane op's result rebuilt from those values (a
-concatenation in batch order, put in the graph's list order by a static index: the same values as eager's stack),
+part of its members' update up to the last cross-lane op that reads them, under vmap, giving the ``[k]`` values
+it exports to each (and the values its later part reads); (B) once, each cross-lane op's result rebuilt from those
+values (a concatenation in batch order, put in the graph's list order by a static index: the same values as eager's
+stack),
 and the shared values the graph computes from it, as the graph computes them; (C) for each batch, the rest of its
 members' update, with the values of (B) as shared inputs. The kernels still follow the batches, not the tensors.
 
-Invariant: each lane feeds at most one cross-lane op, reads no crossed value before it, and the op's list holds each
-of its lanes exactly once (checked by the analysis), so (A), (B), (C) in that order run, for every lane, its own
+Invariant: a lane reads no crossed value before the last cross-lane op it feeds, and each op's list holds each of
+its lanes exactly once (checked by the analysis), so (A), (B), (C) in that order run, for every lane, its own
 ops in graph order and every shared op once in graph order; the lanes of a batch have equal programs, export events
-included, so they export to the same op at the same point; no crossed value is written in place after a lane read
+included, so they export to the same ops at the same points; no crossed value is written in place after a lane read
 it. Anything else refuses with the reason, before anything runs.
 """
 
@@ -49,16 +50,15 @@ class _Phase:
     ``carried`` inputs, in order."""
 
 
-def _export_points(step: StepGraph) -> dict[LaneId, str]:
-    """The cross-lane op each lane feeds, at most one."""
+def _export_points(step: StepGraph) -> dict[LaneId, tuple[str, ...]]:
+    """The cross-lane ops each lane feeds, in graph order (pytorch_optimizer's LARS stacks the norms of the params
+    and those of the grads: two)."""
     report = step.lane_report
     assert report is not None
-    export_of: dict[LaneId, str] = {}
+    export_of: dict[LaneId, tuple[str, ...]] = {}
     for name, lanes in report.cross_lanes.items():
         for lane in lanes:
-            if lane in export_of:
-                raise CaptureError(f"param {lane} feeds two ops across params ({export_of[lane]}, {name})")
-            export_of[lane] = name
+            export_of[lane] = (*export_of.get(lane, ()), name)
     return export_of
 
 
@@ -102,34 +102,35 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
     _check_no_write_after_read(gm, step)
     table = InputTable(step, prepared)
     write_once = shared_writes(gm, example_inputs, step, table, batches[0].key.device, frozenset(report.crossed))
-    exporters: list[tuple[str, _Phase, tuple[LaneId, ...]]] = []
+    exporters: list[tuple[tuple[str, ...], _Phase, tuple[LaneId, ...]]] = []
     finishers: list[_Phase] = []
     writes_grads = False
     for batch in batches:
         flat = flats[batch.key]
         members = tuple((batch.key.group, flat.param_indices[j]) for j in batch.positions)
         lane = members[0]
-        cross = export_of.get(lane)
-        if cross is not None and any(export_of.get(m) != cross for m in members):
+        crosses = export_of.get(lane, ())
+        if any(export_of.get(m, ()) != crosses for m in members):
             raise CaptureError(f"params of the batch of {lane} feed different ops across params")
-        after = positions[cross] if cross is not None else -1
+        # Phase (A) runs the lane up to the last cross-lane op it feeds; every op before it reads no crossed value.
+        after = max((positions[cross] for cross in crosses), default=-1)
         program, inputs = lane_program(gm, example_inputs, step, lane, Window(after=after))
         writes_grads |= writes_input(program, "grad", inputs)
         call, where = table.batched(program, inputs, flat, batch)
         finisher = _Phase(call, where, inputs)
-        if cross is not None:
+        if crosses:
             carried = tuple(i.key for i in inputs if i.role == "carried" and i.key is not None)
-            item = _item(gm, cross, lane, report.cross_lanes[cross])
+            items = tuple(_item(gm, cross, lane, report.cross_lanes[cross]) for cross in crosses)
             program, inputs = lane_program(gm, example_inputs, step, lane,
-                                           Window(upto=positions[cross], outputs=(item, *carried)))
+                                           Window(upto=after, outputs=(*items, *carried)))
             read = [i.key for i in inputs if i.role == "crossed"]
             if read:
                 raise CaptureError(f"the update of param {lane} reads {read[0]}, computed across params, before it "
-                                   f"feeds {cross} across params")
+                                   f"feeds {', '.join(crosses)} across params")
             writes_grads |= writes_input(program, "grad", inputs)
             call, where = table.batched(program, inputs, flat, batch)
             finisher.carried_from = len(exporters)
-            exporters.append((cross, _Phase(call, where, inputs), members))
+            exporters.append((crosses, _Phase(call, where, inputs), members))
         finishers.append(finisher)
 
     # (B): each cross-lane result from the exported [k] values, then the crossed values the finishers read.
@@ -162,10 +163,11 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
             write_once(*tensors)
         exported: dict[str, list[torch.Tensor]] = {name: [] for name in report.cross_lanes}
         carried: list[tuple[torch.Tensor, ...]] = []
-        for cross, phase, _ in exporters:
+        for crosses, phase, _ in exporters:
             outputs = phase.call(*(table.read(tensors, w) for w in phase.where if w is not None))
-            exported[cross].append(outputs[0])
-            carried.append(tuple(outputs[1:]))
+            for cross, item in zip(crosses, outputs, strict=False):
+                exported[cross].append(item)
+            carried.append(tuple(outputs[len(crosses):]))
         stacked = {name: _stacked(values, _order(tensors, orders[name])) for name, values in exported.items()}
         shared = shared_program(*(tensors[int(at)] if kind == "input" else stacked[str(at)]
                                   for kind, at in shared_where)) if read_by_finishers else ()
@@ -186,13 +188,14 @@ def build_step(step: StepGraph, gm: GraphModule, example_inputs: list[Any], flat
     return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers)
 
 
-def _orders(cross_lanes: Mapping[str, tuple[LaneId, ...]], exporters: list[tuple[str, _Phase, tuple[LaneId, ...]]],
+def _orders(cross_lanes: Mapping[str, tuple[LaneId, ...]],
+            exporters: list[tuple[tuple[str, ...], _Phase, tuple[LaneId, ...]]],
             device: torch.device, inputs: list[torch.Tensor]) -> dict[str, int | None]:
     """Per cross-lane op, the input (appended to ``inputs``) holding the index that puts the concatenated exports
     (batch order) in its list's order; None when they are in it already."""
     orders: dict[str, int | None] = {}
     for name, lanes in cross_lanes.items():
-        concatenated = [lane for cross, _, members in exporters if cross == name for lane in members]
+        concatenated = [lane for crosses, _, members in exporters if name in crosses for lane in members]
         if sorted(concatenated) != sorted(lanes):
             raise CaptureError(f"the params batched for {name} are not the params it stacks")
         at = {lane: i for i, lane in enumerate(concatenated)}

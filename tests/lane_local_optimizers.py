@@ -13,8 +13,8 @@ import torch
 
 from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
-__all__ = ["Float32Muon", "ForeachNovoGrad", "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam",
-           "TrustRatioLamb"]
+__all__ = ["CounterReadBeforeWriteRmsAdam", "CounterResultReadRmsAdam", "Float32Muon", "ForeachNovoGrad",
+           "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam", "StackedNormsLars", "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -149,6 +149,41 @@ class CounterResultReadRmsAdam(GroupStepRmsAdam):
         count = group["step"].add_(1)
         beta1, beta2 = group["betas"]
         return 1 - beta1 ** count, (1 - beta2 ** count).sqrt()
+
+
+class StackedNormsLars(torch.optim.Optimizer):
+    """LARS as pytorch_optimizer's foreach path writes it: the norms of the matrices and those of their grads stacked
+    (two ops across params), per-param trust ratios computed on the stacks and unbound, momentum on every param."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 1e-3,
+                 trust_coefficient: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                                  "trust_coefficient": trust_coefficient})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            matrices = [p for p in params if p.ndim > 1]
+            matrix_grads = [p.grad for p in matrices]
+            if matrices:
+                param_norms = torch.stack(torch._foreach_norm(matrices))
+                grad_norms = torch.stack(torch._foreach_norm(matrix_grads))
+                denominator = grad_norms + group["weight_decay"] * param_norms
+                trust_ratios = torch.where(param_norms > 0.0, torch.where(
+                    denominator > 0.0, group["trust_coefficient"] * param_norms / denominator, 1.0), 1.0).unbind()
+                torch._foreach_add_(matrix_grads, matrices, alpha=group["weight_decay"])
+                torch._foreach_mul_(matrix_grads, trust_ratios)
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
 class GlobalClipLamb(torch.optim.Optimizer):
