@@ -1,4 +1,4 @@
-"""Bucketing: runs over flat storage, device hyperparameters, and the equivalence proof."""
+"""The shadow step: runs over flat storage, device hyperparameters, and the equivalence proof."""
 
 from __future__ import annotations
 
@@ -129,10 +129,10 @@ def test_groups_of_two_kinds_probe_correctly_and_match_eager() -> None:
 
 def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each probe traces the shadow; probing per group and key made a 30-group AdamW's first call take minutes.
-    from optcapture import bucketing
+    from optcapture import hyper_probe
 
     traces = []
-    real = bucketing.trace_only
+    real = hyper_probe.trace_only
     for count in (2, 12):
         calls = [0]
 
@@ -140,7 +140,7 @@ def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeyp
             calls[0] += 1
             return real(fn, *args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(bucketing, "trace_only", counted)
+        monkeypatch.setattr(hyper_probe, "trace_only", counted)
         params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(count)]
         for p in params:
             p.grad = torch.randn_like(p)
