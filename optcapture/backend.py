@@ -1,4 +1,4 @@
-"""The ``optcapture`` torch.compile backend: composes discovery -> preparation -> bucketing -> lowering -> replay.
+"""The ``optcapture`` torch.compile backend: composes discovery -> preparation -> shadows -> lowering -> replay.
 
 Registered through the ``torch_dynamo_backends`` entry point, so ``backend="optcapture"`` works
 without importing the package. Compile time only: a bucketed capture is handed to :mod:`optcapture.replay`
@@ -19,7 +19,6 @@ import torch
 
 from optcapture import (
     _compat,
-    bucketing,
     cross_lane,
     lane_batches,
     lane_hypers,
@@ -28,6 +27,7 @@ from optcapture import (
     progress,
     registry,
     replay,
+    shadows,
     stock_paths,
 )
 from optcapture.config import CaptureConfig, parse_options
@@ -137,7 +137,7 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence
         flats = preparation.prepare(step, prepared)
     except Exception as error:  # noqa: BLE001 - each tensor is moved whole or not at all: the step is still exact
         raise CaptureError(f"moving the params into flat storage failed ({type(error).__name__}: {error})") from None
-    runs = bucketing.plan_runs(step, flats)
+    runs = shadows.plan_runs(step, flats)
     tables = _grad_tables(step, runs, flats, config)
     if tables:
         try:
@@ -179,7 +179,7 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
             lane_hypers.trace_floats_as_constants(gm, why)
         raise CaptureError(f"the update is not elementwise ({reason}) and batching params of one shape failed "
                            f"({why})") from None
-    runs = [bucketing.Run(b.key, b.positions, b.start, b.end) for b in batches]
+    runs = [shadows.Run(b.key, b.positions, b.start, b.end) for b in batches]
     optimizer_ref = weakref.ref(optimizer)
     output = outputs_or_error(gm)
 
@@ -192,7 +192,7 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
         optimizer_ref=optimizer_ref, config=config, prepared=prepared, flats=flats, runs=runs, step=lowered.call,
         compiled_lazily=False, log=registry.ReportHandle(optimizer, report),
         grad_slots=_grad_slots(step, gm, flats), grad_tables=[], run_scalars=[],
-        frozen_hypers=bucketing.frozen_hypers(optimizer, runs, batched.device_hypers), mirrored=[], output=output,
+        frozen_hypers=shadows.frozen_hypers(optimizer, runs, batched.device_hypers), mirrored=[], output=output,
         rebuild=rebuild,
         held_inputs=_held_inputs(step, gm, example_inputs), runs_share_scalars=False,
         grads_written=batched.writes_grads)
@@ -254,14 +254,14 @@ def _grad_slots(step: StepGraph, gm: torch.fx.GraphModule,
     return grad_slots
 
 
-def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketKey, preparation.FlatGroup],
+def _grad_tables(step: StepGraph, runs: list[shadows.Run], flats: dict[BucketKey, preparation.FlatGroup],
                  config: CaptureConfig) -> list[preparation.GradTable]:
     """One grad table per run when every run's grads can be read where autograd leaves them; else none."""
     if not config.grads_in_place:
         return []
     optimizer = step.optimizer
     assert optimizer is not None
-    if not bucketing.is_stock(optimizer) and bucketing.followed_hypers(step, optimizer, runs, set()):
+    if not shadows.is_stock(optimizer) and shadows.followed_hypers(step, optimizer, runs, set()):
         # A followed hyperparameter recompiles the shadow's frame during a step, when the virtual grads cannot
         # be backed by memory, and a user's foreach code may read its operands while Dynamo traces it.
         log.info("grads are copied into flat storage: the step reads a float hyperparameter as an input")
@@ -279,33 +279,19 @@ def _grad_tables(step: StepGraph, runs: list[bucketing.Run], flats: dict[BucketK
 def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: CaptureConfig,
                   tracer: Any, began: float,
                   required_hypers: frozenset[tuple[int, str]], prepared: preparation.PreparedOptimizer,
-                  flats: dict[BucketKey, preparation.FlatGroup], runs: list[bucketing.Run],
+                  flats: dict[BucketKey, preparation.FlatGroup], runs: list[shadows.Run],
                   tables: list[preparation.GradTable]) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
     run_grads = [table.virtual for table in tables] or None
     progress.enter("bucket")
     with preparation.backed_by_memory(tables):
-        # With the floats the real graph was traced with: a rebuild after a scheduler changed lr (which the capture
-        # reads as a tensor, its guard dropped) is proven against the graph's constants, not the new value.
-        proof_shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, set(), execution=False,
-                                              run_grads=run_grads, values=step.traced_floats)
-        proof_graph = bucketing.trace_only(proof_shadow.call)
-        if proof_graph is None:
-            raise CaptureError("the step does not trace as one graph over flat storage")
-        mismatch = bucketing.prove_equivalent(step, proof_graph, proof_shadow.shadow)
-        if mismatch is not None:
-            raise CaptureError(mismatch)
-
-        tensor_hypers = bucketing.probe_tensor_hypers(optimizer, prepared, runs, flats, run_grads)
-        if not required_hypers <= tensor_hypers:
-            raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
-        shadow = bucketing.build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
-        followed = bucketing.followed_hypers(step, optimizer, runs, tensor_hypers)
+        built = shadows.build(step, optimizer, prepared, runs, flats, run_grads, required_hypers)
+        shadow, tensor_hypers = built.step, built.tensor_hypers
         progress.enter("lower")
         try:
             lowered = lowering.lower_shadow(shadow, config, runs[0].key.device, tables,
-                                            [(shadow.groups[g], key) for g, key in sorted(followed)])
+                                            [(shadow.groups[g], key) for g, key in sorted(built.followed)])
         except FloatsSpecialized:
             raise  # known at capture: the frame steps eagerly from its first call, never recompiling
         except Exception as error:
@@ -338,7 +324,7 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
         optimizer_ref=optimizer_ref, config=config, prepared=prepared, flats=flats, runs=runs, step=lowered.call,
         compiled_lazily=lowered.kernels is None, log=registry.ReportHandle(optimizer, report),
         grad_slots=grad_slots, grad_tables=grad_tables, run_scalars=shadow.run_scalars,
-        frozen_hypers=bucketing.frozen_hypers(optimizer, runs, tensor_hypers, followed),
+        frozen_hypers=built.frozen,
         mirrored=shadow.mirrored, output=output, rebuild=rebuild,
         held_inputs=_held_inputs(step, gm, example_inputs))
     captured = CapturedStep(optimizer, plan)

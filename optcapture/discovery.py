@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -256,6 +256,74 @@ def _floats_of_groups(optimizer: torch.optim.Optimizer | None) -> dict[tuple[int
             if type(value) is float or (type(value) is tuple and value and all(type(v) is float for v in value))}
 
 
+@dataclasses.dataclass
+class InputMap:
+    """What each input of a graph is to one optimizer, found by tensor identity (see :func:`map_inputs`)."""
+
+    roles: list[InputRole]
+    lane_inputs: dict[Node, tuple[lanes.LaneId | None, str]]
+    """The inputs :func:`optcapture.lanes.analyze` follows, by lane ((group, index), or None: read by every lane)."""
+    present: dict[int, list[int]]
+    """Param group -> indices of the params whose grad is an input."""
+
+
+def input_values(gm: GraphModule, example_inputs: Sequence[Any]) -> dict[Node, Any]:
+    """The value of each placeholder (from ``example_inputs``) and lifted attribute of ``gm``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values: dict[Node, Any] = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            values[n] = getattr(gm, str(n.target), None)
+    return values
+
+
+def map_inputs(gm: GraphModule, values: dict[Node, Any], optimizer: torch.optim.Optimizer | None) -> InputMap:
+    """The role of each input of ``gm`` (``values``: :func:`input_values`) to ``optimizer``: its tensors are told
+    apart by identity, the numbers Dynamo lifted from its param groups by their source."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    identity = _identity_roles(optimizer) if optimizer is not None else {}
+    layout = _grad_layout_symbols(placeholders, values, identity)
+    roles: list[InputRole] = []
+    lane_inputs: dict[Node, tuple[lanes.LaneId | None, str]] = {}
+    present: dict[int, list[int]] = {}
+    for n in nodes:
+        source = _compat.placeholder_source(n) if n.op == "placeholder" else None
+        value = values.get(n)
+        hit = identity.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if hit is not None and hit[0] in ("hyper", "global_state"):
+            kind, g, _, key = hit
+            roles.append(InputRole(n.name, source, kind, g, None, key))
+            lane_inputs[n] = (None, f"{kind}:{key}")
+        elif hit is not None:
+            kind, g, i, key = hit
+            assert g is not None and i is not None
+            roles.append(InputRole(n.name, source, kind, g, i, key))
+            lane_inputs[n] = ((g, i), kind if key is None else f"{kind}:{key}")
+            if kind == "grad":
+                present.setdefault(g, []).append(i)
+            continue
+        hyper = hyper_source(source or "")
+        if n in layout:
+            roles.append(InputRole(n.name, source, "layout"))
+            lane_inputs[n] = (None, "layout")
+        elif hyper is not None and hyper.whole:
+            roles.append(InputRole(n.name, source, "hyper", hyper.group, None, hyper.role_key))
+            lane_inputs[n] = (None, f"hyper:{hyper.role_key}")
+        else:
+            roles.append(InputRole(n.name, source, "other"))
+    return InputMap(roles, lane_inputs, present)
+
+
+def analyze_lanes(gm: GraphModule, lane_inputs: Mapping[Node, tuple[lanes.LaneId | None, str]],
+                  shapes: Mapping[lanes.LaneId, torch.Size]) -> lanes.LaneReport:
+    """:func:`optcapture.lanes.analyze`, where a failure of the analysis is a report that proves nothing."""
+    try:
+        return lanes.analyze(gm, lane_inputs, shapes)
+    except Exception as error:  # noqa: BLE001 - a graph the analysis did not foresee: not bucketed, said once
+        return lanes.LaneReport(False, f"the analysis failed ({type(error).__name__}: {error})", {})
+
+
 _CLOSURE_COUPLED = (torch.optim.LBFGS,)
 
 
@@ -267,12 +335,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     local_values = dict(tracer.f_locals) if tracer is not None else {}
     candidates = reach.candidate_optimizers([*local_values.values(), *reach.globals_read(tracer)])
 
-    nodes = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    values: dict[Node, Any] = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
-    for n in nodes:
-        if n.op == "get_attr":
-            values[n] = getattr(gm, str(n.target), None)
+    values = input_values(gm, example_inputs)
 
     tensor_ids = {id(v) for v in values.values() if isinstance(v, torch.Tensor)}
     owners = [opt for opt in candidates
@@ -307,36 +370,8 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             blockers.append("the compiled function is not the optimizer's own step (a user function that "
                             "calls step() is compiled as a whole graph)")
 
-    identity = _identity_roles(optimizer) if optimizer is not None else {}
-    layout = _grad_layout_symbols(placeholders, values, identity)
-    roles: list[InputRole] = []
-    lane_inputs: dict[Node, tuple[lanes.LaneId | None, str]] = {}
-    present: dict[int, list[int]] = {}
-    for n in nodes:
-        source = _compat.placeholder_source(n) if n.op == "placeholder" else None
-        value = values.get(n)
-        hit = identity.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if hit is not None and hit[0] in ("hyper", "global_state"):
-            kind, g, _, key = hit
-            roles.append(InputRole(n.name, source, kind, g, None, key))
-            lane_inputs[n] = (None, f"{kind}:{key}")
-        elif hit is not None:
-            kind, g, i, key = hit
-            assert g is not None and i is not None
-            roles.append(InputRole(n.name, source, kind, g, i, key))
-            lane_inputs[n] = ((g, i), kind if key is None else f"{kind}:{key}")
-            if kind == "grad":
-                present.setdefault(g, []).append(i)
-            continue
-        hyper = hyper_source(source or "")
-        if n in layout:
-            roles.append(InputRole(n.name, source, "layout"))
-            lane_inputs[n] = (None, "layout")
-        elif hyper is not None and hyper.whole:
-            roles.append(InputRole(n.name, source, "hyper", hyper.group, None, hyper.role_key))
-            lane_inputs[n] = (None, f"hyper:{hyper.role_key}")
-        else:
-            roles.append(InputRole(n.name, source, "other"))
+    mapped = map_inputs(gm, values, optimizer)
+    roles, present = mapped.roles, mapped.present
 
     buckets: list[Bucket] = []
     grad_owners: dict[int, tuple[int, int]] = {}
@@ -378,10 +413,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     if optimizer is not None and not blockers:
         shapes = {(b.key.group, i): optimizer.param_groups[b.key.group]["params"][i].shape
                   for b in buckets for i in b.members}
-        try:
-            report = lanes.analyze(gm, lane_inputs, shapes)
-        except Exception as error:  # noqa: BLE001 - a graph the analysis did not foresee: not bucketed, said once
-            report = lanes.LaneReport(False, f"the analysis failed ({type(error).__name__}: {error})", {})
+        report = analyze_lanes(gm, mapped.lane_inputs, shapes)
         if not report.elementwise and not report.lane_local:
             blockers.append(f"the update is not provably elementwise: {report.reason}")
         elif not report.elementwise and any(dtensors.is_dtensor(optimizer.param_groups[b.key.group]["params"][i])

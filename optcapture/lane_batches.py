@@ -3,7 +3,7 @@
 LAMB and LARS scale each param's update by a ratio of per-tensor norms, NovoGrad keeps a per-tensor norm, Muon
 orthogonalises each matrix with a Newton-Schulz iteration: the update of one param reads only that param's
 tensors and values shared by all params, but it reduces or multiplies within the param, so the flat runs of the
-elementwise path (:mod:`optcapture.bucketing`) would mix params. Here params of one shape are instead laid out
+elementwise path (:mod:`optcapture.shadows`) would mix params. Here params of one shape are instead laid out
 at a fixed stride in flat storage (:mod:`optcapture.preparation` orders a bucket by shape) and viewed as one
 ``[k, *shape]`` tensor, and the update of one param, cut out of the real graph Dynamo traced
 (:mod:`optcapture.lane_programs`), runs over the batch under ``torch.func.vmap``: one program per batch, whose

@@ -28,14 +28,13 @@ from torch.fx import GraphModule, Node
 from optcapture import _compat
 from optcapture.discovery import StepGraph
 from optcapture.errors import CaptureError
+from optcapture.hyper_probe import HyperKey
 from optcapture.lanes import called_name
-from optcapture.preparation import NON_HYPER_KEYS, PreparedOptimizer
+from optcapture.preparation import PreparedOptimizer
+from optcapture.shadows import hyper_candidates
 from optcapture.sources import HyperSource, hyper_source, is_hyper_source
 
 log = logging.getLogger(__name__)
-
-HyperKey = tuple[int, str]  # (param group, key), as :mod:`optcapture.bucketing` names a group entry
-
 
 def floats_held_constant(step: StepGraph) -> set[HyperKey]:
     """(group, key) of each float (or tuple of floats) of a stepped group that the graph does not read as an input:
@@ -44,13 +43,7 @@ def floats_held_constant(step: StepGraph) -> set[HyperKey]:
     if optimizer is None:
         return set()
     read = {(source.group, source.key) for source in _sources_read(step)}
-    floats = set()
-    for g in {bucket.key.group for bucket in step.buckets}:
-        for key, value in optimizer.param_groups[g].items():
-            items = value if isinstance(value, tuple) else (value,)
-            if key not in NON_HYPER_KEYS and items and all(type(item) is float for item in items):
-                floats.add((g, key))
-    return floats - read
+    return hyper_candidates(optimizer, (bucket.key.group for bucket in step.buckets)) - read
 
 
 def trace_floats_as_inputs(step: StepGraph) -> None:

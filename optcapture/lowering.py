@@ -32,13 +32,13 @@ from typing import Any
 import torch
 
 from optcapture import _compat
-from optcapture.bucketing import ShadowStep, is_stock
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, FloatsSpecialized
 from optcapture.graph_outputs import host_outputs
 from optcapture.preparation import GradTable
 from optcapture.rewrites import scalars_once
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
+from optcapture.shadows import ShadowStep, is_stock
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 
     ``tables``: the grad tables the shadow's runs read their grads through (empty: real flat grads).
     ``followed``: (shadow param group, key) of the floats the replay stage writes into the shadow before each
-    step (:func:`optcapture.bucketing.followed_hypers`). Every step then goes through Dynamo's frame, and the
+    step (:func:`optcapture.shadows.followed_hypers`). Every step then goes through Dynamo's frame, and the
     frame reads them as inputs from its first step on (:func:`_prime_followed`).
     Raises :class:`CaptureError` when a table capture cannot be proven to read every grad through its table.
     """

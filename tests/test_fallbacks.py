@@ -463,9 +463,9 @@ def test_a_failure_while_recording_the_cuda_graph_raises_with_fallback_raise(mon
 
 
 def _replace_a_weight_with_rebuilds_failing(pair: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    from optcapture import bucketing
+    from optcapture import shadows
 
-    monkeypatch.setattr(bucketing, "prove_equivalent", lambda *args: "simulated: no longer provably equal")
+    monkeypatch.setattr(shadows, "prove_equivalent", lambda *args: "simulated: no longer provably equal")
     with torch.no_grad():
         for model in (pair.model, pair.eager_model):  # type: ignore[attr-defined]
             model[0].weight.data = torch.full((10, 10), 0.5)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from optcapture import _compat, bucketing, progress
+from optcapture import _compat, progress, shadows
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, UnsupportedStepError, warn_once
 from optcapture.replay.counters import count_path
@@ -27,7 +27,7 @@ def eager_step(optimizer_ref: weakref.ref[torch.optim.Optimizer]) -> Callable[[]
     """The optimizer's own step, run outside Dynamo and holding the optimizer weakly."""
     optimizer = optimizer_ref()
     assert optimizer is not None
-    inner = bucketing.unwrapped_step(optimizer)
+    inner = shadows.unwrapped_step(optimizer)
     del optimizer
 
     @torch._dynamo.disable  # type: ignore[misc, untyped-decorator]

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from optcapture import _compat, bucketing, dtensors
+from optcapture import _compat, dtensors, shadows
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey
 from optcapture.preparation import PARAM, FlatGroup, GradLayoutError, GradTable, PreparedOptimizer
@@ -52,7 +52,7 @@ class CapturePlan:
     config: CaptureConfig
     prepared: PreparedOptimizer
     flats: dict[BucketKey, FlatGroup]
-    runs: list[bucketing.Run]
+    runs: list[shadows.Run]
     step: Callable[[], None]  # the lowered step (:class:`optcapture.lowering.LoweredShadow`'s ``call``)
     compiled_lazily: bool  # the step compiles at its first call (kernels unknown until then)
     log: CaptureLog
@@ -61,7 +61,7 @@ class CapturePlan:
     run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]]  # (member vector, first member, run's own scalar)
     frozen_hypers: dict[tuple[int, str], Any]  # (group, key) -> the value the compiled step holds as a constant
     # (shadow param group, real group index, keys the shadow holds its own way): the rest is written into the
-    # shadow before each step (:attr:`optcapture.bucketing.ShadowStep.mirrored`).
+    # shadow before each step (:attr:`optcapture.shadows.ShadowStep.mirrored`).
     mirrored: list[tuple[dict[str, Any], int, frozenset[str]]]
     output: Callable[..., Any]  # the graph's outputs from its inputs: numbers the frame writes back, or nothing
     # A new capture of the same graph over the current storage, from this call's graph inputs; raises.

@@ -1,12 +1,18 @@
-"""Bucketing: runs over flat storage, device hyperparameters, and the equivalence proof."""
+"""The shadow step: runs over flat storage, device hyperparameters, and the equivalence proof."""
 
 from __future__ import annotations
+
+from collections import Counter
+from typing import Any
 
 import pytest
 import torch
 from helpers import assert_matches_eager, make_pair, paths, step_both
 
 import optcapture
+from optcapture import discovery, hyper_probe, preparation, registry, shadows
+from optcapture.config import parse_options
+from optcapture.discovery import StepGraph
 
 
 def test_one_run_per_bucket_and_lr_betas_become_device_tensors() -> None:
@@ -129,10 +135,8 @@ def test_groups_of_two_kinds_probe_correctly_and_match_eager() -> None:
 
 def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     # Each probe traces the shadow; probing per group and key made a 30-group AdamW's first call take minutes.
-    from optcapture import bucketing
-
     traces = []
-    real = bucketing.trace_only
+    real = hyper_probe.trace_only
     for count in (2, 12):
         calls = [0]
 
@@ -140,7 +144,7 @@ def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeyp
             calls[0] += 1
             return real(fn, *args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(bucketing, "trace_only", counted)
+        monkeypatch.setattr(hyper_probe, "trace_only", counted)
         params = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(count)]
         for p in params:
             p.grad = torch.randn_like(p)
@@ -150,3 +154,65 @@ def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeyp
         traces.append(calls[0])
         torch._dynamo.reset()
     assert traces[0] == traces[1], traces
+
+
+def _traced_adamw() -> tuple[torch.optim.Optimizer, StepGraph, discovery.InputMap]:
+    """A stepped AdamW (its state exists), discovery's graph of its next step, and :func:`discovery.map_inputs` of
+    that graph (inside the backend, like discovery: Dynamo drops the inputs' sources after it)."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, foreach=False)
+    optimizer.step()
+    traced: list[tuple[StepGraph, discovery.InputMap]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        mapped = discovery.map_inputs(gm, discovery.input_values(gm, example_inputs), optimizer)
+        traced.append((discovery.discover(gm, example_inputs), mapped))
+        return gm.forward
+
+    torch.compile(optimizer.step, backend=backend)()
+    ((step, mapped),) = traced
+    return optimizer, step, mapped
+
+
+def _proof_shadow(optimizer: torch.optim.Optimizer, step: StepGraph, values: dict[tuple[int, str], Any] | None = None
+                  ) -> tuple[shadows.ShadowStep, hyper_probe.TracedGraph]:
+    """The shadow the proof builds for ``step`` (holding ``values`` in its groups), and its traced graph."""
+    prepared = registry.prepared_for(optimizer, parse_options())
+    flats = preparation.prepare(step, prepared)
+    runs = shadows.plan_runs(step, flats)
+    shadow = shadows.build_shadow(optimizer, prepared, runs, flats, set(), execution=False, values=values)
+    traced = hyper_probe.trace_only(shadow.call)
+    assert traced is not None
+    return shadow, traced
+
+
+def test_the_proof_passes_the_traced_values_and_refuses_a_run_with_another_program() -> None:
+    optimizer, step, _ = _traced_adamw()
+    assert not step.blockers and step.update == "elementwise"
+    assert step.traced_floats[(0, "weight_decay")] == 0.1
+    shadow, traced = _proof_shadow(optimizer, step, step.traced_floats)
+    assert shadows.prove_equivalent(step, traced, shadow.shadow) is None
+    # Another weight decay: the shadow's `param.mul_(1 - lr * weight_decay)` multiplies by another constant.
+    shadow, traced = _proof_shadow(optimizer, step, {**step.traced_floats, (0, "weight_decay"): 0.2})
+    mismatch = shadows.prove_equivalent(step, traced, shadow.shadow)
+    assert mismatch is not None and mismatch.startswith("a run of bucket") and "members' program" in mismatch
+
+
+def test_discover_and_the_proof_map_inputs_by_the_same_roles() -> None:
+    optimizer, step, mapped = _traced_adamw()
+    assert mapped.roles == step.roles
+    kinds = Counter(role.kind for role in mapped.roles)
+    assert (kinds["param"], kinds["grad"], kinds["state"], kinds["scalar_state"]) == (3, 3, 6, 3), kinds
+    assert mapped.present == {0: [0, 1, 2]}
+    # The proof maps the shadow graph to the shadow: one run (equal step counts), so one param, grad, exp_avg,
+    # exp_avg_sq and step.
+    shadow, (shadow_gm, shadow_inputs) = _proof_shadow(optimizer, step)
+    assert len(shadow.runs) == 1
+    shadow_map = discovery.map_inputs(shadow_gm, discovery.input_values(shadow_gm, shadow_inputs), shadow.shadow)
+    shadow_kinds = Counter(role.kind for role in shadow_map.roles)
+    assert (shadow_kinds["param"], shadow_kinds["grad"], shadow_kinds["state"], shadow_kinds["scalar_state"]) == (
+        1, 1, 2, 1), shadow_kinds
+    assert {role.key for role in shadow_map.roles if role.kind == "state"} == {"exp_avg", "exp_avg_sq"}
+    assert shadow_map.present == {0: [0]}

@@ -1,11 +1,12 @@
-"""Stage 3, bucketing: build the one program per bucket that replaces the per-tensor step.
+"""Stage 3, elementwise: the shadow step, the one program per run that replaces the per-tensor step.
 
 A *shadow* optimizer of the user's class gets one param per *run*: a contiguous range of a flat
 group whose members have a grad in this graph and equal scalar state (step counts ...). Its
 params, grads and state are views of the flat storage that :mod:`optcapture.preparation` owns,
 so running the optimizer's own ``step`` on the shadow updates every member at once.
-Hyperparameters that only flow into tensor arithmetic become 0-dim device tensors (see
-:func:`probe_tensor_hypers`), so a scheduler changing them never changes the program.
+Hyperparameters that only flow into tensor arithmetic become 0-dim device tensors (found by
+:mod:`optcapture.hyper_probe`), so a scheduler changing them never changes the program. :func:`build` is
+the stage: it builds the shadow, proves it and probes its hyperparameters.
 
 Invariant: a shadow is built only for a :class:`~optcapture.discovery.StepGraph` whose lanes are
 proven elementwise, and it is only used once :func:`prove_equivalent` has shown that the shadow's
@@ -19,20 +20,21 @@ import dataclasses
 import itertools
 import logging
 import types
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
 
-from optcapture import _compat
-from optcapture.discovery import BucketKey, StepGraph, discover, global_state
-from optcapture.preparation import BOOKKEEPING_KEYS, NON_HYPER_KEYS, PARAM, FlatGroup, PreparedOptimizer
+from optcapture import _compat, discovery, hyper_probe
+from optcapture.discovery import BucketKey, StepGraph, global_state
+from optcapture.errors import CaptureError
+from optcapture.hyper_probe import HyperKey, TracedGraph
+from optcapture.preparation import NON_HYPER_KEYS, PARAM, FlatGroup, PreparedOptimizer
 
 log = logging.getLogger(__name__)
 
 _shadow_ids = itertools.count()
-HyperKey = tuple[int, str]  # (param group, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +97,10 @@ def _make_run(flat: FlatGroup, positions: list[int]) -> Run:
     return Run(flat.key, tuple(positions), flat.slot(positions[0]).start, flat.slot(positions[-1]).stop)
 
 
-def hyper_candidates(optimizer: torch.optim.Optimizer, runs: list[Run]) -> set[HyperKey]:
-    """Float (or tuple-of-float) keys of the groups that own runs: what could become a device tensor."""
+def hyper_candidates(optimizer: torch.optim.Optimizer, groups: Iterable[int]) -> set[HyperKey]:
+    """Float (or tuple-of-float) keys of ``groups`` (those that own runs): what could become a device tensor."""
     keys = set()
-    for g in {run.key.group for run in runs}:
+    for g in set(groups):
         for key, value in optimizer.param_groups[g].items():
             if key in NON_HYPER_KEYS:
                 continue
@@ -213,146 +215,13 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     return ShadowStep(call, shadow, runs, set(tensor_hypers), run_scalars, groups, mirrored)
 
 
-class _Traced(Exception):
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
-        self.gm = gm
-        self.example_inputs = example_inputs
-
-
-TracedGraph = tuple[torch.fx.GraphModule, list[Any]]
-
-
-def trace_only(fn: Callable[[], None], failures: list[str] | None = None) -> TracedGraph | None:
-    """The full Dynamo graph of ``fn`` and its inputs without running it, or None if it is not one graph. Why it is
-    not is logged, or, given ``failures``, appended to it (a probe expects failures and says them once)."""
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        raise _Traced(gm, list(example_inputs))
-
-    traced: TracedGraph | None = None
-    try:
-        torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)()
-    except Exception as error:  # noqa: BLE001 - any failure means "not traceable"; the cause is logged
-        cause: BaseException | None = error
-        while cause is not None and traced is None:
-            if isinstance(cause, _Traced):
-                traced = (cause.gm, cause.example_inputs)
-            cause = cause.__cause__ or cause.__context__
-        if traced is None:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            if failures is None:
-                log.debug("shadow does not trace as one graph: %s", reason)
-            else:
-                failures.append(reason)
-        # NB: the traceback holds this frame and, through f_back, the backend's frames; drop it so the
-        # optimizer is freed by reference counting, not only by the cycle collector.
-        error.__traceback__ = None
-        cause = None
-    return traced
-
-
-def probe_tensor_hypers(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
-                        flats: dict[BucketKey, FlatGroup],
-                        run_grads: Sequence[torch.Tensor] | None = None) -> set[HyperKey]:
-    """The hyperparameters the step tolerates as tensors: those only feed tensor arithmetic.
-
-    A key that steers Python control flow (``if momentum != 0``) or needs a Python number
-    (``alpha=lr``) makes the one-graph trace fail as a tensor, so it stays a float, and Dynamo
-    keeps guarding it: changing it then recompiles, which is the correct outcome.
-    """
-    candidates = hyper_candidates(optimizer, runs)
-    failures: list[str] = []  # failed probes are expected: said once, below
-
-    def traces(keys: set[HyperKey], chosen: Sequence[int] = range(len(runs))) -> bool:
-        subset = [runs[i] for i in chosen]
-        grads = None if run_grads is None else [run_grads[i] for i in chosen]
-        traced = trace_only(build_shadow(optimizer, prepared, subset, flats, keys, run_grads=grads).call, failures)
-        return traced is not None and _keeps_tensors(*traced)
-
-    accepted = _probe(optimizer, runs, candidates, traces)
-    kept = sorted({name for _, name in candidates - accepted})
-    if kept:
-        log.debug("hyperparameters %s stay Python numbers: as tensors, %s", kept,
-                  f"the shadow step does not trace as one graph ({'; '.join(dict.fromkeys(failures))})" if failures
-                  else "the graph turns them back into numbers")
-    return accepted
-
-
-def _probe(optimizer: torch.optim.Optimizer, runs: list[Run], candidates: set[HyperKey],
-           traces: Callable[..., bool]) -> set[HyperKey]:
-    """:func:`probe_tensor_hypers`'s search, with ``traces(keys, chosen runs)`` its probe."""
-    if not candidates:
-        return candidates
-    # Every probe traces a shadow, which costs time in proportion to its groups; with many groups (layer-wise
-    # learning rates) probing them all took minutes. Groups that differ only in float values run the same code,
-    # so the probes run on one group of each kind, and one trace of all groups confirms the answer.
-    chosen = _one_group_of_each_kind(optimizer, runs, candidates)
-    if len(chosen) < len(runs):
-        accepted = candidates if traces(candidates, chosen) else _probe_by_name(
-            candidates, lambda keys: traces(keys, chosen))
-        if traces(accepted):
-            return accepted
-        if accepted == candidates:  # that was the trace of every candidate on all groups: not again
-            return _probe_by_name(candidates, traces)
-    if traces(candidates):
-        return candidates
-    return _probe_by_name(candidates, traces)
-
-
-def _probe_by_name(candidates: set[HyperKey], traces: Callable[[set[HyperKey]], bool]) -> set[HyperKey]:
-    """The largest set of whole key names (a name in every group at once) that traces, found greedily.
-
-    By name, not by (group, name): every group runs the same code for a key, and a probe per group made the
-    first call grow with the square of the number of groups."""
-    by_name: dict[str, set[HyperKey]] = {}
-    for key in candidates:
-        by_name.setdefault(key[1], set()).add(key)
-
-    def keys_of(names: list[str]) -> set[HyperKey]:
-        return set().union(*(by_name[name] for name in names))
-
-    names = [name for name in sorted(by_name) if traces(by_name[name])]
-    while names and not traces(keys_of(names)):
-        names.pop()
-    return keys_of(names)
-
-
-def _one_group_of_each_kind(optimizer: torch.optim.Optimizer, runs: list[Run],
-                            candidates: set[HyperKey]) -> list[int]:
-    """Indices of the runs of one param group per kind: groups of a kind differ only in candidate floats."""
-    # Bookkeeping keys do not make a group another kind (a step that reads one anyway is caught by the
-    # confirming trace of all groups).
-    first_of_kind: dict[str, int] = {}
-    for run in runs:
-        g = run.key.group
-        group = optimizer.param_groups[g]
-        kind = repr(sorted((key, repr(value)) for key, value in group.items()
-                           if key not in BOOKKEEPING_KEYS and (g, key) not in candidates))
-        first_of_kind.setdefault(kind, g)
-    keep = set(first_of_kind.values())
-    return [i for i, run in enumerate(runs) if run.key.group in keep]
-
-
-def _keeps_tensors(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> bool:
-    """True when Dynamo's graph reads every hyperparameter as a tensor: no Python-number inputs, no ``.item()``.
-
-    A graph that turns a tensor hyperparameter back into a number could not replay under a CUDA graph
-    with the value changing, so that key stays a float. NB: this sees Dynamo's graph only; stock foreach
-    optimizers do the conversion later, inside AOT (torch 2.11), which is why the executed shadow of a stock
-    class runs its single-tensor implementation (see :func:`build_shadow`).
-    """
-    if not all(isinstance(value, torch.Tensor) for value in example_inputs):
-        return False
-    return not any(node.op == "call_method" and node.target == "item" for node in gm.graph.nodes)
-
-
 def frozen_hypers(optimizer: torch.optim.Optimizer, runs: list[Run], tensor_hypers: set[HyperKey],
                   followed: AbstractSet[HyperKey] = frozenset()) -> dict[HyperKey, Any]:
     """The hyperparameters the shadow holds as they were when it was built: the floats it reads as constants
     (compared by value) and the tensors the user gave (``lr=torch.tensor(0.01)``), which the shadow reads as
     those very objects: writing into one (``fill_``, what LR schedulers do) needs nothing, but a group entry
     replaced by another tensor must rebuild the capture (compared by identity)."""
-    keys = hyper_candidates(optimizer, runs) - tensor_hypers - followed
+    keys = hyper_candidates(optimizer, (run.key.group for run in runs)) - tensor_hypers - followed
     frozen = {key: optimizer.param_groups[key[0]][key[1]] for key in keys}
     for g in {run.key.group for run in runs}:
         for key, value in optimizer.param_groups[g].items():
@@ -395,28 +264,82 @@ def _same_program(real: Hashable, shadow: Hashable) -> bool:
     return False
 
 
+@dataclasses.dataclass
+class BuiltShadow:
+    """What :func:`build` hands to lowering and replay."""
+
+    step: ShadowStep
+    followed: set[HyperKey]
+    """Numbers the shadow follows (:func:`followed_hypers`)."""
+    frozen: dict[HyperKey, Any]
+    """Values the capture holds as they were (:func:`frozen_hypers`): a change rebuilds it."""
+
+    @property
+    def tensor_hypers(self) -> set[HyperKey]:
+        """The hyperparameters the shadow reads as device tensors."""
+        return self.step.tensor_hypers
+
+
+def build(step: StepGraph, optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
+          flats: dict[BucketKey, FlatGroup], run_grads: Sequence[torch.Tensor] | None,
+          required_hypers: AbstractSet[HyperKey] = frozenset()) -> BuiltShadow:
+    """The shadow step of ``runs``, proven to run each member's program, with its hyperparameters probed.
+
+    ``run_grads``: as for :func:`build_shadow` (virtual grads must be backed by memory while this traces);
+    ``required_hypers``: keys a rebuilt capture must still read as tensors. Raises :class:`CaptureError` when the
+    shadow cannot be proven equivalent or a required key can no longer be a tensor.
+    """
+    # With the floats the real graph was traced with: a rebuild after a scheduler changed lr (which the capture
+    # reads as a tensor, its guard dropped) is proven against the graph's constants, not the new value.
+    proof_shadow = build_shadow(optimizer, prepared, runs, flats, set(), execution=False, run_grads=run_grads,
+                                values=step.traced_floats)
+    proof_graph = hyper_probe.trace_only(proof_shadow.call)
+    if proof_graph is None:
+        raise CaptureError("the step does not trace as one graph over flat storage")
+    mismatch = prove_equivalent(step, proof_graph, proof_shadow.shadow)
+    if mismatch is not None:
+        raise CaptureError(mismatch)
+
+    def shadow_of(keys: set[HyperKey], chosen: Sequence[int]) -> Callable[[], None]:
+        grads = None if run_grads is None else [run_grads[i] for i in chosen]
+        return build_shadow(optimizer, prepared, [runs[i] for i in chosen], flats, keys, run_grads=grads).call
+
+    run_groups = [run.key.group for run in runs]
+    tensor_hypers = hyper_probe.probe_tensor_hypers(optimizer, run_groups, hyper_candidates(optimizer, run_groups),
+                                                    shadow_of)
+    if not required_hypers <= tensor_hypers:
+        raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
+    shadow = build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
+    followed = followed_hypers(step, optimizer, runs, tensor_hypers)
+    return BuiltShadow(shadow, followed, frozen_hypers(optimizer, runs, tensor_hypers, followed))
+
+
 def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.optim.Optimizer) -> str | None:
-    """None when every run of the shadow runs the same program as the real members; else why not."""
+    """None when every run of the shadow runs the same program as the real members; else why not.
+
+    The shadow graph's inputs are mapped to the shadow's params, grads and state as stage 1 maps the real graph's
+    (:func:`optcapture.discovery.map_inputs`), and its lanes, one per run, are analyzed the same way.
+    """
     assert step.lane_report is not None
     shadow_gm, examples = traced_shadow
-    traced = discover(shadow_gm, examples, tracer=_ShadowTracer(shadow), require_step_frame=False)
-    if traced.lane_report is None or not traced.lane_report.elementwise:
-        return f"the shadow step is not elementwise: {traced.blockers}"
+    mapped = discovery.map_inputs(shadow_gm, discovery.input_values(shadow_gm, examples), shadow)
+    if not mapped.present:
+        return "the shadow step is not elementwise: it reads no grad of a run"
+    shapes = {(g, i): shadow.param_groups[g]["params"][i].shape for g, members in mapped.present.items()
+              for i in members}
+    report = discovery.analyze_lanes(shadow_gm, mapped.lane_inputs, shapes)
+    if not report.elementwise:
+        return f"the shadow step is not elementwise: {report.reason}"
     real_groups = sorted({b.key.group for b in step.buckets})
-    for shadow_bucket in traced.buckets:
-        g = real_groups[shadow_bucket.key.group]
-        real_bucket = next(b for b in step.buckets if b.key.group == g and b.key.device == shadow_bucket.key.device
-                           and b.key.dtype == shadow_bucket.key.dtype)
-        program = step.lane_report.programs[(g, real_bucket.members[0])]
-        for i in shadow_bucket.members:
-            if not _same_program(program, traced.lane_report.programs[(shadow_bucket.key.group, i)]):
-                return f"a run of bucket {real_bucket.key} would not run the members' program"
+    for shadow_g, members in sorted(mapped.present.items()):
+        # Shadow group k holds the runs of the k-th real group that has runs; compared bucket by bucket.
+        runs_of: dict[BucketKey, list[int]] = {}
+        for i in sorted(members):
+            p = shadow.param_groups[shadow_g]["params"][i]
+            runs_of.setdefault(BucketKey(real_groups[shadow_g], p.device, p.dtype), []).append(i)
+        for key, shadow_members in runs_of.items():
+            real_bucket = next(b for b in step.buckets if b.key == key)
+            program = step.lane_report.programs[(key.group, real_bucket.members[0])]
+            if not all(_same_program(program, report.programs[(shadow_g, i)]) for i in shadow_members):
+                return f"a run of bucket {key} would not run the members' program"
     return None
-
-
-class _ShadowTracer:
-    """Enough of a Dynamo tracer for :func:`discover` to read a shadow graph."""
-
-    def __init__(self, shadow: torch.optim.Optimizer) -> None:
-        self.f_locals = {"self": shadow}
-        self.f_code = None
