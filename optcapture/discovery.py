@@ -295,7 +295,8 @@ def map_inputs(gm: GraphModule, values: dict[Node, Any], optimizer: torch.optim.
             kind, g, _, key = hit
             roles.append(InputRole(n.name, source, kind, g, None, key))
             lane_inputs[n] = (None, f"{kind}:{key}")
-        elif hit is not None:
+            continue
+        if hit is not None:
             kind, g, i, key = hit
             assert g is not None and i is not None
             roles.append(InputRole(n.name, source, kind, g, i, key))

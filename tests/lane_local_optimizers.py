@@ -14,7 +14,8 @@ import torch
 from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
 __all__ = ["CounterReadBeforeWriteRmsAdam", "CounterResultReadRmsAdam", "Float32Muon", "ForeachNovoGrad",
-           "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam", "StackedNormsLars", "TrustRatioLamb"]
+           "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam", "RowScaledSGD", "StackedNormsLars",
+           "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -149,6 +150,27 @@ class CounterResultReadRmsAdam(GroupStepRmsAdam):
         count = group["step"].add_(1)
         beta1, beta2 = group["betas"]
         return 1 - beta1 ** count, (1 - beta2 ** count).sqrt()
+
+
+class RowScaledSGD(torch.optim.Optimizer):
+    """SGD scaled per row: a matrix keeps a ``[rows, 1]`` state (SM3's accumulators have such shapes), a vector one of
+    its own shape; the state decays and grows by each row's mean absolute grad (a per-param reduction)."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["scale"] = torch.ones(p.shape[0], 1) if p.dim() > 1 else torch.ones_like(p)
+                grown = p.grad.abs().mean(dim=-1, keepdim=True) if p.dim() > 1 else p.grad.abs()
+                state["scale"].mul_(0.9).add_(grown)
+                p.add_(p.grad * state["scale"], alpha=-group["lr"])
 
 
 class StackedNormsLars(torch.optim.Optimizer):

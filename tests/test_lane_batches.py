@@ -28,6 +28,7 @@ from lane_local_optimizers import (
     GlobalClipLamb,
     GroupStepRmsAdam,
     GroupTensorStepRmsAdam,
+    RowScaledSGD,
     StackedNormsLars,
     TrustRatioLamb,
 )
@@ -340,3 +341,16 @@ def test_a_shared_write_that_cannot_run_first_is_not_batched(factory: type, reas
     reports = optcapture.explain(pair.optimizer)
     assert "bucketed" not in [r.path for r in reports], reports
     assert any(reason in why for r in reports for why in r.reasons), [r.reasons for r in reports]
+
+
+def test_state_of_another_shape_than_its_param_is_not_batched() -> None:
+    # SM3 (pytorch_optimizer) was batched and silently wrong (2e-3 off after 3 steps): a matrix's [rows, 1] state is
+    # not moved into flat storage, whose slot for it holds zeros, and the batch stepped on those zeros.
+    pair = make_pair(lambda p: RowScaledSGD(p), model=_model(MIXED))
+    for seed in range(4):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    reports = optcapture.explain(pair.optimizer)
+    assert "bucketed" not in [r.path for r in reports], reports
+    expected = "is not in flat storage (shape (6, 1), its param's (6, 4))"
+    assert any(expected in why for r in reports for why in r.reasons), [r.reasons for r in reports]
