@@ -135,6 +135,8 @@ def _capture(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence
     prepared = registry.prepared_for(optimizer, config)
     try:
         flats = preparation.prepare(step, prepared)
+    except CaptureError:
+        raise
     except Exception as error:  # noqa: BLE001 - each tensor is moved whole or not at all: the step is still exact
         raise CaptureError(f"moving the params into flat storage failed ({type(error).__name__}: {error})") from None
     runs = shadows.plan_runs(step, flats)

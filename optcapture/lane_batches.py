@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture import dtensors, lane_hypers
+from optcapture import lane_hypers
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.lane_programs import LaneInput, lane_program, out_of_place, writes_input
@@ -183,8 +183,6 @@ class InputTable:
                 where.append((index, None))
                 in_dims.append(None)
             else:
-                if lane_input.role == "state":
-                    self._check_homed(flat, batch, lane_input.key)
                 where.append((len(self.inputs), (len(batch.positions), *batch.shape)
                               if lane_input.role != "scalar_state" else (len(batch.positions),)))
                 in_dims.append(0)
@@ -192,19 +190,6 @@ class InputTable:
         if numbers:
             lane_hypers.numbers_as_tensors(program, numbers)
         return torch.func.vmap(out_of_place(program), in_dims=tuple(in_dims)), where
-
-    def _check_homed(self, flat: FlatGroup, batch: LaneBatch, key: str | None) -> None:
-        """Every member's state ``key`` lives in its slot of flat storage. A state tensor of another shape than its
-        param's is left where it is (SM3 keeps a ``[rows, 1]`` and a ``[1, cols]`` accumulator per matrix, a
-        vector's has the vector's shape): its slot holds zeros, and a batch reading it would step on zeros."""
-        homes = flat.homes.get(Role("state", key)) if key is not None else None
-        for j in batch.positions:
-            tensor = self.optimizer.state.get(flat.params[j], {}).get(key)
-            if homes is None or not isinstance(tensor, torch.Tensor) or \
-                    dtensors.local(tensor).data_ptr() != homes[j].data_ptr():
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
-                raise CaptureError(f"state {key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not "
-                                   f"in flat storage (shape {shape}, its param's {tuple(flat.shapes[j])})")
 
     def read(self, tensors: tuple[torch.Tensor, ...], where: Where) -> torch.Tensor:
         index, size = where

@@ -36,6 +36,7 @@ from optcapture import _compat, dtensors
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey, StepGraph, is_per_element_state, per_element_state_keys
 from optcapture.eligible import FLAT_STORAGE, bucketable
+from optcapture.errors import CaptureError
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,10 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         members: list[torch.Tensor | None] = []
         for p in params:
             tensor = p if role == PARAM else optimizer.state.get(p, {}).get(role.key)
+            # Only a tensor of its param's shape, dtype and device: copying another into the slot would change the
+            # user's state (timm's AdafactorBigVision keeps exp_avg in bfloat16 beside float32 params).
             members.append(tensor if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape
+                           and tensor.dtype == p.dtype and tensor.device == p.device
                            and dtensors.differs_because(p, tensor, "state") is None else None)
         flats[role], homes[role] = _move_into_flat(members, shapes, offsets, total, key)
     for j, p in enumerate(params):
@@ -440,5 +444,27 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
 
 
 def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, FlatGroup]:
-    """Re-home the tensors of every bucket of ``step`` into flat storage (reusing what exists)."""
-    return {bucket.key: prepared.flat_group(bucket.key) for bucket in step.buckets}
+    """Re-home the tensors of every bucket of ``step`` into flat storage (reusing what exists). Raises
+    :class:`CaptureError` when a member's state of a key flat storage holds is not in it (another shape, dtype or
+    device than its param's): its slot holds zeros, which a bucketed step would read in its place."""
+    flats = {bucket.key: prepared.flat_group(bucket.key) for bucket in step.buckets}
+    optimizer = prepared.optimizer_ref()
+    assert optimizer is not None
+    for flat in flats.values():
+        problem = _unhomed_state(flat, optimizer)
+        if problem is not None:
+            raise CaptureError(problem)
+    return flats
+
+
+def _unhomed_state(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> str | None:
+    for role, homes in flat.homes.items():
+        if role.kind != "state":
+            continue
+        for j, p in enumerate(flat.params):
+            value = optimizer.state.get(p, {}).get(role.key)
+            if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != homes[j].data_ptr():
+                return (f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not in flat "
+                        f"storage (shape {tuple(value.shape)} {value.dtype}, its param's {tuple(flat.shapes[j])} "
+                        f"{p.dtype})")
+    return None

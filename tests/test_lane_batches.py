@@ -352,5 +352,5 @@ def test_state_of_another_shape_than_its_param_is_not_batched() -> None:
         assert_matches_eager(pair)
     reports = optcapture.explain(pair.optimizer)
     assert "bucketed" not in [r.path for r in reports], reports
-    expected = "is not in flat storage (shape (6, 1), its param's (6, 4))"
+    expected = "is not in flat storage (shape (6, 1) torch.float32, its param's (6, 4) torch.float32)"
     assert any(expected in why for r in reports for why in r.reasons), [r.reasons for r in reports]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_model, make_pair, set_grads
+from helpers import assert_matches_eager, make_model, make_pair, set_grads, step_both
 
 import optcapture
 from optcapture import preparation
@@ -173,3 +173,37 @@ def test_tensors_moved_into_flat_storage_keep_identity_and_values(staged_on_host
         if tensor is not None:
             assert tensor.data_ptr() == home.data_ptr() and torch.equal(tensor, value)
     assert flat[6:8].tolist() == [0.0, 0.0] and flat[8:16].tolist() == [0.0] * 8 and flat[21:].tolist() == [0.0] * 3
+
+
+class _Bf16MomentumSGD(torch.optim.Optimizer):
+    """SGD with its momentum kept in bfloat16 for float32 params (timm's AdafactorBigVision keeps ``exp_avg`` so)."""
+
+    def __init__(self, params: object) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["momentum"].mul_(0.9).add_(p.grad.to(torch.bfloat16))
+                p.add_(state["momentum"].float(), alpha=-group["lr"])
+
+
+def test_state_of_another_dtype_than_its_param_keeps_its_dtype_and_is_not_bucketed() -> None:
+    # It was copied into the float32 flat buffer and re-homed there: the user's bfloat16 state became float32, and the
+    # next call crashed into the training loop ("expected dtype float for `end` but got dtype c10::BFloat16").
+    pair = make_pair(lambda p: _Bf16MomentumSGD(p))
+    for seed in range(4):
+        step_both(pair, seed)
+        for p, q in zip(pair.model.parameters(), pair.eager_model.parameters(), strict=True):
+            assert pair.optimizer.state[p]["momentum"].dtype == torch.bfloat16
+            # Inductor rounds the fused momentum update to bfloat16 once, eager twice (as stock torch.compile).
+            torch.testing.assert_close(p, q, atol=1e-2, rtol=1e-2)
+    reports = optcapture.explain(pair.optimizer)
+    assert "bucketed" not in [r.path for r in reports], reports
+    assert any("torch.bfloat16, its param's" in why for r in reports for why in r.reasons), [r.reasons for r in reports]
