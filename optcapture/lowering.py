@@ -47,11 +47,18 @@ def inductor_patches(config: CaptureConfig, device: torch.device, cudagraphs: bo
     return {"triton.cudagraphs": bool(cudagraphs and config.cudagraphs and device.type == "cuda")}
 
 
+# The bucketed step's inputs are the capture's own flat storage, whose sizes never change (a change rebuilds the
+# capture), or inputs Dynamo's guards checked: Inductor's check of each input's size and stride at every call
+# (``assert_size_stride``, about a microsecond per input on the CPU, a tenth of a small CPU step) checks nothing more.
+_FIXED_INPUTS = {"size_asserts": False}
+
+
 def shadow_patches(config: CaptureConfig, device: torch.device, cudagraphs: bool) -> dict[str, Any]:
     """Inductor configuration of the bucketed step. Unlike Inductor's default, its few kernels are not autotuned
     unless ``config.autotune``: over flat storage the heuristic launch configuration measured as fast, and
     autotuning cost seconds of the first call (CHANGELOG, 2026-11-22)."""
-    patches = {**inductor_patches(config, device, cudagraphs), "triton.autotune_pointwise": config.autotune}
+    patches = {**inductor_patches(config, device, cudagraphs), "triton.autotune_pointwise": config.autotune,
+               **_FIXED_INPUTS}
     if device.type == "cpu":
         # A user's own post-grad pass is kept, and the step's scalars then are computed per vector, as before.
         if _compat.custom_post_grad_pass() is None:
@@ -342,7 +349,8 @@ def lower_batched(call: Callable[..., None], inputs: Sequence[torch.Tensor], con
     the tensors the step shares), whose addresses stay fixed: no Dynamo frame, no guards. Not under CUDA graphs."""
     with _compat.outside_dynamo_tracing():
         gm = _compat.trace_without_running(call, inputs)
-        compiled, count = _compile(gm, list(inputs), inductor_patches(config, device, cudagraphs=False), None)
+        compiled, count = _compile(gm, list(inputs), {**inductor_patches(config, device, cudagraphs=False),
+                                                       **_FIXED_INPUTS}, None)
     arguments = tuple(inputs)
 
     def step() -> None:

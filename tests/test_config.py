@@ -39,12 +39,13 @@ def test_inductor_patches_follow_the_config() -> None:
     from optcapture.lowering import inductor_patches, shadow_patches
 
     cuda = torch.device("cuda")
-    # The per-tensor fallback keeps Inductor's own defaults; only the bucketed step turns autotuning off.
+    # The per-tensor fallback keeps Inductor's own defaults; only the bucketed step turns autotuning and the
+    # per-call input size checks off.
     assert inductor_patches(CaptureConfig(), cuda, cudagraphs=True) == {"triton.cudagraphs": True}
-    assert shadow_patches(CaptureConfig(), cuda, cudagraphs=True) == {"triton.cudagraphs": True,
-                                                                     "triton.autotune_pointwise": False}
+    assert shadow_patches(CaptureConfig(), cuda, cudagraphs=True) == {
+        "triton.cudagraphs": True, "triton.autotune_pointwise": False, "size_asserts": False}
     assert shadow_patches(CaptureConfig(autotune=True, cudagraphs=False), cuda, cudagraphs=True) == {
-        "triton.cudagraphs": False, "triton.autotune_pointwise": True}
+        "triton.cudagraphs": False, "triton.autotune_pointwise": True, "size_asserts": False}
     assert inductor_patches(CaptureConfig(), torch.device("cpu"), cudagraphs=True)["triton.cudagraphs"] is False
 
 
