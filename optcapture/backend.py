@@ -33,7 +33,6 @@ from optcapture import (
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
-    InputRole,
     StepGraph,
     changed_since_traced,
     cycled_floats_held_constant,
@@ -41,6 +40,7 @@ from optcapture.discovery import (
 )
 from optcapture.errors import CaptureError, FloatsSpecialized, OptionError, UnsupportedStepError, warn_once
 from optcapture.graph_outputs import outputs_or_error
+from optcapture.input_roles import InputRole
 from optcapture.replay import CapturedStep
 from optcapture.rewrites.indirect_grad_loads import triton_type
 from optcapture.sources import is_hyper_source

@@ -34,9 +34,10 @@ import torch
 
 from optcapture import _compat, dtensors
 from optcapture.config import CaptureConfig
-from optcapture.discovery import BucketKey, StepGraph, is_per_element_state, per_element_state_keys
+from optcapture.discovery import BucketKey, StepGraph
 from optcapture.eligible import FLAT_STORAGE, bucketable
 from optcapture.errors import CaptureError
+from optcapture.input_roles import is_per_element_state, per_element_state_keys
 
 log = logging.getLogger(__name__)
 
