@@ -143,7 +143,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     hyperparameters back into numbers inside AOT (seen on torch 2.11), which CUDA graphs cannot replay;
     PyTorch's test suite checks that the two implementations of each stock optimizer agree.
 
-    ``run_grads``: each run's grad (a :class:`~optcapture.preparation.GradTable`'s virtual tensor); by
+    ``run_grads``: each run's grad (a :class:`~optcapture.grad_tables.GradTable`'s virtual tensor); by
     default, the run's slice of the flat grad storage. ``values``: param-group entries the shadow holds instead of
     the live ones (the proof's shadow holds the values the real graph was traced with).
     """
