@@ -33,14 +33,15 @@ from optcapture import (
 from optcapture.config import CaptureConfig, parse_options
 from optcapture.discovery import (
     BucketKey,
-    InputRole,
     StepGraph,
     changed_since_traced,
     cycled_floats_held_constant,
     discover,
 )
 from optcapture.errors import CaptureError, FloatsSpecialized, OptionError, UnsupportedStepError, warn_once
+from optcapture.grad_tables import GradTable, backed_by_memory, grads_fit_table
 from optcapture.graph_outputs import outputs_or_error
+from optcapture.input_roles import InputRole
 from optcapture.replay import CapturedStep
 from optcapture.rewrites.indirect_grad_loads import triton_type
 from optcapture.sources import is_hyper_source
@@ -257,7 +258,7 @@ def _grad_slots(step: StepGraph, gm: torch.fx.GraphModule,
 
 
 def _grad_tables(step: StepGraph, runs: list[shadows.Run], flats: dict[BucketKey, preparation.FlatGroup],
-                 config: CaptureConfig) -> list[preparation.GradTable]:
+                 config: CaptureConfig) -> list[GradTable]:
     """One grad table per run when every run's grads can be read where autograd leaves them; else none."""
     if not config.grads_in_place:
         return []
@@ -269,25 +270,25 @@ def _grad_tables(step: StepGraph, runs: list[shadows.Run], flats: dict[BucketKey
         log.info("grads are copied into flat storage: the step reads a float hyperparameter as an input")
         return []
     for run in runs:
-        reason = preparation.grads_fit_table(flats[run.key], run.positions)
+        reason = grads_fit_table(flats[run.key], run.positions)
         if reason is None and triton_type(run.key.dtype) is None:
             reason = f"no in-place grad loads for {run.key.dtype}"
         if reason is not None:
             log.info("grads are copied into flat storage: %s", reason)
             return []
-    return [preparation.GradTable(flats[run.key], run.positions, config.align_elements) for run in runs]
+    return [GradTable(flats[run.key], run.positions, config.align_elements) for run in runs]
 
 
 def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: CaptureConfig,
                   tracer: Any, began: float,
                   required_hypers: frozenset[tuple[int, str]], prepared: preparation.PreparedOptimizer,
                   flats: dict[BucketKey, preparation.FlatGroup], runs: list[shadows.Run],
-                  tables: list[preparation.GradTable]) -> CapturedStep:
+                  tables: list[GradTable]) -> CapturedStep:
     optimizer = step.optimizer
     assert optimizer is not None
     run_grads = [table.virtual for table in tables] or None
     progress.enter("bucket")
-    with preparation.backed_by_memory(tables):
+    with backed_by_memory(tables):
         built = shadows.build(step, optimizer, prepared, runs, flats, run_grads, required_hypers)
         shadow, tensor_hypers = built.step, built.tensor_hypers
         progress.enter("lower")

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture.discovery import RoleKind, StepGraph
+from optcapture.discovery import StepGraph
 from optcapture.errors import CaptureError
+from optcapture.input_roles import RoleKind
 from optcapture.lanes import LaneId, called_name, in_place
 from optcapture.sources import HyperSource, hyper_source
 

@@ -34,8 +34,8 @@ import torch
 from optcapture import _compat
 from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, FloatsSpecialized
+from optcapture.grad_tables import GradTable
 from optcapture.graph_outputs import host_outputs
-from optcapture.preparation import GradTable
 from optcapture.rewrites import scalars_once
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
 from optcapture.shadows import ShadowStep, is_stock

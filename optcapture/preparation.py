@@ -14,29 +14,28 @@ allocated and filled (:func:`_move_into_flat`).
 
 Invariant: after :func:`prepare`, every re-homed tensor has the value it had before, and each
 member's slot in every flat buffer of its group is at the same offset. Nothing here runs per step except
-:meth:`GradTable.bind` and :meth:`PreparedOptimizer.refresh_hypers`, which :mod:`optcapture.replay` calls.
+:meth:`PreparedOptimizer.refresh_hypers`, which :mod:`optcapture.replay` calls. The tables through which a step
+reads grads where autograd left them are :mod:`optcapture.grad_tables`.
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
 import ctypes
 import dataclasses
 import logging
 import math
-import operator
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 
 from optcapture import _compat, dtensors
 from optcapture.config import CaptureConfig
-from optcapture.discovery import BucketKey, StepGraph, is_per_element_state, per_element_state_keys
+from optcapture.discovery import BucketKey, StepGraph
 from optcapture.eligible import FLAT_STORAGE, bucketable
 from optcapture.errors import CaptureError
+from optcapture.input_roles import is_per_element_state, per_element_state_keys
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,9 @@ NON_HYPER_KEYS = BOOKKEEPING_KEYS | {"foreach", "fused", "capturable", "differen
                                     "nesterov", "centered", "decoupled_weight_decay"}
 
 
-class _CudaArrayInterface:
+class CudaArrayInterface:
+    """``nbytes`` of device memory at ``address``, as ``torch.as_tensor`` takes them, keeping ``owner`` alive."""
+
     def __init__(self, owner: torch.Tensor, address: int, nbytes: int) -> None:
         self.owner = owner  # keeps the flat buffer alive as long as any alias exists
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
@@ -64,7 +65,7 @@ def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
     nbytes = numel * owner.element_size()
     address = owner.data_ptr() + offset * owner.element_size()
     if owner.device.type == "cuda":
-        raw = torch.as_tensor(_CudaArrayInterface(owner, address, nbytes), device=owner.device)
+        raw = torch.as_tensor(CudaArrayInterface(owner, address, nbytes), device=owner.device)
     elif owner.device.type == "cpu":
         buffer = (ctypes.c_char * max(nbytes, 1)).from_address(address)
         buffer._optcapture_owner = owner  # type: ignore[attr-defined]
@@ -119,116 +120,6 @@ class FlatGroup:
             self.grad_homes = [alias(flat, offset, shape) for shape, offset in zip(self.shapes, self.offsets,
                                                                                    strict=True)]
         return flat
-
-
-class GradTable:
-    """What a bucket kernel reads a run's grads through, wherever autograd allocated them (issue #2).
-
-    ``descriptor`` holds, in this order: an int32 per chunk of ``chunk`` elements naming the member that owns
-    it; per member, an int64 address (its grad's ``data_ptr`` minus its offset in bytes); per member, an
-    int64 end offset. ``virtual`` is the run-length tensor the step is traced with: its data pointer is the
-    descriptor's, which is all the rewritten kernel uses (:mod:`optcapture.rewrites.indirect_grad_loads`).
-
-    Invariant: ``virtual``'s elements are never read: while Dynamo traces a step over it (which may read
-    its operands, as foreach SGD does on torch 2.11), :func:`backed_by_memory` gives it real memory. The
-    addresses are rewritten before a step whenever a grad moved, on the step's stream, so the kernel never
-    reads a grad that is gone.
-    """
-
-    def __init__(self, flat: FlatGroup, positions: tuple[int, ...], chunk: int) -> None:
-        start = flat.offsets[positions[0]]
-        offsets = [flat.offsets[j] - start for j in positions]
-        numels = [math.prod(flat.shapes[j]) for j in positions]
-        length = offsets[-1] + numels[-1]
-        chunks = -(-length // chunk)
-        member_of_chunk = torch.empty(chunks, dtype=torch.int32)
-        for member, (offset, numel) in enumerate(zip(offsets, numels, strict=True)):
-            member_of_chunk[offset // chunk:-(-(offset + numel) // chunk)] = member
-        self.chunk = chunk
-        self.addresses_at = -(-chunks * 4 // 8)
-        self.limits_at = self.addresses_at + len(positions)
-        host = torch.zeros((self.limits_at + len(positions)) * 8, dtype=torch.uint8)
-        host[:chunks * 4] = member_of_chunk.view(torch.uint8)
-        limits = torch.tensor([o + n for o, n in zip(offsets, numels, strict=True)], dtype=torch.int64)
-        host[self.limits_at * 8:] = limits.view(torch.uint8)
-        self.descriptor = host.to(flat.key.device)
-        _compat.mark_static(self.descriptor)
-        itemsize = flat.key.dtype.itemsize
-
-        def claim() -> torch.Tensor:
-            return torch.as_tensor(_CudaArrayInterface(self.descriptor, self.descriptor.data_ptr(), length * itemsize),
-                                   device=flat.key.device).view(flat.key.dtype)
-
-        self._claim = claim()
-        self.virtual = claim()
-        self.addresses = self.descriptor[self.addresses_at * 8:self.limits_at * 8].view(torch.int64)
-        self._offset_bytes = [o * itemsize for o in offsets]
-        self._bound: list[int] = []
-
-    def bind(self, grads: Sequence[torch.Tensor]) -> bool:
-        """Point the table at ``grads`` (one per member); True when an address changed and was written.
-
-        Each call reads every grad's address in one C-level pass (no Python per grad). Where one moved, the
-        grads are checked to be contiguous (Dynamo guards a grad only as not None, and the kernel reads each one
-        as a contiguous run of its param's size): :class:`GradLayoutError` otherwise, before anything is written.
-        """
-        pointers = list(map(_DATA_PTR, grads))
-        if pointers == self._bound:
-            return False
-        if not all(map(_IS_CONTIGUOUS, grads)):
-            raise GradLayoutError("a grad is not contiguous: the step reads it through a table of addresses")
-        # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
-        values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)), dtype=torch.int64)
-        self.addresses.copy_(values.pin_memory(), non_blocking=True)
-        self._bound = pointers
-        return True
-
-
-class GradLayoutError(RuntimeError):
-    """A grad the step would read in place has a layout its kernel cannot read (not contiguous)."""
-
-
-_DATA_PTR = torch.Tensor.data_ptr
-_IS_CONTIGUOUS = torch.Tensor.is_contiguous
-
-
-@contextlib.contextmanager
-def backed_by_memory(tables: Sequence[GradTable]) -> Iterator[None]:
-    """While active, each table's virtual grad has real memory of its own length (zeros), so tracing code that
-    reads its operands reads memory it owns; afterwards the virtual grads are the descriptors again.
-
-    On CUDA that memory is pinned host memory, which CUDA's unified addressing maps into the device's address space
-    at the same address: a virtual grad is as long as a whole run of grads, and device memory for it raised the
-    first call's peak by a copy of the params (1158 against fused=True's 768 MB for 6 x 64 MB of AdamW, H100)."""
-    for table in tables:
-        virtual = table.virtual
-        if virtual.device.type == "cuda":
-            host = torch.zeros(virtual.numel(), dtype=virtual.dtype, pin_memory=True)
-            mapped = torch.as_tensor(_CudaArrayInterface(host, host.data_ptr(), host.numel() * host.element_size()),
-                                     device=virtual.device)
-            virtual.data = mapped.view(virtual.dtype)
-        else:
-            virtual.data = torch.zeros(virtual.shape, dtype=virtual.dtype, device=virtual.device)
-    try:
-        yield
-    finally:
-        for table in tables:
-            table.virtual.data = table._claim
-
-
-def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
-    """None when every member's grad can be read in place through a :class:`GradTable`; else why not."""
-    if flat.key.device.type != "cuda":
-        return "grads are read in place only on CUDA"
-    for j in positions:
-        p = flat.params[j]
-        if dtensors.is_dtensor(p):
-            return "the grads of DTensor params are copied into flat storage"
-        grad = p.grad
-        if grad is None or grad.dtype != p.dtype or grad.device != p.device or grad.layout != torch.strided \
-                or not grad.is_contiguous() or grad.shape != p.shape:
-            return f"the grad of member {j} is not a contiguous tensor like its param"
-    return None
 
 
 @dataclasses.dataclass

@@ -14,7 +14,8 @@ import torch
 
 from optcapture import errors, progress, replay
 from optcapture.config import CaptureConfig
-from optcapture.discovery import InputRole, StepGraph
+from optcapture.discovery import StepGraph
+from optcapture.input_roles import InputRole
 from optcapture.preparation import PreparedOptimizer
 from optcapture.progress import Stage
 from optcapture.replay import COUNTERS, Path, Stats

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from optcapture import _compat, discovery, hyper_probe
-from optcapture.discovery import BucketKey, StepGraph, global_state
+from optcapture import _compat, discovery, hyper_probe, input_roles
+from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.hyper_probe import HyperKey, TracedGraph
+from optcapture.input_roles import global_state
 from optcapture.preparation import NON_HYPER_KEYS, PARAM, FlatGroup, PreparedOptimizer
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     hyperparameters back into numbers inside AOT (seen on torch 2.11), which CUDA graphs cannot replay;
     PyTorch's test suite checks that the two implementations of each stock optimizer agree.
 
-    ``run_grads``: each run's grad (a :class:`~optcapture.preparation.GradTable`'s virtual tensor); by
+    ``run_grads``: each run's grad (a :class:`~optcapture.grad_tables.GradTable`'s virtual tensor); by
     default, the run's slice of the flat grad storage. ``values``: param-group entries the shadow holds instead of
     the live ones (the proof's shadow holds the values the real graph was traced with).
     """
@@ -318,11 +319,11 @@ def prove_equivalent(step: StepGraph, traced_shadow: TracedGraph, shadow: torch.
     """None when every run of the shadow runs the same program as the real members; else why not.
 
     The shadow graph's inputs are mapped to the shadow's params, grads and state as stage 1 maps the real graph's
-    (:func:`optcapture.discovery.map_inputs`), and its lanes, one per run, are analyzed the same way.
+    (:func:`optcapture.input_roles.map_inputs`), and its lanes, one per run, are analyzed the same way.
     """
     assert step.lane_report is not None
     shadow_gm, examples = traced_shadow
-    mapped = discovery.map_inputs(shadow_gm, discovery.input_values(shadow_gm, examples), shadow)
+    mapped = input_roles.map_inputs(shadow_gm, input_roles.input_values(shadow_gm, examples), shadow)
     if not mapped.present:
         return "the shadow step is not elementwise: it reads no grad of a run"
     shapes = {(g, i): shadow.param_groups[g]["params"][i].shape for g, members in mapped.present.items()

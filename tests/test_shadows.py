@@ -10,7 +10,7 @@ import torch
 from helpers import assert_matches_eager, make_pair, paths, step_both
 
 import optcapture
-from optcapture import discovery, hyper_probe, preparation, registry, shadows
+from optcapture import discovery, hyper_probe, input_roles, preparation, registry, shadows
 from optcapture.config import parse_options
 from optcapture.discovery import StepGraph
 
@@ -156,18 +156,18 @@ def test_probing_hyperparameters_does_not_grow_with_the_number_of_groups(monkeyp
     assert traces[0] == traces[1], traces
 
 
-def _traced_adamw() -> tuple[torch.optim.Optimizer, StepGraph, discovery.InputMap]:
-    """A stepped AdamW (its state exists), discovery's graph of its next step, and :func:`discovery.map_inputs` of
+def _traced_adamw() -> tuple[torch.optim.Optimizer, StepGraph, input_roles.InputMap]:
+    """A stepped AdamW (its state exists), discovery's graph of its next step, and :func:`input_roles.map_inputs` of
     that graph (inside the backend, like discovery: Dynamo drops the inputs' sources after it)."""
     params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, foreach=False)
     optimizer.step()
-    traced: list[tuple[StepGraph, discovery.InputMap]] = []
+    traced: list[tuple[StepGraph, input_roles.InputMap]] = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        mapped = discovery.map_inputs(gm, discovery.input_values(gm, example_inputs), optimizer)
+        mapped = input_roles.map_inputs(gm, input_roles.input_values(gm, example_inputs), optimizer)
         traced.append((discovery.discover(gm, example_inputs), mapped))
         return gm.forward
 
@@ -210,7 +210,7 @@ def test_discover_and_the_proof_map_inputs_by_the_same_roles() -> None:
     # exp_avg_sq and step.
     shadow, (shadow_gm, shadow_inputs) = _proof_shadow(optimizer, step)
     assert len(shadow.runs) == 1
-    shadow_map = discovery.map_inputs(shadow_gm, discovery.input_values(shadow_gm, shadow_inputs), shadow.shadow)
+    shadow_map = input_roles.map_inputs(shadow_gm, input_roles.input_values(shadow_gm, shadow_inputs), shadow.shadow)
     shadow_kinds = Counter(role.kind for role in shadow_map.roles)
     assert (shadow_kinds["param"], shadow_kinds["grad"], shadow_kinds["state"], shadow_kinds["scalar_state"]) == (
         1, 1, 2, 1), shadow_kinds

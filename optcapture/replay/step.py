@@ -22,7 +22,8 @@ import torch
 from optcapture import _compat, dtensors, shadows
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey
-from optcapture.preparation import PARAM, FlatGroup, GradLayoutError, GradTable, PreparedOptimizer
+from optcapture.grad_tables import GradLayoutError, GradTable
+from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer
 from optcapture.progress import Timings
 from optcapture.replay.counters import COUNTERS
 from optcapture.replay.fallback import Runner, give_up, stepping_eagerly, then

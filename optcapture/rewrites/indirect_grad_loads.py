@@ -1,7 +1,7 @@
 """Rewrite: a bucket kernel reads each grad where autograd left it, through a table of addresses (issue #2).
 
 The bucketed step is traced over a *virtual* flat grad: a tensor of the run's length whose memory is only a
-small descriptor (see :class:`optcapture.preparation.GradTable`). Every Triton load of it,
+small descriptor (see :class:`optcapture.grad_tables.GradTable`). Every Triton load of it,
 ``tmp = tl.load(in_ptrK + (x0), xmask)``, becomes three loads from the descriptor (member of this chunk,
 that member's grad address, its end) and one load from the grad itself, masked to the member's elements.
 So a CUDA graph replays with no grad copy even when ``zero_grad()`` left autograd to allocate new grads.

@@ -235,13 +235,13 @@ def test_a_0_dim_param_is_bucketed_and_read_in_place_cuda() -> None:
 
 
 def test_grad_table_layout_and_binding() -> None:
-    from optcapture import preparation
+    from optcapture import grad_tables, preparation
     from optcapture.discovery import BucketKey
 
     params = [torch.nn.Parameter(torch.zeros(n, device="cuda")) for n in (100, 64, 5)]
     opt = torch.optim.SGD(params, lr=0.1)
     flat = preparation._build_flat_group(opt, BucketKey(0, params[0].device, torch.float32), 64)
-    table = preparation.GradTable(flat, (0, 1, 2), chunk=64)
+    table = grad_tables.GradTable(flat, (0, 1, 2), chunk=64)
     # members at offsets 0, 128, 192 (slots rounded up to 64 elements); 197 elements: 4 chunks
     descriptor = table.descriptor.cpu()
     assert descriptor[:16].view(torch.int32).tolist() == [0, 0, 1, 2]
