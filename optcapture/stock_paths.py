@@ -8,6 +8,7 @@ computes, and every one that is a fallback says why once (``fallback="raise"``: 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Callable
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _FIRST_STEP = ("the step creates its state (lazy initialisation): this call runs the traced graph and the next "
                "one is captured")
+_STATE_STAYS_EMPTY = ("a param still has no state after the optimizer's first step (its step keeps none for it, or "
+                      "creates state at every step)")
 
 
 def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
@@ -33,7 +36,12 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
     owner = type(step.optimizer).__name__ if step.optimizer else "a function"
     # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
     # state it creates changes the guards and the next call is captured, unless another reason stands in
-    # the way, which is said now.
+    # the way, which is said now. Once only: a compile that finds a param without state again (pytorch_optimizer's
+    # LoRARite) compiles per tensor, as stock torch.compile would, not as traced at every call from then on.
+    optimizer = step.optimizer
+    if step.lazy_state and optimizer is not None and any(r.path == "first-step" for r in registry.explain(optimizer)):
+        step = dataclasses.replace(step, lazy_state=False, blockers=[*step.blockers, _STATE_STAYS_EMPTY])
+    del optimizer
     said = bool(step.blockers) or not step.lazy_state
     reason = "; ".join(step.blockers) or "unknown"
     if said and config.fallback == "raise":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import helpers
 import pytest
@@ -740,3 +741,35 @@ def test_a_fallback_warning_says_what_runs_and_points_at_the_users_line() -> Non
                                     "elementwise: op 'add' mixes params [(0, 0), (0, 1)]): it runs as Inductor's "
                                     "per-tensor graph, as stock torch.compile runs it")
     assert warning.filename == __file__, warning.filename
+
+
+class _FreshStateSGD(torch.optim.Optimizer):
+    """Stores a new tensor into the state of each matrix at every step, and keeps no state for vectors: every
+    compile of its step finds a param without state (pytorch_optimizer's LoRARite is so)."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.dim() > 1:
+                    self.state[p]["last_update"] = p.grad * group["lr"]
+                    p.sub_(self.state[p]["last_update"])
+                else:
+                    p.sub_(p.grad, alpha=group["lr"])
+
+
+def test_a_step_that_finds_a_param_without_state_at_every_compile_runs_as_traced_once_only() -> None:
+    # Its second compile was taken for a first step too, and ran as traced (uncompiled) at every call from then on,
+    # where stock torch.compile runs Inductor's per-tensor graph.
+    pair = make_pair(lambda p: _FreshStateSGD(p))
+    for seed in range(4):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    reports = optcapture.explain(pair.optimizer)
+    assert [r.path for r in reports] == ["first-step", "per-tensor"], reports
+    assert any("still has no state after the optimizer's first step" in why for why in reports[-1].reasons), reports

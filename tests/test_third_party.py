@@ -52,5 +52,7 @@ def test_never_worse_than_stock(name: str) -> None:
         assert ours.ok and ours.error is None, (ours.error, ours.max_param_diff, ours.mismatches, ours.reasons)
     if stock.error is None:
         assert ours.error is None, ours.error
-    if stock.graphs and ours.paths:
+    if stock.ok and stock.graphs and ours.paths:
+        # Where stock compiles and is right (params, state, group numbers and the optimizer's own number attributes,
+        # which Dynamo does not write back: pytorch_optimizer's EmoFact), optcapture compiles too.
         assert set(ours.paths) - {"eager", "first-step"}, f"left eager where stock compiles: {ours.all_reasons}"

@@ -325,6 +325,9 @@ def _step_eagerly(opt: torch.optim.Optimizer) -> None:
         opt.step()
 
 
+_MISSING = "missing"
+
+
 def _compare(eager: torch.optim.Optimizer, compiled: torch.optim.Optimizer, eager_params: list[nn.Parameter],
              params: list[nn.Parameter], result: Result) -> None:
     ok = True
@@ -367,6 +370,14 @@ def _compare(eager: torch.optim.Optimizer, compiled: torch.optim.Optimizer, eage
             if not close:
                 ok = False
                 note(f"group {g} {key!r}: {group[key]!r} vs eager {value!r}")
+    # Numbers the optimizer keeps in its own attributes (``self.prev_loss = loss``): Dynamo does not write them back
+    # for torch.optim.Optimizer objects, so a compiled step may leave them behind eager's.
+    for key, value in vars(eager).items():
+        if key.startswith("_") or not isinstance(value, (bool, int, float, type(None))):
+            continue
+        if getattr(compiled, key, _MISSING) != value and not (isinstance(value, float) and math.isnan(value)):
+            ok = False
+            note(f"attribute {key!r}: {getattr(compiled, key, _MISSING)!r} vs eager {value!r}")
     result.ok = ok and result.error is None
     result.max_param_diff, result.max_state_diff = max_param, max_state
 
