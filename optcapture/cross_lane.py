@@ -6,9 +6,8 @@ computed from its result as crossed. Such a step runs in three phases: (A) for e
 part of its members' update up to the last cross-lane op that reads them, under vmap, giving the ``[k]`` values
 it exports to each (and the values its later part reads); (B) once, each cross-lane op's result rebuilt from those
 values (a concatenation in batch order, put in the graph's list order by a static index: the same values as eager's
-stack),
-and the shared values the graph computes from it, as the graph computes them; (C) for each batch, the rest of its
-members' update, with the values of (B) as shared inputs. The kernels still follow the batches, not the tensors.
+stack), and the shared values the graph computes from it, as the graph computes them; (C) for each batch, the rest
+of its members' update, with the values of (B) as shared inputs. The kernels still follow the batches, not the tensors.
 
 Invariant: a lane reads no crossed value before the last cross-lane op it feeds, and each op's list holds each of
 its lanes exactly once (checked by the analysis), so (A), (B), (C) in that order run, for every lane, its own

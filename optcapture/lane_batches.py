@@ -30,10 +30,9 @@ from torch.fx import GraphModule, Node
 from optcapture import lane_hypers
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
-from optcapture.lane_programs import LaneInput, lane_program, out_of_place, writes_input
+from optcapture.lane_programs import LaneInput, lane_program, out_of_place, shared_input, writes_input
 from optcapture.lanes import called_name, in_place
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer, Role
-from optcapture.sources import hyper_source
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +273,9 @@ def shared_writes(gm: GraphModule, example_inputs: list[Any], step: StepGraph, t
     targets = {write.args[0] for write in writes}
     for node in sorted(needed, key=at.__getitem__):
         if node.op in ("placeholder", "get_attr"):
-            role = roles[node.name]
-            value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
-                     else getattr(gm, str(node.target)))
-            index, number = table.shared(LaneInput(role.kind, role.key, value, hyper_source(role.source or "")),
-                                         device)
-            if node in targets and table.inputs[index] is not value:
+            shared = shared_input(gm, example_inputs, placeholders, node, roles[node.name])
+            index, number = table.shared(shared, device)
+            if node in targets and table.inputs[index] is not shared.shared:
                 raise CaptureError(f"{node.name} is written in place and is not a tensor of the optimizer's")
             env[node] = graph.placeholder(node.name)
             env[node].meta = dict(node.meta)

@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 
 from optcapture.discovery import StepGraph
 from optcapture.errors import CaptureError
-from optcapture.input_roles import RoleKind
+from optcapture.input_roles import InputRole, RoleKind
 from optcapture.lanes import LaneId, called_name, in_place
 from optcapture.sources import HyperSource, hyper_source
 
@@ -141,9 +141,7 @@ def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: 
                     raise CaptureError(f"the update of param {lane} reads input {node.name} of another param")
                 inputs.append(LaneInput(role.kind, role.key))
             elif role.kind in ("hyper", "global_state"):
-                value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
-                         else getattr(gm, str(node.target)))
-                inputs.append(LaneInput(role.kind, role.key, value, hyper_source(role.source or "")))
+                inputs.append(shared_input(gm, example_inputs, placeholders, node, role))
             else:
                 raise CaptureError(f"input {node.name} of the step is {role.kind}")
             env[node] = graph.placeholder(node.name)
@@ -166,6 +164,16 @@ def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: 
         raise CaptureError(f"the update of param {lane} reads none of its tensors")
     graph.output(first)
     return GraphModule(gm, graph), inputs
+
+
+def shared_input(gm: GraphModule, example_inputs: list[Any], placeholders: list[Node], node: Node,
+                 role: InputRole) -> LaneInput:
+    """The :class:`LaneInput` of ``node``, an input of ``gm`` shared by all params (a hyperparameter or a tensor
+    under a string key of ``optimizer.state``): the object the real graph read, and its param-group source.
+    ``placeholders``: ``gm``'s, in order."""
+    value = (example_inputs[placeholders.index(node)] if node.op == "placeholder"
+             else getattr(gm, str(node.target)))
+    return LaneInput(role.kind, role.key, value, hyper_source(role.source or ""))
 
 
 # In-place ops vmap batches as they are (the others become an out-of-place op and a copy_).

@@ -189,12 +189,19 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
     for j, (i, p) in enumerate(zip(flat.param_indices, flat.params, strict=True)):
         if group[i] is not p or dtensors.local(p).data_ptr() != flat.homes[PARAM][j].data_ptr():
             return False
-        state = optimizer.state.get(p, {})
-        for role in expected:
-            value = state.get(role.key)
-            if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != flat.homes[role][j].data_ptr():
-                return False
-    return True
+    return _state_elsewhere(flat, optimizer) is None
+
+
+def _state_elsewhere(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> tuple[Role, int, torch.Tensor] | None:
+    """The first (role, member position, tensor) of a member's state that does not live at its home in ``flat``."""
+    for role, homes in flat.homes.items():
+        if role == PARAM:
+            continue
+        for j, p in enumerate(flat.params):
+            value = optimizer.state.get(p, {}).get(role.key)
+            if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != homes[j].data_ptr():
+                return role, j, value
+    return None
 
 
 def _flat_buffer(numel: int, key: BucketKey, slots: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -342,20 +349,10 @@ def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, Fla
     optimizer = prepared.optimizer_ref()
     assert optimizer is not None
     for flat in flats.values():
-        problem = _unhomed_state(flat, optimizer)
-        if problem is not None:
-            raise CaptureError(problem)
+        elsewhere = _state_elsewhere(flat, optimizer)
+        if elsewhere is not None:
+            role, j, value = elsewhere
+            raise CaptureError(f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not "
+                               f"in flat storage (shape {tuple(value.shape)} {value.dtype}, its param's "
+                               f"{tuple(flat.shapes[j])} {flat.params[j].dtype})")
     return flats
-
-
-def _unhomed_state(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> str | None:
-    for role, homes in flat.homes.items():
-        if role.kind != "state":
-            continue
-        for j, p in enumerate(flat.params):
-            value = optimizer.state.get(p, {}).get(role.key)
-            if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != homes[j].data_ptr():
-                return (f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not in flat "
-                        f"storage (shape {tuple(value.shape)} {value.dtype}, its param's {tuple(flat.shapes[j])} "
-                        f"{p.dtype})")
-    return None
