@@ -60,12 +60,17 @@ def shadow_patches(config: CaptureConfig, device: torch.device, cudagraphs: bool
     patches = {**inductor_patches(config, device, cudagraphs), "triton.autotune_pointwise": config.autotune,
                **_FIXED_INPUTS}
     if device.type == "cpu":
-        # A user's own post-grad pass is kept, and the step's scalars then are computed per vector, as before.
-        if _compat.custom_post_grad_pass() is None:
-            patches["post_grad_custom_post_pass"] = scalars_once.inductor_pass()
-        else:
-            log.info("a post_grad_custom_post_pass is set: the CPU kernel computes the step's scalars per vector")
+        patches.update(_scalars_once())
     return patches
+
+
+def _scalars_once() -> dict[str, Any]:
+    """The patch that computes the step's costly scalars once per step (:mod:`optcapture.rewrites.scalars_once`).
+    A user's own post-grad pass is kept, and the scalars then are computed per vector of elements, as before."""
+    if _compat.custom_post_grad_pass() is not None:
+        log.info("a post_grad_custom_post_pass is set: the kernels compute the step's scalars per vector of elements")
+        return {}
+    return {"post_grad_custom_post_pass": scalars_once.inductor_pass()}
 
 
 # A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms
@@ -349,8 +354,11 @@ def lower_batched(call: Callable[..., None], inputs: Sequence[torch.Tensor], con
     the tensors the step shares), whose addresses stay fixed: no Dynamo frame, no guards. Not under CUDA graphs."""
     with _compat.outside_dynamo_tracing():
         gm = _compat.trace_without_running(call, inputs)
+        # On every device: a batch's kernels are larger than a bucket's (a norm, a matrix product), and the bias
+        # corrections of a group step tensor (``1 - beta ** step``, float64 with the group's numbers as tensors)
+        # otherwise land in their element loops, in C++ per vector, in Triton per element.
         compiled, count = _compile(gm, list(inputs), {**inductor_patches(config, device, cudagraphs=False),
-                                                       **_FIXED_INPUTS}, None)
+                                                       **_FIXED_INPUTS, **_scalars_once()}, None)
     arguments = tuple(inputs)
 
     def step() -> None:
