@@ -7,13 +7,18 @@ compared, not the numbers.
 from __future__ import annotations
 
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from optcapture.bench import Result, compare, methods
+from optcapture.bench import Result, compare, fsdp2, methods, presets
 from optcapture.bench.__main__ import main
+from optcapture.bench.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 FEW = ["--blocks", "2", "--steps", "2"]
@@ -206,3 +211,75 @@ def test_scaling_counts_take_a_size_per_count() -> None:
     from optcapture.bench.scaling import parse_counts
 
     assert parse_counts("16x1024, 96x4096,1000", 64) == [(16, 1024), (96, 4096), (1000, 64)]
+
+
+def _floor_ms(numel: int, header: dict[str, float]) -> float:
+    """AdamW's floor over ``numel`` fp32 elements at the run's copy bandwidth (28 bytes each)."""
+    return 28 * numel / (header["bandwidth_gbs"] * 1e9) * 1e3
+
+
+def test_fsdp2_preset_runs_every_method_on_a_rank_of_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    assert main(["--device", "cpu", "--quick", "--preset", "fsdp2", *FEW, "--out", str(tmp_path)]) == 0
+    assert not torch.distributed.is_initialized()  # the one-rank group it made is gone
+    table = capsys.readouterr().out
+    rows = _rows(table, "fsdp2")
+    assert set(rows) == set(methods.FSDP2_METHODS), table
+    assert rows["eager"][-2] == "reference"
+    for method in ("fused", "compile", "optcapture"):
+        assert rows[method][-2].startswith("ok ("), rows[method]
+    assert rows["optcapture"][-1].startswith("bucketed;"), rows["optcapture"]
+    assert "fsdp2 optcapture:\n  AdamW: bucketed (" in table  # explain()'s report, kernels generated included
+    assert table.startswith("optcapture.bench: adamw on CPU") and "(ranks 1)" in table
+    payload = json.loads((tmp_path / "results.json").read_text())
+    # One rank holds every element: the floor is over the whole model, the tied head counted once.
+    numel = sum(p.numel() for p in GPT(presets.FSDP2_QUICK.model).parameters())
+    assert numel == 136960
+    for row in payload["results"]:
+        assert row["floor_ms"] == pytest.approx(_floor_ms(numel, payload["header"]), rel=1e-9)
+        assert len(row["step_blocks_ms"]) == 2 and row["first_call_s"] > 0
+
+
+def test_fsdp2_preset_keeps_a_process_group_it_did_not_make() -> None:
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        with fsdp2.process_group("cpu") as world:
+            assert (world.rank, world.size, world.device) == (0, 1, torch.device("cpu"))
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_preset_steps_adamw_only(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--quick", "--preset", "fsdp2", "--optimizer", "sgd"])
+    assert "steps AdamW only" in capsys.readouterr().err
+
+
+def test_fsdp2_preset_under_torchrun_reports_rank_0_and_checks_every_rank(tmp_path: Path) -> None:
+    # Two ranks over gloo; stock compile left out: its first call of a DTensor step takes ~40 s on a 2-core CPU.
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "optcapture.bench", "--device", "cpu", "--quick", "--preset", "fsdp2", *FEW,
+               "--methods", "fused,optcapture", "--out", str(tmp_path)]
+    launched = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        table, _ = launched.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        launched.terminate()  # torchrun stops its workers (own sessions) on SIGTERM before it exits
+        launched.communicate(timeout=60)
+        raise
+    assert launched.returncode == 0, table
+    rows = _rows(table, "fsdp2-2ranks")
+    assert set(rows) == {"eager", "fused", "optcapture"}, table
+    assert table.count("| fsdp2-2ranks | eager |") == 1  # rank 0 alone prints
+    assert rows["fused"][-2].startswith("ok (") and rows["optcapture"][-2].startswith("ok ("), table
+    assert rows["optcapture"][-1].startswith("bucketed;"), rows["optcapture"]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["header"]["ranks"] == 2
+    # Rank 0 holds the first ceil(rows / 2) rows of every param (FSDP2 shards dim 0).
+    shapes = [p.shape for p in GPT(presets.FSDP2_QUICK.model).parameters()]
+    numel = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) for s in shapes)
+    assert all(r["floor_ms"] == pytest.approx(_floor_ms(numel, payload["header"]), rel=1e-9)
+               for r in payload["results"])

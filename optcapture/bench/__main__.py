@@ -2,8 +2,10 @@
 
 Presets: ``gpt2``, ``small``, ``big`` (``all``: the three) time the optimizer step alone over fixed parameter sets;
 ``train-tiny`` and ``train-gpt2`` time whole training iterations of a nanoGPT-style model; ``scaling`` times the
-step's host cost against the number of tensors; ``--model pkg.module:factory`` times your own model's step. Every
-method runs in one process on its own copy, in alternating blocks, and is checked against eager.
+step's host cost against the number of tensors; ``fsdp2`` times AdamW's step over a GPT-2 model under FSDP2's
+``fully_shard`` (one rank; ``torchrun --nproc-per-node N -m optcapture.bench --preset fsdp2`` for N);
+``--model pkg.module:factory`` times your own model's step. Every method runs in one process on its own copy, in
+alternating blocks, and is checked against eager.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from optcapture.bench import measure, methods, presets, report
+from optcapture.bench import fsdp2, measure, methods, presets, report
 from optcapture.bench.compare import from_factory
 from optcapture.bench.results import Result
 from optcapture.bench.scaling import compare_scaling, default_numel, parse_counts
@@ -23,7 +25,7 @@ from optcapture.bench.training import Amp, compare_training
 
 STEP_PRESETS = tuple(presets.PRESETS)
 TRAINING_PRESETS = tuple(presets.TRAINING)
-DEFAULT_STEPS = {"step": (30, 5), "training": (10, 3), "scaling": (20, 5), "model": (20, 5)}
+DEFAULT_STEPS = {"step": (30, 5), "training": (10, 3), "scaling": (20, 5), "model": (20, 5), "fsdp2": (20, 3)}
 """Steps per block (full, ``--quick``) of each kind of run."""
 
 
@@ -35,19 +37,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="step and scaling presets (default adamw), and --model where the factory returns no "
                              "optimizer (default AdamW(lr=1e-3, weight_decay=0.01))")
     parser.add_argument("--preset", default=None,
-                        choices=[*STEP_PRESETS, "all", *TRAINING_PRESETS, "scaling"],
+                        choices=[*STEP_PRESETS, "all", *TRAINING_PRESETS, "scaling", "fsdp2"],
                         help="default: all (with --quick: small)")
     parser.add_argument("--model", default=None, metavar="PKG.MODULE:FACTORY",
                         help="time your own model's step: FACTORY() returns a model, (model, optimizer) or params")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset (eager always runs). Step presets and --model: "
                              f"{','.join(methods.METHODS)}; training: {','.join(methods.TRAIN_METHODS)}; "
-                             f"scaling: {','.join(methods.SCALING_METHODS)}")
+                             f"scaling: {','.join(methods.SCALING_METHODS)}; fsdp2: {','.join(methods.FSDP2_METHODS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run takes well under a minute")
     parser.add_argument("--blocks", type=int, default=5, help="alternating blocks per method (default 5)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps (training: iterations) per block; default 30 step presets, 10 training, "
-                             "20 scaling and --model; 5, 3, 5, 5 with --quick")
+                             "20 scaling, fsdp2 and --model; 5, 3, 5, 3, 5 with --quick")
     parser.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"],
                         help="training presets: autocast dtype (fp16 adds a GradScaler); default bf16 on CUDA, "
                              "none on CPU")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None and args.preset is not None:
         parser.error("--model and --preset are exclusive")
     kind = ("model" if args.model else "training" if args.preset in TRAINING_PRESETS
-            else "scaling" if args.preset == "scaling" else "step")
+            else args.preset if args.preset in ("scaling", "fsdp2") else "step")
     steps = args.steps or DEFAULT_STEPS[kind][1 if args.quick else 0]
     blocks = args.blocks
 
@@ -103,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         results = compare_training(args.preset, training, chosen, device, blocks, steps, amp, args.compile_model,
                                    run["notes"])
         return _finish(results, run, args.out)
+
+    if kind == "fsdp2":
+        if args.optimizer not in (None, "adamw"):
+            parser.error("--preset fsdp2 steps AdamW only")
+        return _fsdp2(args, _chosen(parser, args.methods, methods.FSDP2_METHODS), steps)
 
     optimizer = args.optimizer or "adamw"
     bandwidth = measure.copy_bandwidth(device)
@@ -144,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         del make_copy, grads
         measure.release(device)
     return _finish(results, run, args.out)
+
+
+def _fsdp2(args: argparse.Namespace, chosen: list[str], steps: int) -> int:
+    """The fsdp2 preset on this rank; rank 0 prints and writes, every rank returns the same exit status."""
+    with fsdp2.process_group(args.device) as world:
+        bandwidth = measure.copy_bandwidth(world.device)
+        run = report.header("adamw", world.device, bandwidth_gbs=bandwidth / 1e9, quick=args.quick,
+                            blocks=args.blocks, steps=steps, ranks=world.size)
+        label = "fsdp2" if world.size == 1 else f"fsdp2-{world.size}ranks"
+        preset = presets.sharded_for(world.device.type, args.quick)
+        results = fsdp2.compare_fsdp2(label, preset, chosen, world, args.blocks, steps, bandwidth, run["notes"])
+        if world.rank == 0:
+            return _finish(results, run, args.out)
+        return 1 if any(r.matches is False for r in results) else 0
 
 
 def _finish(results: list[Result], run: dict[str, Any], out: Path | None) -> int:

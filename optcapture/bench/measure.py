@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import optcapture
+from optcapture import dtensors
 from optcapture.bench import methods
 from optcapture.bench.blocks import Timings, run_blocks, synchronize, warm_up
 from optcapture.bench.results import TOLERANCE, Result, median
@@ -177,10 +178,10 @@ def compare_steps(preset: str, make_copy: CopyFactory, grads: Sequence[torch.Ten
 
     def conclude(contender: StepContender) -> None:
         nonlocal reference
-        final = _finish(contender, device)
+        final = final_params(contender, device)
         if contender.name == "eager":
             reference = final
-        results.append(_result(preset, contender, final, reference, floor_ms))
+        results.append(step_result(preset, contender, final, reference, floor_ms))
         say(f"  {preset}: {contender.name:22s} {results[-1].step_ms:9.3f} ms/step "
             f"(blocks {min(contender.timings.device_ms):.3f}-{max(contender.timings.device_ms):.3f})")
 
@@ -207,17 +208,18 @@ def compare_steps(preset: str, make_copy: CopyFactory, grads: Sequence[torch.Ten
     return results
 
 
-def _finish(contender: StepContender, device: torch.device) -> list[torch.Tensor]:
-    """One more step (profiled on CUDA, so every method runs as many), then the params on the CPU."""
+def final_params(contender: StepContender, device: torch.device) -> list[torch.Tensor]:
+    """One more step (profiled on CUDA, so every method runs as many), then the params on the CPU (a DTensor's local
+    shard: the elements this rank steps)."""
     if device.type == "cuda":
         contender.kernels = kernels_per_step(contender.step)
     else:
         contender.step()
     synchronize(device)
-    return [p.detach().to("cpu", copy=True) for p in contender.params]
+    return [dtensors.local(p).detach().to("cpu", copy=True) for p in contender.params]
 
 
-def _result(preset: str, contender: StepContender, final: list[torch.Tensor],
+def step_result(preset: str, contender: StepContender, final: list[torch.Tensor],
             reference: list[torch.Tensor] | None, floor_ms: float) -> Result:
     timings = contender.timings
     diff = None

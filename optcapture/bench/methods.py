@@ -18,6 +18,8 @@ TRAIN_METHODS = ("eager", "fused", "compile", "optcapture", "optcapture-tail")
 """Methods of the training presets: how the loop's tail (clip, step, zero_grad) runs."""
 SCALING_METHODS = ("eager", "fused", "compile", "optcapture")
 """Methods of the scaling preset, all in the default ``zero_grad()`` loop (new grads every step)."""
+FSDP2_METHODS = ("eager", "fused", "compile", "optcapture")
+"""Methods of the fsdp2 preset (eager: AdamW foreach, FSDP2's default), all given new grads before every step."""
 HAS_FUSED = {"adamw", "adam", "sgd"}
 # Bytes one step must move per param (fp32): reads of param, grad and state, writes of param and state.
 # "adabelief" is pytorch_optimizer's AdaBelief (installed separately): a third-party optimizer that counts steps as a

@@ -1,5 +1,5 @@
 """Presets of the benchmark, full size and ``--quick`` size: parameter sets of the step presets (fp32), models of the
-training presets, tensor counts of the scaling preset.
+training presets and of the ``fsdp2`` preset, tensor counts of the scaling preset.
 
 Invariant: a ``--quick`` preset keeps the structure of its full one (the same kinds of tensors and param groups) at a
 size a 2-core CPU runs in seconds.
@@ -101,3 +101,24 @@ SCALING = ScalingPreset(counts=(77, 300, 1000, 3000), compile_limit=300)
 SCALING_QUICK = ScalingPreset(counts=(8, 32), compile_limit=8)
 SCALING_NUMEL = {"cuda": 4096, "cpu": 64}
 """Floats per tensor: the step is host-bound at either size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedPreset:
+    """The ``fsdp2`` preset: a model that ``fully_shard`` shards (each block, then the root) and the batches whose
+    backward passes make its grads."""
+
+    model: GPTConfig
+    batch: int
+    sequence: int
+    """Tokens per row of a batch (at most ``model.sequence``)."""
+
+
+FSDP2 = ShardedPreset(GPTConfig(layers=12, heads=12, width=768, vocab=50257, sequence=1024), batch=1, sequence=1024)
+"""GPT-2 124M (148 tensors, head tied to the token embedding); every position of ``wpe`` gets a grad."""
+FSDP2_QUICK = ShardedPreset(GPTConfig(layers=2, heads=2, width=64, vocab=512, sequence=64), batch=2, sequence=64)
+"""The same structure (28 tensors) at a size a 2-core CPU steps in milliseconds: ``--quick``, and the CPU."""
+
+
+def sharded_for(device_type: str, quick: bool) -> ShardedPreset:
+    return FSDP2_QUICK if quick or device_type == "cpu" else FSDP2

@@ -89,7 +89,7 @@ def markdown(results: list[Result], run: dict[str, Any]) -> str:
         title += f", copy bandwidth {run['bandwidth_gbs']:.0f} GB/s"
     if run.get("blocks"):
         title += f"; {run['blocks']} blocks of {run.get('steps')} steps per method, methods interleaved"
-    extra = [f"{key} {run[key]}" for key in ("amp", "compile_model") if run.get(key) not in (None, False)]
+    extra = [f"{key} {run[key]}" for key in ("amp", "compile_model", "ranks") if run.get(key) not in (None, False)]
     if extra:
         title += " (" + ", ".join(extra) + ")"
     lines = [title]
