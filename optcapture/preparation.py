@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import math
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -105,6 +105,10 @@ class FlatGroup:
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
     homes: dict[Role, list[torch.Tensor]]  # role -> per member: the alias the user's tensor was re-homed to
     grad_homes: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per member: its grad slot
+    # ids of the state tensors left where they were when this storage was built (another shape, dtype or device
+    # than their param's; :func:`prepare` refuses the group): while exactly these stay there, the storage is current
+    # and a new capture attempt does not move every tensor again only to be refused again.
+    left_elsewhere: frozenset[int] = frozenset()
 
     def slot(self, member: int) -> slice:
         start = self.offsets[member]
@@ -145,6 +149,7 @@ class PreparedOptimizer:
         flat = self.groups.get(key)
         if flat is None or not _still_homed(flat, optimizer):
             flat = _build_flat_group(optimizer, key, self.config.align_elements)
+            flat.left_elsewhere = frozenset(id(value) for _, _, value in _states_elsewhere(flat, optimizer))
             self.groups[key] = flat
         return flat
 
@@ -189,19 +194,18 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
     for j, (i, p) in enumerate(zip(flat.param_indices, flat.params, strict=True)):
         if group[i] is not p or dtensors.local(p).data_ptr() != flat.homes[PARAM][j].data_ptr():
             return False
-    return _state_elsewhere(flat, optimizer) is None
+    return {id(value) for _, _, value in _states_elsewhere(flat, optimizer)} == flat.left_elsewhere
 
 
-def _state_elsewhere(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> tuple[Role, int, torch.Tensor] | None:
-    """The first (role, member position, tensor) of a member's state that does not live at its home in ``flat``."""
+def _states_elsewhere(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> Iterator[tuple[Role, int, torch.Tensor]]:
+    """Each (role, member position, tensor) of a member's state that does not live at its home in ``flat``."""
     for role, homes in flat.homes.items():
         if role == PARAM:
             continue
         for j, p in enumerate(flat.params):
             value = optimizer.state.get(p, {}).get(role.key)
             if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != homes[j].data_ptr():
-                return role, j, value
-    return None
+                yield role, j, value
 
 
 def _flat_buffer(numel: int, key: BucketKey, slots: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -349,7 +353,7 @@ def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, Fla
     optimizer = prepared.optimizer_ref()
     assert optimizer is not None
     for flat in flats.values():
-        elsewhere = _state_elsewhere(flat, optimizer)
+        elsewhere = next(_states_elsewhere(flat, optimizer), None)
         if elsewhere is not None:
             role, j, value = elsewhere
             raise CaptureError(f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not "

@@ -194,6 +194,27 @@ class _Bf16MomentumSGD(torch.optim.Optimizer):
                 p.add_(state["momentum"].float(), alpha=-group["lr"])
 
 
+def test_a_group_refused_for_state_elsewhere_is_not_moved_again_at_the_next_capture_attempt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each capture attempt (here: Dynamo compiling the step again after a reset) rebuilt the group's flat storage,
+    # moving every param again, only to refuse it again for the same bfloat16 state.
+    builds = []
+    build = preparation._build_flat_group
+    monkeypatch.setattr(preparation, "_build_flat_group", lambda *args: builds.append(args[1]) or build(*args))
+    pair = make_pair(lambda p: _Bf16MomentumSGD(p))
+    for seed in range(3):
+        step_both(pair, seed)
+    assert builds, "no flat storage was built: the test no longer reaches the refusal"
+    before = len(builds)
+    torch._dynamo.reset()
+    for seed in range(3, 5):
+        step_both(pair, seed)
+        for p, q in zip(pair.model.parameters(), pair.eager_model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, atol=1e-2, rtol=1e-2)
+    assert len(builds) == before, builds
+    assert any("torch.bfloat16, its param's" in why for r in optcapture.explain(pair.optimizer) for why in r.reasons)
+
+
 def test_state_of_another_dtype_than_its_param_keeps_its_dtype_and_is_not_bucketed() -> None:
     # It was copied into the float32 flat buffer and re-homed there: the user's bfloat16 state became float32, and the
     # next call crashed into the training loop ("expected dtype float for `end` but got dtype c10::BFloat16").
