@@ -4,22 +4,41 @@ Params, grads and AdamW's state are DTensors sharded on dim 0; what is compared 
 scenario has a layer used on even steps only, so its grads come and go (FSDP2 leaves them ``None`` when the layer's
 forward did not run). The step is bucketed over the local shards (FSDP2's padded shard, which each forward
 all-gathers, views the same flat storage); FSDP2's grads are views into its reduce-scatter output, whose storage
-offsets Dynamo passes as symbols that describe only where the grads lie. All
-scenarios run in one pair of processes (one spawn for the module: a compile of a DTensor step takes tens of seconds
-on a small CPU).
+offsets Dynamo passes as symbols that describe only where the grads lie. HSDP (``fully_shard`` on a 2-D
+``("replicate", "shard")`` mesh) places each param ``(Replicate(), Shard(0))``: stepped the same way. A DCP
+checkpoint (``torch.distributed.checkpoint``) saved mid-run is loaded into a fresh captured optimizer and back into
+the live one, and training goes on; each is compared with an eager run that was never interrupted. All scenarios
+run in one pair of processes (one spawn for the module: a compile of a DTensor step takes tens of seconds on a small
+CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import functools
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import _launch
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 import optcapture
 
@@ -44,10 +63,10 @@ class Net(nn.Module):
         return self.head(hidden)
 
 
-def _sharded(model: Net) -> Net:
+def _sharded(model: Net, mesh: DeviceMesh | None = None) -> Net:
     for layer in (model.inner, model.sometimes, model.head):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -57,12 +76,17 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
     return nn.functional.mse_loss(model(x, use_sometimes=step % 2 == 0), y)
 
 
-def _fsdp2(clip: float | None, scheduled: bool) -> _launch.Outcome:
+def _fsdp2(clip: float | None, scheduled: bool, hsdp: bool = False) -> _launch.Outcome:
+    # HSDP: replicate over the mesh's first dim, shard over its second (here of one rank: each shard is the whole
+    # param, and FSDP2 all-reduces the grads over "replicate" after reduce-scattering them over "shard").
+    mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard")) if hsdp else None
     torch.manual_seed(0)
     base = Net()
     sides = []
     for captured in (False, True):
-        model = _sharded(copy.deepcopy(base))
+        model = _sharded(copy.deepcopy(base), mesh)
+        if hsdp:
+            assert model.inner.weight.placements == (Replicate(), Shard(0)), model.inner.weight.placements
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
         if captured:
             optcapture.capture(optimizer)
@@ -89,11 +113,115 @@ def _dtensor_params_with_fresh_grads() -> _launch.Outcome:
                            warnings=())
 
 
+# DCP checkpoints: save after CHECKPOINT_AT steps, resume, train RESUMED_STEPS more
+
+CHECKPOINT_AT = 4  # past WARMUP: the captures of both grad patterns have compiled and stepped
+RESUMED_STEPS = 4
+# Steps the live optimizer trains on before it is rewound to the checkpoint (other batches). The last has all grads,
+# as the first resumed step (CHECKPOINT_AT, even): the capture that steps first after the resume stepped last, so
+# only the versions of the step counters tell it they were rewound.
+DETOUR = (101, 102)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resumed:
+    """A captured optimizer resumed from the checkpoint, after its RESUMED_STEPS, against the eager run."""
+
+    outcome: _launch.Outcome
+    """``paths``: every report of the optimizer; ``graphs_after_warmup``: Dynamo graphs compiled after the first two
+    resumed steps (one per grad pattern)."""
+    rebuilds: int
+    """Captures optcapture rebuilt (storage replaced, no Dynamo compile) from the resume to the end."""
+    new_captures: int
+    """Reports of the optimizer from the resume to the end: Dynamo compiles of its step, and rebuilds."""
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    _loss(model, step).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@contextlib.contextmanager
+def _folder_of_rank_0() -> Iterator[str]:
+    """A temporary folder rank 0 makes, its path broadcast to every rank (DCP writes a file per rank into it)."""
+    made = [tempfile.mkdtemp(prefix="optcapture-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(made, src=0)
+    assert made[0] is not None
+    try:
+        yield made[0]
+        dist.barrier()  # every rank has read the checkpoint before rank 0 removes it
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(made[0], ignore_errors=True)
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, full: bool) -> dict[str, Any]:
+    """Sharded state dicts (DTensors: the model's params and the optimizer's own state tensors, which ``dcp.load``
+    writes into in place), or full ones (plain tensors of the whole params, gathered on every rank)."""
+    options = StateDictOptions(full_state_dict=full)
+    return {"model": get_model_state_dict(model, options=options),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
+def _resume(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, full: bool) -> None:
+    # A full state dict is set by distributing each tensor anew (torch/distributed/_state_dict_utils.py,
+    # _distribute_state_dict): the optimizer's state becomes new DTensors, which the old captures must not step.
+    state = _state_dicts(model, optimizer, full)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=full))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=full))
+
+
+def _resumed(model: nn.Module, optimizer: torch.optim.Optimizer, eager: list[dict[str, Any]],
+             resume: Callable[[], None]) -> Resumed:
+    rebuilds, reports = optcapture.stats().rebuilds, len(optcapture.explain(optimizer))
+    resume()
+    graphs_at_warmup = 0
+    for step in range(CHECKPOINT_AT, CHECKPOINT_AT + RESUMED_STEPS):
+        if step == CHECKPOINT_AT + 2:
+            graphs_at_warmup = _launch.graphs_compiled()
+        _train_step(model, optimizer, step)
+    outcome = _launch.Outcome(eager=eager, captured=_launch.snapshot(optimizer),
+                              paths=tuple(r.path for r in optcapture.explain(optimizer)),
+                              graphs_after_warmup=_launch.graphs_compiled() - graphs_at_warmup, warnings=())
+    return Resumed(outcome, optcapture.stats().rebuilds - rebuilds, len(outcome.paths) - reports)
+
+
+def _dcp_resumes() -> dict[str, Resumed]:
+    torch.manual_seed(0)
+    base = Net()
+    eager_model, live_model = _sharded(copy.deepcopy(base)), _sharded(copy.deepcopy(base))
+    eager = torch.optim.AdamW(eager_model.parameters(), **ADAMW)
+    live = optcapture.capture(torch.optim.AdamW(live_model.parameters(), **ADAMW))
+    with _folder_of_rank_0() as folder:
+        for step in range(CHECKPOINT_AT):
+            _train_step(eager_model, eager, step)
+            _train_step(live_model, live, step)
+        dcp.save(_state_dicts(live_model, live, full=False), checkpoint_id=folder)
+        for step in range(CHECKPOINT_AT, CHECKPOINT_AT + RESUMED_STEPS):
+            _train_step(eager_model, eager, step)
+        uninterrupted = _launch.snapshot(eager)
+        torch.manual_seed(1)  # other initial params than base's: only the checkpoint makes them equal
+        fresh_model = _sharded(Net())
+        fresh = optcapture.capture(torch.optim.AdamW(fresh_model.parameters(), **ADAMW))
+        resumed = {"fresh optimizer": _resumed(fresh_model, fresh, uninterrupted,
+                                               functools.partial(_resume, folder, fresh_model, fresh, False))}
+        for name, full in (("live optimizer, sharded state dict", False), ("live optimizer, full state dict", True)):
+            for step in DETOUR:  # the live optimizer moves on; the resume must rewind it
+                _train_step(live_model, live, step)
+            resumed[name] = _resumed(live_model, live, uninterrupted,
+                                     functools.partial(_resume, folder, live_model, live, full))
+    return resumed
+
+
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
     return _launch.run_scenarios({
         "plain": lambda: _fsdp2(clip=None, scheduled=False),
         "clip_grad_norm_ and LambdaLR": lambda: _fsdp2(clip=0.5, scheduled=True),
+        "hsdp 2x1": lambda: _fsdp2(clip=None, scheduled=False, hsdp=True),
         "dtensor params, fresh grads": _dtensor_params_with_fresh_grads,
+        "dcp resumes": _dcp_resumes,
     })
 
 
@@ -103,7 +231,7 @@ def results() -> list[dict[str, Any]]:
 
 
 RANKS = [0, 1]
-SCENARIOS = ["plain", "clip_grad_norm_ and LambdaLR"]
+SCENARIOS = ["plain", "clip_grad_norm_ and LambdaLR", "hsdp 2x1"]
 
 
 @pytest.mark.parametrize("rank", RANKS)
@@ -129,3 +257,31 @@ def test_dtensor_params_with_fresh_grads_match_eager(results: Any, rank: int) ->
     outcome = _launch.outcome_of(results, "dtensor params, fresh grads", rank)
     _launch.assert_matches_eager(outcome)
     assert "bucketed" in outcome.paths and set(outcome.paths) <= {"bucketed", "first-step"}, outcome.paths
+
+
+RESUMES = ["fresh optimizer", "live optimizer, sharded state dict", "live optimizer, full state dict"]
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("resume", RESUMES)
+def test_dcp_resume_matches_an_uninterrupted_eager_run(results: Any, resume: str, rank: int) -> None:
+    # Params and AdamW's whole state (this rank's shards) after resuming from the checkpoint equal eager AdamW's
+    # trained straight through: the fresh optimizer starts from other params, and the live one has trained past the
+    # checkpoint (DETOUR) before it is rewound.
+    resumed = _launch.outcome_of(results, "dcp resumes", rank)[resume]
+    _launch.assert_matches_eager(resumed.outcome)
+    assert set(resumed.outcome.paths) == {"bucketed"}, resumed.outcome.paths  # a failed rebuild would say "eager"
+    assert resumed.outcome.graphs_after_warmup == 0, resumed.outcome
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_a_sharded_resume_keeps_the_live_capture_and_a_full_one_captures_anew(results: Any, rank: int) -> None:
+    outcomes = _launch.outcome_of(results, "dcp resumes", rank)
+    # dcp.load writes into the optimizer's own state tensors (sharded state dicts hold them): flat storage stays,
+    # the rewound step counters are read back (their versions changed), and nothing is compiled or rebuilt.
+    in_place = outcomes["live optimizer, sharded state dict"]
+    assert (in_place.rebuilds, in_place.new_captures) == (0, 0), in_place
+    # A full state dict is set as new DTensors, which the captures of the old ones must not step. Dynamo guards a
+    # DTensor in optimizer.state by identity (ID_MATCH; plain tensors by metadata): it compiles the step again, once
+    # per grad pattern, and each compile is a new capture over the new tensors.
+    assert outcomes["live optimizer, full state dict"].new_captures > 0, outcomes["live optimizer, full state dict"]
