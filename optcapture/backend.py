@@ -190,7 +190,8 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
 
     report = registry.record(step, "bucketed", [], runs=len(runs), seconds=time.perf_counter() - began,
                              kernels=lowered.kernels, grads="copied", batches=len(batches),
-                             tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(batched.device_hypers)))
+                             tensor_hypers=(*(f"group {g} {k}" for g, k in sorted(batched.device_hypers)),
+                                            *_member_keys(step)))
     plan = replay.CapturePlan(
         optimizer_ref=optimizer_ref, config=config, prepared=prepared, flats=flats, runs=runs, step=lowered.call,
         compiled_lazily=False, log=registry.ReportHandle(optimizer, report),
@@ -198,10 +199,16 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
         frozen_hypers=shadows.frozen_hypers(optimizer, runs, batched.device_hypers), mirrored=[], output=output,
         rebuild=rebuild,
         held_inputs=_held_inputs(step, gm, example_inputs), runs_share_scalars=False,
-        grads_written=batched.writes_grads)
+        grads_written=batched.writes_grads, member_numbers=batched.member_numbers)
     log.info("captured %s (lane-local update): %d batch(es) of one shape over %d bucket(s)", type(optimizer).__name__,
              len(batches), len(step.buckets))
     return CapturedStep(optimizer, plan)
+
+
+def _member_keys(step: StepGraph) -> list[str]:
+    """How explain() names the numbers of each param's state read from device vectors (``state step``)."""
+    return [f"state {key}" for key in sorted({role.key for role in step.roles if role.kind == "member_number"
+                                              and role.key is not None})]
 
 
 def _rebuilder(step: StepGraph, capture_again: Callable[[Sequence[Any]], CapturedStep]

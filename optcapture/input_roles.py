@@ -1,14 +1,17 @@
 """Stage 1, discovery's input mapping: what each input of a graph is to one optimizer, found by tensor identity.
 
 Roles: ``param``, ``grad``, ``state`` (a per-param tensor of ``optimizer.state``), ``scalar_state``
-(a 0-dim one: step counters, NAdam's mu_product, ASGD's eta/mu), ``hyper`` (a param-group value
+(a 0-dim one: step counters, NAdam's mu_product, ASGD's eta/mu), ``member_number`` (a Python int of a param's
+state Dynamo made symbolic: ``state["step"] += 1``), ``hyper`` (a param-group value
 Dynamo lifted to an input), ``global_state`` (a tensor ``optimizer.state`` keeps under a key that is
 no param), ``layout`` and ``other``. The predicates that tell per-element state from scalar state live here
 too: preparation homes state by the same rule, so a tensor is flat storage's exactly when discovery called it
 ``state``.
 
 Invariant: mapping only reads: it never mutates the optimizer, its tensors or the graph. A tensor input's role
-comes from its identity alone, a number's from its source (or from being a grad's layout and read by no op).
+comes from its identity alone, a number's from its source (or from being a grad's layout and read by no op); a
+number of a param's state only where its source names the same param as a state tensor of the graph found by
+identity, and that param's state holds a Python int there.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from optcapture import _compat, dtensors, lanes
-from optcapture.sources import hyper_source
+from optcapture.sources import hyper_source, member_source
 
-RoleKind = Literal["param", "grad", "state", "scalar_state", "hyper", "global_state", "layout", "other"]
+RoleKind = Literal["param", "grad", "state", "scalar_state", "member_number", "hyper", "global_state", "layout",
+                   "other"]
 """``layout``: a number Dynamo passes only to describe where a grad lies (the storage offset of a view into a
 reduce-scatter output or a bucket): no op of the graph reads it."""
 
@@ -152,6 +156,7 @@ def map_inputs(gm: GraphModule, values: dict[Node, Any], optimizer: torch.optim.
     roles: list[InputRole] = []
     lane_inputs: dict[Node, tuple[lanes.LaneId | None, str]] = {}
     present: dict[int, list[int]] = {}
+    members = _state_positions(nodes, values, identity)
     for n in nodes:
         source = _compat.placeholder_source(n) if n.op == "placeholder" else None
         value = values.get(n)
@@ -170,7 +175,12 @@ def map_inputs(gm: GraphModule, values: dict[Node, Any], optimizer: torch.optim.
                 present.setdefault(g, []).append(i)
             continue
         hyper = hyper_source(source or "")
-        if n in layout:
+        member = _member_number(optimizer, source, value, members)
+        if member is not None:
+            g, i, key = member
+            roles.append(InputRole(n.name, source, "member_number", g, i, key))
+            lane_inputs[n] = ((g, i), f"member_number:{key}")
+        elif n in layout:
             roles.append(InputRole(n.name, source, "layout"))
             lane_inputs[n] = (None, "layout")
         elif hyper is not None and hyper.whole:
@@ -179,3 +189,37 @@ def map_inputs(gm: GraphModule, values: dict[Node, Any], optimizer: torch.optim.
         else:
             roles.append(InputRole(n.name, source, "other"))
     return InputMap(roles, lane_inputs, present)
+
+
+def _state_positions(nodes: list[Node], values: dict[Node, Any],
+                     identity: dict[int, tuple[RoleKind, int | None, int | None, str | None]],
+                     ) -> dict[tuple[str, int], lanes.LaneId]:
+    """(owner source, position among the state dict's keys) -> lane, from the state tensors of the graph found by
+    identity: what a state entry's source (:func:`optcapture.sources.member_source`) names, proved."""
+    found: dict[tuple[str, int], lanes.LaneId] = {}
+    for n in nodes:
+        value = values.get(n)
+        hit = identity.get(id(value)) if isinstance(value, torch.Tensor) else None
+        member = member_source(_compat.placeholder_source(n) or "") if n.op == "placeholder" else None
+        if hit is not None and member is not None and hit[0] in ("state", "scalar_state") \
+                and hit[1] is not None and hit[2] is not None:
+            found[(member.owner, member.position)] = (hit[1], hit[2])
+    return found
+
+
+def _member_number(optimizer: torch.optim.Optimizer | None, source: str | None, value: Any,
+                   members: dict[tuple[str, int], lanes.LaneId]) -> tuple[int, int, str] | None:
+    """(group, param index, key) when the input ``value`` (an int, or the SymInt Dynamo made of one) is
+    ``optimizer.state[p][key]`` of a param ``p`` whose state tensors the graph reads too, holding a Python int."""
+    if optimizer is None or source is None or not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
+        return None
+    member = member_source(source)
+    lane = members.get((member.owner, member.position)) if member is not None else None
+    if member is None or lane is None:
+        return None
+    g, i = lane
+    p = optimizer.param_groups[g]["params"][i]
+    keys = list(optimizer.state)
+    if member.position >= len(keys) or keys[member.position] is not p:
+        return None
+    return (g, i, member.key) if type(state_of(optimizer, p).get(member.key)) is int else None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from optcapture import lane_hypers
 from optcapture.discovery import BucketKey, StepGraph
 from optcapture.errors import CaptureError
 from optcapture.lane_programs import LaneInput, lane_program, out_of_place, shared_input, writes_input
-from optcapture.lanes import called_name, in_place
+from optcapture.lanes import LaneId, called_name, in_place
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer, Role
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class BatchedStep:
     device_hypers: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     """(group, key) of the group entries read from device tensors refreshed before each step
     (:mod:`optcapture.lane_hypers`), not held as constants."""
+    member_numbers: list[lane_hypers.MemberNumbers] = dataclasses.field(default_factory=list)
+    """The vectors of the numbers of each member's state the batches read, written before each step."""
 
 
 def plan_batches(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[LaneBatch]:
@@ -135,7 +137,8 @@ class InputTable:
     """The tensors a batched step reads, each once (flat buffer ranges, which never overlap, and shared tensors),
     and the group entries among them read from device tensors."""
 
-    def __init__(self, step: StepGraph, prepared: PreparedOptimizer) -> None:
+    def __init__(self, step: StepGraph, prepared: PreparedOptimizer,
+                 member_inputs: Mapping[tuple[LaneId, str], int] | None = None) -> None:
         optimizer = step.optimizer
         assert optimizer is not None
         self.optimizer = optimizer
@@ -143,6 +146,23 @@ class InputTable:
         self.inputs: list[torch.Tensor] = []
         self.device_hypers: set[tuple[int, str]] = set()
         self._shared_index: dict[int, int] = {}
+        self.member_inputs = member_inputs or {}
+        """(lane, key) -> the graph input index of that lane's number ``state[p][key]`` (:func:`member_inputs`)."""
+        self.member_numbers: list[lane_hypers.MemberNumbers] = []
+
+    def member_vector(self, flat: FlatGroup, batch: LaneBatch, key: str) -> torch.Tensor:
+        """The float64 vector of the number ``key`` of each member's state, in the batch's order (written before
+        every step: :class:`~optcapture.lane_hypers.MemberNumbers`)."""
+        lanes = [(batch.key.group, flat.param_indices[j]) for j in batch.positions]
+        indices = [self.member_inputs.get((lane, key)) for lane in lanes]
+        missing = [lane for lane, index in zip(lanes, indices, strict=True) if index is None]
+        if missing:
+            raise CaptureError(f"the number {key!r} of the state of param {missing[0]} is not a graph input of its own"
+                               " (read across params, or not passed by Dynamo)")
+        # NaN until the first write: a step that read it unwritten would show it.
+        vector = torch.full((len(lanes),), math.nan, dtype=torch.float64, device=batch.key.device)
+        self.member_numbers.append(lane_hypers.MemberNumbers(vector, tuple(i for i in indices if i is not None)))
+        return vector
 
     def shared(self, lane_input: LaneInput, device: torch.device) -> tuple[int, bool]:
         """The index of a shared input, and whether it is a number of a param group that Dynamo passes as an input,
@@ -175,6 +195,12 @@ class InputTable:
             if lane_input.role in ("crossed", "carried", "stacked"):
                 where.append(None)
                 in_dims.append(0 if lane_input.role == "carried" else None)
+            elif lane_input.role == "member_number":
+                assert lane_input.key is not None
+                where.append((len(self.inputs), (len(batch.positions),)))
+                in_dims.append(0)
+                self.inputs.append(self.member_vector(flat, batch, lane_input.key))
+                numbers.append(node)  # each lane reads its own value as a 0-dim tensor under vmap
             elif lane_input.shared is not None:
                 index, number = self.shared(lane_input, batch.key.device)
                 if number:
@@ -201,7 +227,7 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
     """The program that steps every batch: for each, the lane program of its first member under vmap. Its inputs
     are each batch's ranges of flat storage, which never overlap, and the shared tensors, each once: a number of a
     param group that Dynamo passes as an input is read from ``prepared``'s device tensor for it."""
-    table = InputTable(step, prepared)
+    table = InputTable(step, prepared, member_inputs(step, gm))
     write_once = shared_writes(gm, example_inputs, step, table, batches[0].key.device)
     plan: list[tuple[Callable[..., Any], list[Where]]] = []
     writes_grads = False
@@ -221,7 +247,19 @@ def build_batched_step(step: StepGraph, gm: GraphModule, example_inputs: list[An
         for batched, where in plan:
             batched(*(table.read(tensors, w) for w in where))
 
-    return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers)
+    return BatchedStep(step_batches, table.inputs, writes_grads, table.device_hypers, table.member_numbers)
+
+
+def member_inputs(step: StepGraph, gm: GraphModule) -> dict[tuple[LaneId, str], int]:
+    """(lane, key) -> the index among ``gm``'s placeholders of the number ``state[p][key]`` of that lane."""
+    roles = {role.node: role for role in step.roles}
+    found = {}
+    for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        role = roles.get(node.name)
+        if role is not None and role.kind == "member_number":
+            assert role.group is not None and role.param_index is not None and role.key is not None
+            found[((role.group, role.param_index), role.key)] = index
+    return found
 
 
 def shared_writes(gm: GraphModule, example_inputs: list[Any], step: StepGraph, table: InputTable,

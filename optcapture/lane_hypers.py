@@ -8,18 +8,24 @@ that group entry (float64, as on the elementwise path), written with the live va
 (:meth:`~optcapture.preparation.PreparedOptimizer.refresh_hypers`). The program's arithmetic on those numbers
 becomes tensor arithmetic (:func:`numbers_as_tensors`).
 
-Invariant: a number is read from a device tensor only where the group holds a Python int or float at the source
-Dynamo read it from, and every use of it in the program is either arithmetic that tensors do as Python numbers do
-(``operator`` functions, ``sqrt``) or an argument rewritten to take a tensor with the same value
+A Python int of each param's own state (``state["step"] += 1``: timm's AdaBelief, RAdamLegacy) comes in as one
+graph input per param; a batch reads the numbers of its members from one float64 vector of one value per member
+(:class:`MemberNumbers`, written from the graph's inputs before every step), which vmap hands each lane as its own
+0-dim tensor, and the program's arithmetic on it is rewritten the same way.
+
+Invariant: a number is read from a device tensor only where the group (or the param's state) holds a Python int or
+float at the source Dynamo read it from, and every use of it in the program is either arithmetic that tensors do as
+Python numbers do (``operator`` functions, ``sqrt``) or an argument rewritten to take a tensor with the same value
 (``add(x, y, alpha=a)`` -> ``add(x, y * a)``); any other use refuses the batches with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -92,6 +98,33 @@ def device_number(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer,
     if value is None:
         return None
     return prepared.hyper(source.group, source.key, source.index, device, value)
+
+
+# A float64 holds every int up to this exactly; past it ``s + 1`` would round where Python's int does not.
+_EXACT_INTS = 2**53
+
+
+@dataclasses.dataclass
+class MemberNumbers:
+    """One number of each member's state for one batch of lanes (``state[p]["step"]``), as the float64 vector
+    ``vector`` (one value per member, in the batch's order) that the batched program reads."""
+
+    vector: torch.Tensor
+    inputs: tuple[int, ...]
+    """The graph input that passes each member's number (Dynamo reads ``state[p]["step"]`` at every call)."""
+    last: tuple[Any, ...] | None = None
+
+    def write(self, args: Sequence[Any]) -> bool:
+        """Before every step: the live numbers, from the graph's inputs (only when they changed). False, writing
+        nothing, when one is not an int that a float64 holds exactly (the step must not run on it)."""
+        values = tuple(args[i] for i in self.inputs)
+        if values == self.last:
+            return True
+        if any(type(value) is not int or abs(value) > _EXACT_INTS for value in values):
+            return False
+        self.vector.copy_(torch.tensor(values, dtype=torch.float64))
+        self.last = values
+        return True
 
 
 # Number arithmetic Dynamo records as Python functions: the same functions compute it on 0-dim tensors...

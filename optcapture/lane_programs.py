@@ -35,8 +35,9 @@ of the lane computed by its earlier program (``carried``), a cross-lane op's res
 @dataclasses.dataclass(frozen=True)
 class LaneInput:
     """A placeholder of a lane program: a tensor of the lane (``role``: param, grad, state or scalar_state, with
-    ``key``) or a value shared by all lanes (``shared``: the object the real graph read; ``source``: the param-group
-    entry it is, for a hyperparameter); for ``crossed``, ``carried`` and ``stacked``, ``key`` is the graph node."""
+    ``key``), a number of the lane's state (``member_number``, with ``key``) or a value shared by all lanes
+    (``shared``: the object the real graph read; ``source``: the param-group entry it is, for a hyperparameter); for
+    ``crossed``, ``carried`` and ``stacked``, ``key`` is the graph node."""
 
     role: InputKind
     key: str | None = None
@@ -136,7 +137,7 @@ def _extract(gm: GraphModule, example_inputs: list[Any], step: StepGraph, lane: 
             role = roles.get(node.name)
             if role is None:
                 raise CaptureError(f"input {node.name} of the step has no role")
-            if role.kind in ("param", "grad", "state", "scalar_state"):
+            if role.kind in ("param", "grad", "state", "scalar_state", "member_number"):
                 if (role.group, role.param_index) != lane:
                     raise CaptureError(f"the update of param {lane} reads input {node.name} of another param")
                 inputs.append(LaneInput(role.kind, role.key))

@@ -6,10 +6,11 @@ bucket, which is what makes it legal to run it once over flat storage (issue #4)
 Invariant: :func:`analyze` only reports ``elementwise=True`` when every op touching a lane is
 on the pointwise allowlist, no op mixes two lanes, every lane value has its param's shape (or
 is a 0-dim scalar), and so each lane's event list is a complete description of its update.
-It reports ``lane_local=True`` (an update that may reduce or multiply within a param, like LAMB's trust
-ratio or Muon's Newton-Schulz iteration) only when no op mixes two lanes, no op writes into a value shared
-by all lanes, no op draws random numbers and every lane op is a single-tensor op: each lane's update is
-then a function of that lane's tensors and the shared values alone (:func:`lane_program` extracts it).
+It reports ``lane_local=True`` (an update that may reduce or multiply within a param, like LAMB's trust ratio or
+Muon's Newton-Schulz iteration, or that reads a number of each param's own state) only when no op mixes two lanes,
+no op writes into a value shared by all lanes, no op draws random numbers and every lane op is a single-tensor op:
+each lane's update is then a function of that lane's tensors and the shared values alone (:func:`lane_program`
+extracts it).
 The one exception is a cross-lane op (:data:`CROSS_LANE`, ``torch.stack`` of one value of each param, as a global
 grad norm starts): it reads each of its lanes exactly once, in its list's order, and makes a value shared by all
 lanes, so it is recorded (:attr:`LaneReport.cross_lanes`, and an ``("export", op)`` event in each lane's program)
@@ -145,6 +146,11 @@ class _Analyzer:
         self.cross_lanes: dict[str, tuple[LaneId, ...]] = {}
         for node, (lane, name) in inputs.items():
             self.values[node] = _Shared(("in", name)) if lane is None else _LaneValue(lane, ("in", name))
+            if lane is not None and isinstance(node.meta.get("example_value"), (int, float, torch.SymInt,
+                                                                                 torch.SymFloat)):
+                # A number of the param's own state (``state["step"]``): one value per param, which flat runs
+                # cannot hold; batches read it from a vector of one value per member.
+                self._not_elementwise(f"the update of param {lane} reads a number of its own state ({node.name})")
 
     def _value(self, arg: Any) -> Any:
         if isinstance(arg, Node):

@@ -14,8 +14,8 @@ import torch
 from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's LAMB
 
 __all__ = ["CounterReadBeforeWriteRmsAdam", "CounterResultReadRmsAdam", "Float32Muon", "ForeachNovoGrad",
-           "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam", "RowScaledSGD", "StackedNormsLars",
-           "TrustRatioLamb"]
+           "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam", "ParamStepRmsAdam", "RowScaledSGD",
+           "StackedNormsLars", "TrustRatioLamb"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -105,6 +105,34 @@ class GroupStepRmsAdam(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (state["exp_avg"] / bias_correction1) / (
+                    state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + group["eps"])
+                rms = update.square().mean().sqrt().clamp(min=1.0)
+                p.add_(update / rms, alpha=-group["lr"])
+
+
+class ParamStepRmsAdam(GroupStepRmsAdam):
+    """:class:`GroupStepRmsAdam` counting its step as a Python int in each param's state (``state["step"] += 1``, as
+    timm's AdaBelief and RAdamLegacy count it): a param stepped without a grad keeps its count, so the counters of
+    params of one shape differ once grads come and go."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                bias_correction1 = 1 - beta1 ** state["step"]
+                bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
                 state["exp_avg"].lerp_(p.grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 update = (state["exp_avg"] / bias_correction1) / (

@@ -28,6 +28,7 @@ from lane_local_optimizers import (
     GlobalClipLamb,
     GroupStepRmsAdam,
     GroupTensorStepRmsAdam,
+    ParamStepRmsAdam,
     RowScaledSGD,
     StackedNormsLars,
     TrustRatioLamb,
@@ -231,6 +232,32 @@ def test_an_int_step_counter_in_the_param_groups_is_read_from_a_device_tensor() 
         step_both(pair, seed)
         assert_matches_eager(pair)
     assert optcapture.stats().captures == captures
+
+
+def test_an_int_step_counter_in_each_params_state_is_read_from_a_vector_of_one_value_per_member() -> None:
+    # ``state["step"] += 1`` in each param's state: Dynamo passes each counter as a SymInt of its own; a batch reads
+    # its members' counters from one vector, written before each step. The last param of the (6, 4) and of the (4,)
+    # shapes has no grad at every other step, so counters within a batch differ (5 vs 3 after five steps).
+    def present(step: int) -> Callable[[int], bool]:
+        return lambda i: step % 2 == 0 or i not in (5, 6)
+
+    pair = make_pair(lambda p: ParamStepRmsAdam(p), model=_model(MIXED))
+    for seed in range(5):
+        step_both(pair, seed, present(seed))
+        assert_matches_eager(pair)  # the int counters included
+    counters = [pair.optimizer.state[p]["step"] for p in pair.model.parameters()]
+    assert counters == [5, 5, 5, 5, 5, 3, 3], counters
+    # The last capture of each grad pattern (an earlier one, traced while Dynamo held some counters as constants,
+    # batches params of one shape apart where one reads a constant and another its input).
+    for report in optcapture.explain(pair.optimizer)[-2:]:
+        assert report.path == "bucketed" and report.batches == 3, report
+        assert "state step" in report.tensor_hyperparameters, report
+    captures = optcapture.stats().captures
+    for seed in range(5, 9):
+        step_both(pair, seed, present(seed))
+        assert_matches_eager(pair)
+    assert optcapture.stats().captures == captures
+    assert [pair.optimizer.state[p]["step"] for p in pair.model.parameters()] == [9, 9, 9, 9, 9, 5, 5]
 
 
 class FilledLrNormalizedSGD(torch.optim.Optimizer):

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # param's: SM3),
 # with the last path each takes. MADGRAD reads its counter with a graph break (``math.pow(state["k"] + 1, 0.5)``):
 # Dynamo compiles the pieces, none of them the whole step.
-REPRESENTATIVE = {"timm.Adan": "bucketed", "timm.Adopt": "bucketed", "timm.Lamb": "bucketed",
-                  "pytorch_optimizer.Grams": "bucketed", "pytorch_optimizer.DiffGrad": "bucketed",
+REPRESENTATIVE = {"timm.AdaBelief": "bucketed", "timm.Adan": "bucketed", "timm.Adopt": "bucketed",
+                  "timm.Lamb": "bucketed", "pytorch_optimizer.Grams": "bucketed",
+                  "pytorch_optimizer.DiffGrad": "bucketed",
                   "pytorch_optimizer.MADGRAD": "per-tensor", "pytorch_optimizer.SM3": "per-tensor"}
 
 

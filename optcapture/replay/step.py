@@ -23,6 +23,7 @@ from optcapture import _compat, dtensors, shadows
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey
 from optcapture.grad_tables import GradLayoutError, GradTable
+from optcapture.lane_hypers import MemberNumbers
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer
 from optcapture.progress import Timings
 from optcapture.replay.counters import COUNTERS
@@ -77,6 +78,9 @@ class CapturePlan:
     # The step writes into its grads (NovoGrad divides them by their norm): eager leaves them written, so the copies
     # the step wrote are copied back into the user's grads after it.
     grads_written: bool = False
+    # A number of each member's state (``state[p]["step"]``) that batches read from a vector, written from the
+    # graph's inputs before each step (:mod:`optcapture.lane_hypers`).
+    member_numbers: list[MemberNumbers] = dataclasses.field(default_factory=list)
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -310,6 +314,12 @@ class CapturedStep:
             log.info("rebuilding the capture: %s", error)
             return self._rebuild(slot, args)
         capture.refresh()
+        if not all(numbers.write(args) for numbers in capture.plan.member_numbers):
+            # Past 2**53 steps: a float64 vector would round the counter. Eager steps this once and from now on.
+            capture.plan.log.gave_up("a number of a param's state is beyond what a float64 holds exactly")
+            slot.replacement = stepping_eagerly(capture.plan.optimizer_ref, self.output)
+            slot.capture = None
+            return slot.replacement(*args)
         replacement = capture.runner()
         COUNTERS.steps += 1
         if replacement is not None:
