@@ -29,9 +29,18 @@ from torch.distributed.fsdp import fully_shard
 
 from optcapture import dtensors
 from optcapture.bench import methods
-from optcapture.bench.blocks import run_blocks, synchronize, warm_up
+from optcapture.bench.blocks import run_blocks, synchronize
 from optcapture.bench.gpt import GPT
-from optcapture.bench.measure import StepContender, failed, final_params, note, release, say, step_result
+from optcapture.bench.measure import (
+    StepContender,
+    failed,
+    final_params,
+    note,
+    release,
+    say,
+    step_result,
+    warmed_contender,
+)
 from optcapture.bench.presets import ShardedPreset
 from optcapture.bench.results import Result
 
@@ -131,14 +140,7 @@ def _build(method: str, model: GPT, batches: Sequence[tuple[torch.Tensor, torch.
     if isinstance(built, methods.Skipped):
         return built
     built.fresh_grads = True  # as after zero_grad() and FSDP2's backward: new grad DTensors every step
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    contender = StepContender(method, built, params, grad_sets)
-    contender.timings = warm_up(contender, device)
-    if device.type == "cuda":
-        contender.peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return contender
+    return warmed_contender(method, built, params, grad_sets, device)
 
 
 def local_numel(params: Sequence[torch.Tensor]) -> int:

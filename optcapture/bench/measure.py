@@ -144,10 +144,17 @@ def _build(method: str, make_copy: CopyFactory, grads: Sequence[torch.Tensor], d
         return built
     built.fresh_grads = built.fresh_grads or fresh_grads
     spare = [[g.clone() for g in grads] for _ in range(2)] if built.fresh_grads else []
+    return warmed_contender(method, built, params, spare, device)
+
+
+def warmed_contender(method: str, built: methods.Setup, params: Sequence[torch.Tensor],
+                     grad_sets: Sequence[Sequence[torch.Tensor]], device: torch.device) -> StepContender:
+    """A contender of ``built`` with its first calls run and timed; on CUDA with the peak memory they took above what
+    was allocated before them."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    contender = StepContender(method, built, params, spare)
+    contender = StepContender(method, built, list(params), [list(grads) for grads in grad_sets])
     contender.timings = warm_up(contender, device)
     if device.type == "cuda":
         contender.peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
