@@ -69,8 +69,9 @@ class CapturePlan:
     # A new capture of the same graph over the current storage, from this call's graph inputs; raises.
     rebuild: Callable[[Sequence[Any]], Callable[..., Any]]
     # (graph input index, tensor) of every input the capture reads from its own storage (params, state): Dynamo
-    # guards a user optimizer's state tensors by metadata, not identity, so after ``load_state_dict`` it hands the
-    # capture new tensors of the same shape; their addresses tell.
+    # guards a user optimizer's plain state tensors by metadata, not identity (DTensor state by identity: a new one
+    # compiles the step again), so after ``load_state_dict`` it hands the capture new tensors of the same shape;
+    # their addresses tell.
     held_inputs: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)
     # Runs of an elementwise update step one copy of their members' scalar state, which must agree; a batch of a
     # lane-local update (:mod:`optcapture.lane_batches`) steps each member's own.
