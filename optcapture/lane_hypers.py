@@ -114,17 +114,18 @@ class MemberNumbers:
     """The graph input that passes each member's number (Dynamo reads ``state[p]["step"]`` at every call)."""
     last: tuple[Any, ...] | None = None
 
-    def write(self, args: Sequence[Any]) -> bool:
-        """Before every step: the live numbers, from the graph's inputs (only when they changed). False, writing
-        nothing, when one is not an int that a float64 holds exactly (the step must not run on it)."""
+    def write(self, args: Sequence[Any]) -> None:
+        """Before every step: the live numbers, from the graph's inputs (only when they changed). Raises
+        :class:`CaptureError`, writing nothing, when one is not an int that a float64 holds exactly (the step must not
+        run on it)."""
         values = tuple(args[i] for i in self.inputs)
         if values == self.last:
-            return True
+            return
         if any(type(value) is not int or abs(value) > _EXACT_INTS for value in values):
-            return False
+            raise CaptureError(f"a number of a param's state is not an int a float64 holds exactly (|n| <= 2**53): "
+                               f"{next(v for v in values if type(v) is not int or abs(v) > _EXACT_INTS)!r}")
         self.vector.copy_(torch.tensor(values, dtype=torch.float64))
         self.last = values
-        return True
 
 
 # Number arithmetic Dynamo records as Python functions: the same functions compute it on 0-dim tensors...

@@ -260,6 +260,34 @@ def test_an_int_step_counter_in_each_params_state_is_read_from_a_vector_of_one_v
     assert [pair.optimizer.state[p]["step"] for p in pair.model.parameters()] == [9, 9, 9, 9, 9, 5, 5]
 
 
+@pytest.mark.parametrize("fallback", ["eager", "raise"])
+def test_a_state_counter_past_what_a_float64_holds_gives_the_capture_up_by_the_fallback_policy(fallback: str) -> None:
+    # A batch reads the counters as float64, exact up to 2**53; past it the capture gives up before any of the step
+    # runs: eager from then on (said once), or UnsupportedStepError under fallback="raise", nothing changed.
+    pair = make_pair(lambda p: ParamStepRmsAdam(p), model=_model(MIXED), options={"fallback": fallback})
+    for seed in range(4):
+        step_both(pair, seed)
+    assert paths(pair.optimizer)[-1] == "bucketed"
+    for optimizer in (pair.optimizer, pair.eager):
+        for state in optimizer.state.values():
+            state["step"] = 2**53 + 4
+    if fallback == "raise":
+        before = [p.detach().clone() for p in pair.model.parameters()]
+        set_grads(pair, 4)
+        with pytest.raises(optcapture.UnsupportedStepError, match="2\\*\\*53"):
+            pair.step()
+        for p, q in zip(pair.model.parameters(), before, strict=True):
+            assert torch.equal(p, q)
+        assert all(state["step"] == 2**53 + 4 for state in pair.optimizer.state.values())
+        return
+    with pytest.warns(RuntimeWarning, match="2\\*\\*53"):
+        step_both(pair, 4)
+    assert_matches_eager(pair)
+    step_both(pair, 5)
+    assert_matches_eager(pair)
+    assert paths(pair.optimizer)[-1] == "eager"
+
+
 class FilledLrNormalizedSGD(torch.optim.Optimizer):
     """Normalised SGD whose lr fills a tensor (``full_like`` takes a number): lr cannot be read from a device tensor."""
 

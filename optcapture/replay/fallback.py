@@ -114,18 +114,20 @@ class Runner:
         except self._compile_errors as error:
             # Raised before any of the step ran (e.g. Dynamo's recompile limit under fullgraph=True, after a
             # followed float took too many values): stepping eagerly is exact.
-            return self._step_eagerly_from_now_on("compiling", error)
+            return self.give_up("compiling", error)
         except Exception as error:
             # Recording the CUDA graph (the 2nd or 3rd step) runs none of it either, e.g. out of memory.
             if not _compat.raised_while_recording_cuda_graph(error):
                 raise
-            return self._step_eagerly_from_now_on("recording the CUDA graph of", error)
+            return self.give_up("recording the CUDA graph of", error)
         if first:
             self._log.first_replayed(_compat.generated_kernel_count() - kernels_before if first_compile else None,
                                      self._timing.sum_up())
         return None
 
-    def _step_eagerly_from_now_on(self, doing: str, error: Exception) -> Callable[[], None]:
+    def give_up(self, doing: str, error: Exception) -> Callable[[], None]:
+        """Before any of the step ran: the give-up policy (raise under ``fallback="raise"``), then step eagerly this
+        once; the eager step that replaces the capture from the next step on."""
         reason = give_up(doing, self._name, error, self._config)
         self._step = None  # the shadow, its flat storage view and its CUDA graph are not needed any more
         self._log.gave_up(reason)

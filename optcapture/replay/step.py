@@ -22,6 +22,7 @@ import torch
 from optcapture import _compat, dtensors, shadows
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey
+from optcapture.errors import CaptureError
 from optcapture.grad_tables import GradLayoutError, GradTable
 from optcapture.lane_hypers import MemberNumbers
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer
@@ -315,13 +316,15 @@ class CapturedStep:
             log.info("rebuilding the capture: %s", error)
             return self._rebuild(slot, args)
         capture.refresh()
-        if not all(numbers.write(args) for numbers in capture.plan.member_numbers):
-            # Past 2**53 steps: a float64 vector would round the counter. Eager steps this once and from now on.
-            capture.plan.log.gave_up("a number of a param's state is beyond what a float64 holds exactly")
-            slot.replacement = stepping_eagerly(capture.plan.optimizer_ref, self.output)
-            slot.capture = None
-            return slot.replacement(*args)
-        replacement = capture.runner()
+        replacement: Callable[[], None] | None
+        try:
+            for numbers in capture.plan.member_numbers:
+                numbers.write(args)
+        except CaptureError as error:
+            # Past 2**53 steps a float64 vector would round the counter: nothing of the step ran yet.
+            replacement = capture.runner.give_up("reading the numbers of the params' state for", error)
+        else:
+            replacement = capture.runner()
         COUNTERS.steps += 1
         if replacement is not None:
             # The capture gave up (and stepped eagerly this once): its replacement runs from the next step on.
