@@ -44,8 +44,6 @@ from optcapture.bench.measure import (
 from optcapture.bench.presets import ShardedPreset
 from optcapture.bench.results import Result
 
-LR, WEIGHT_DECAY = 1e-3, 0.01
-"""AdamW's hyperparameters of the step presets (``methods.make_optimizer("adamw")``)."""
 GRAD_SETS = 2
 """Backward passes per copy: the grads a step gets alternate between their outputs (as the step presets' spare
 grads do), so every step gets other grad tensors than the step before it."""
@@ -135,7 +133,7 @@ def _build(method: str, model: GPT, batches: Sequence[tuple[torch.Tensor, torch.
     """``method`` over the sharded ``model``, its grads made and its first calls run."""
     params = list(model.parameters())
     grad_sets = [_grads_from_backward(model, params, batch) for batch in batches]
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
+    optimizer = methods.make_optimizer("adamw", params, foreach=True)  # the step presets' AdamW, as FSDP2 runs it
     built = methods.setup(method, optimizer, device)
     if isinstance(built, methods.Skipped):
         return built

@@ -92,23 +92,24 @@ class Lamb(torch.optim.Optimizer):  # type: ignore[misc]
                 p.add_(update * trust, alpha=-group["lr"])
 
 
-def make_optimizer(name: str, params: Any, lr: float = 1e-3) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Any, lr: float = 1e-3, **options: Any) -> torch.optim.Optimizer:
+    """The benchmark's ``name`` optimizer over ``params``; ``options`` go to its constructor (``foreach=True``)."""
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, **options)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **options)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, **options)
     if name == "lion":
-        return Lion(params, lr=lr, weight_decay=0.01)
+        return Lion(params, lr=lr, weight_decay=0.01, **options)
     if name == "adabelief":
         from pytorch_optimizer import AdaBelief
 
-        return AdaBelief(params, lr=lr, weight_decay=0.01)  # type: ignore[no-any-return]
+        return AdaBelief(params, lr=lr, weight_decay=0.01, **options)  # type: ignore[no-any-return]
     if name == "lamb":
-        return Lamb(params, lr=lr, weight_decay=0.01)
+        return Lamb(params, lr=lr, weight_decay=0.01, **options)
     if name == "muon":
-        return torch.optim.Muon(params, lr=lr)
+        return torch.optim.Muon(params, lr=lr, **options)
     raise ValueError(f"unknown optimizer {name!r}; choose {', '.join(sorted(BYTES_PER_PARAM))}")
 
 
