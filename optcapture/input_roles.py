@@ -52,10 +52,17 @@ class InputRole:
 
 def per_element_state_keys(optimizer: torch.optim.Optimizer) -> frozenset[str]:
     """State keys holding a tensor of the param's shape (``exp_avg``), told from scalars (step counters) by what
-    params with dimensions store: a 0-dim param's ``exp_avg`` is per-element state too (CLIP's ``logit_scale``)."""
-    return frozenset(key for p, state in optimizer.state.items() if isinstance(p, torch.Tensor) and p.dim() > 0
-                     and isinstance(state, dict)
-                     for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim() > 0)
+    params with dimensions store: a 0-dim param's ``exp_avg`` is per-element state too (CLIP's ``logit_scale``).
+    A key under which a param of several elements keeps a one-element tensor is one number per param, a scalar
+    like ``step``, whatever its dimensions (pytorch_optimizer's QHAdam keeps ``beta1_weight`` of shape ``(1,)``)."""
+    keys: dict[str, bool] = {}
+    for p, state in optimizer.state.items():
+        if isinstance(p, torch.Tensor) and p.dim() > 0 and isinstance(state, dict):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    one_number = value.numel() == 1 and p.numel() > 1
+                    keys[key] = keys.get(key, True) and not one_number
+    return frozenset(key for key, per_element in keys.items() if per_element)
 
 
 def global_state(optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
@@ -66,7 +73,10 @@ def global_state(optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
 
 
 def is_per_element_state(p: torch.Tensor, key: str, value: torch.Tensor, per_element: frozenset[str]) -> bool:
-    return value.dim() > 0 or (p.dim() == 0 and key in per_element)
+    """``per_element``: :func:`per_element_state_keys` of the optimizer."""
+    if p.dim() == 0 or value.numel() == 1:
+        return key in per_element
+    return bool(value.dim() > 0)
 
 
 def _identity_roles(optimizer: torch.optim.Optimizer) -> dict[int, tuple[RoleKind, int | None, int | None, str | None]]:

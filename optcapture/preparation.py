@@ -187,7 +187,10 @@ def _still_homed(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> bool:
     group = optimizer.param_groups[flat.key.group]["params"]
     if len(group) <= max(flat.param_indices, default=-1):
         return False
-    tensor_keys, scalar_keys = _state_roles(optimizer, flat.params)
+    try:
+        tensor_keys, scalar_keys = _state_roles(optimizer, flat.params)
+    except CaptureError:
+        return False
     expected = {role for role in flat.homes if role != PARAM}
     if expected != {Role("state", k) for k in tensor_keys} | {Role("scalar", k) for k in scalar_keys}:
         return False
@@ -236,6 +239,10 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
                 (tensor_keys if is_per_element_state(p, key, value, per_element) else scalar_keys)[key] = None
+    both = tensor_keys.keys() & scalar_keys.keys()
+    if both:
+        raise CaptureError(f"state {sorted(both)} holds one number for some params and a tensor of the param's "
+                           "shape for others: neither one flat tensor nor one vector of numbers holds it")
     return list(tensor_keys), list(scalar_keys)
 
 
@@ -333,8 +340,9 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         role = Role("scalar", k)
         homes[role] = []
         for j, p in enumerate(params):
-            home = alias(vector, j, torch.Size([]))
             value = optimizer.state.get(p, {}).get(k)
+            # Of the user's own shape: ``()`` for a step counter, ``(1,)`` where the optimizer keeps one.
+            home = alias(vector, j, value.shape if isinstance(value, torch.Tensor) else torch.Size([]))
             if isinstance(value, torch.Tensor):
                 with torch.no_grad():
                     home.copy_(value)

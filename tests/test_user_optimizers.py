@@ -18,7 +18,7 @@ import optcapture
 # per-param state that Inductor can only specialize.
 LAST_PATH = {"GroupStepAdam": "bucketed", "GlobalCounterSGD": "per-tensor", "GlobalTensorCounterSGD": "bucketed",
              "ConjAdam": "bucketed", "DataWritingLion": "bucketed", "ModuleFunctionSGD": "bucketed",
-             "FloatStateAdam": "per-tensor", "ConstantBuildingAdam": "bucketed"}
+             "FloatStateAdam": "per-tensor", "ConstantBuildingAdam": "bucketed", "OneElementStateAdam": "bucketed"}
 
 
 @pytest.mark.parametrize("name", sorted(USER_OPTIMIZERS))
@@ -92,3 +92,40 @@ def test_a_checkpoint_loaded_into_a_user_optimizer_is_stepped_not_its_old_storag
             step_both(pair, seed)
             assert_matches_eager(pair)
     assert paths(pair.optimizer)[-1] == "bucketed"
+
+
+def test_a_one_element_state_tensor_is_a_number_per_param_and_keeps_its_shape() -> None:
+    # pytorch_optimizer's QHAdam keeps ``beta1_weight`` as a (1,) tensor per param: it was taken for state of another
+    # shape than its param's, and the step ran per tensor. Grads that come and go make the numbers differ by param.
+    from user_optimizers import OneElementStateAdam
+
+    pair = make_pair(lambda p: OneElementStateAdam(p))
+    for seed in range(6):
+        step_both(pair, seed, present=lambda i, seed=seed: i % 2 == 0 or seed % 3 != 1)
+        assert_matches_eager(pair)
+    weights = [pair.optimizer.state[p]["weight"] for p in pair.model.parameters()]
+    assert all(w.shape == (1,) for w in weights)
+    assert len({float(w) for w in weights}) == 2  # params stepped 6 and 4 times: two runs
+    assert paths(pair.optimizer)[-1] == "bucketed"
+
+
+def test_state_that_is_one_number_for_some_params_and_a_tensor_for_others_is_not_bucketed() -> None:
+    class MixedStateSGD(torch.optim.Optimizer):
+        def __init__(self, params: Iterable[torch.Tensor]) -> None:
+            super().__init__(params, dict(lr=0.1))
+
+        @torch.no_grad()
+        def step(self, closure: object = None) -> None:
+            for group in self.param_groups:
+                for i, p in enumerate(group["params"]):
+                    st = self.state[p]
+                    if "buf" not in st:  # the first param keeps one number, the others a tensor of their shape
+                        st["buf"] = torch.zeros(1) if i == 0 else torch.zeros_like(p)
+                    st["buf"].mul_(0.9).add_(p.grad.mean() if i == 0 else p.grad)
+                    p.sub_(st["buf"], alpha=group["lr"])
+
+    pair = make_pair(lambda p: MixedStateSGD(p))
+    for seed in range(4):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    assert "bucketed" not in paths(pair.optimizer)

@@ -210,7 +210,32 @@ class ConstantBuildingAdam(torch.optim.Optimizer):
                 p.add_(st["m"] * step_size, alpha=-1.0)
 
 
+class OneElementStateAdam(torch.optim.Optimizer):
+    """Adam keeping a per-param number as a tensor of shape ``(1,)``, written in place (pytorch_optimizer's QHAdam:
+    ``beta1_weight``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["weight"] = torch.zeros(1, device=p.device)
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["weight"].mul_(b1).add_(1.0)
+                st["m"].lerp_(p.grad, st["weight"].reciprocal().reshape(()))
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.addcdiv_(st["m"], st["v"].sqrt().add_(group["eps"]), value=-group["lr"])
+
+
 USER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     cls.__name__: cls for cls in (GroupStepAdam, GlobalCounterSGD, GlobalTensorCounterSGD, ConjAdam, DataWritingLion,
-                                  ModuleFunctionSGD, FloatStateAdam, ConstantBuildingAdam)
+                                  ModuleFunctionSGD, FloatStateAdam, ConstantBuildingAdam,
+                                  OneElementStateAdam)
 }
