@@ -13,12 +13,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # The optimizers the first survey found wrong, crashing or left eager, one per root cause (Python int step counter
 # in param groups, a counter under a string key of optimizer.state, grad.conj(), a module-level update function,
 # a step counter tensor of the param groups written in place: timm's Lamb; state of another shape than its
-# param's: SM3),
+# param's: SM3; a one-element tensor per param: QHAdam),
 # with the last path each takes. MADGRAD reads its counter with a graph break (``math.pow(state["k"] + 1, 0.5)``):
 # Dynamo compiles the pieces, none of them the whole step.
 REPRESENTATIVE = {"timm.AdaBelief": "bucketed", "timm.Adan": "bucketed", "timm.Adopt": "bucketed",
                   "timm.Lamb": "bucketed", "pytorch_optimizer.Grams": "bucketed",
-                  "pytorch_optimizer.DiffGrad": "bucketed",
+                  "pytorch_optimizer.DiffGrad": "bucketed", "pytorch_optimizer.QHAdam": "bucketed",
                   "pytorch_optimizer.MADGRAD": "per-tensor", "pytorch_optimizer.SM3": "per-tensor"}
 
 
