@@ -336,7 +336,8 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
         grad_slots=grad_slots, grad_tables=grad_tables, run_scalars=shadow.run_scalars,
         frozen_hypers=built.frozen,
         mirrored=shadow.mirrored, output=output, rebuild=rebuild,
-        held_inputs=_held_inputs(step, gm, example_inputs))
+        held_inputs=_held_inputs(step, gm, example_inputs),
+        zero_lr_groups=shadows.groups_stepped_eagerly_at_zero_lr(optimizer, runs))
     captured = CapturedStep(optimizer, plan)
     log.info("captured %s: %d bucket(s), %d run(s), grads %s, device hyperparameters %s",
              type(optimizer).__name__, len(step.buckets), len(runs), "read in place" if tables else "copied",

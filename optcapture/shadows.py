@@ -125,6 +125,18 @@ def is_stock(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).__module__.startswith("torch.optim.")
 
 
+def groups_stepped_eagerly_at_zero_lr(optimizer: torch.optim.Optimizer, runs: Iterable[Run]) -> tuple[int, ...]:
+    """The param groups of ``runs`` whose steps at ``lr == 0.0`` the capture must leave to the optimizer's own
+    eager step. The shadow of ``torch.optim.Adam``/``AdamW`` runs their capturable form, which divides by
+    ``-lr / bias_correction1`` (torch/optim/adam.py, ``_single_tensor_adam``): at lr 0.0 that is ``0 / 0`` wherever
+    the second moment is still 0 (a grad that was always 0: an embedding row no token used), and NaN is written into
+    the param, where eager leaves it unchanged (pytorch#126514; stock ``torch.compile`` does the same). A warmup from
+    lr 0.0 (``get_linear_schedule_with_warmup``) starts there. The other ``torch.optim`` classes stay finite."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return ()
+    return tuple(sorted({run.key.group for run in runs}))
+
+
 def _static(tensor: torch.Tensor) -> torch.Tensor:
     _compat.mark_static(tensor)
     return tensor

@@ -315,3 +315,53 @@ def test_the_python_work_of_a_step_does_not_grow_with_the_tensor_count() -> None
     few, many = _python_calls_of_a_steady_step(30), _python_calls_of_a_steady_step(300)
     assert sum(few.values()) > 20  # the step itself was seen
     assert many == few, sorted((many - few).items()) + sorted((few - many).items())
+
+
+class _EmbeddingModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 4)
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.embedding(tokens))
+
+
+def _warmup_from_zero(pair: Any, steps: int) -> None:
+    for step in range(steps):
+        for model in (pair.eager_model, pair.model):
+            model(torch.tensor([1, 2, 3])).pow(2).sum().backward()  # rows 0 and 4-9: grads of 0 at every step
+        pair.eager.step()
+        pair.step()
+        for optimizer, scheduler in ((pair.eager, pair.eager_scheduler), (pair.optimizer, pair.scheduler)):
+            scheduler.step()
+            optimizer.zero_grad()
+        assert all(bool(p.isfinite().all()) for p in pair.model.parameters()), f"NaN at step {step}"
+        assert_matches_eager(pair)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "AdamW-amsgrad"])
+def test_a_warmup_from_lr_zero_writes_no_nan_where_grads_are_always_zero(name: str) -> None:
+    # get_linear_schedule_with_warmup starts at lr 0.0; Adam's capturable form divides by lr there: 0/0 (NaN) in
+    # the embedding rows no token used (pytorch#126514, stock torch.compile too). Those steps run eagerly.
+    amsgrad = name.endswith("amsgrad")
+    cls = getattr(torch.optim, name.split("-")[0])
+    pair = make_pair(lambda p: cls(p, lr=0.01, amsgrad=amsgrad),
+                     scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 2)),
+                     model=_EmbeddingModel())
+    before = optcapture.stats()["steps"]
+    _warmup_from_zero(pair, 5)
+    assert paths(pair.optimizer) == ["bucketed"]  # one capture: the steps after lr 0.0 replay it
+    assert optcapture.stats()["steps"] - before == 5
+
+
+def test_a_param_group_held_at_lr_zero_steps_eagerly_and_exactly() -> None:
+    # A group frozen by lr 0.0 while another trains: every such step is the optimizer's own.
+    def two_groups(params: Any) -> torch.optim.Optimizer:
+        params = list(params)
+        return torch.optim.AdamW([{"params": params[:1], "lr": 0.0}, {"params": params[1:]}], lr=0.01)
+
+    pair = make_pair(two_groups, scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+                     model=_EmbeddingModel())
+    _warmup_from_zero(pair, 4)
+    assert paths(pair.optimizer) == ["bucketed"]

@@ -28,7 +28,7 @@ from optcapture.lane_hypers import MemberNumbers
 from optcapture.preparation import PARAM, FlatGroup, PreparedOptimizer
 from optcapture.progress import Timings
 from optcapture.replay.counters import COUNTERS
-from optcapture.replay.fallback import Runner, give_up, stepping_eagerly, then
+from optcapture.replay.fallback import Runner, eager_step, give_up, stepping_eagerly, then
 from optcapture.replay.grad_copies import GradCopies, picker
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class CapturePlan:
     # A number of each member's state (``state[p]["step"]``) that batches read from a vector, written from the
     # graph's inputs before each step (:mod:`optcapture.lane_hypers`).
     member_numbers: list[MemberNumbers] = dataclasses.field(default_factory=list)
+    # Param groups whose steps at lr 0.0 run eagerly (:func:`optcapture.shadows.groups_stepped_eagerly_at_zero_lr`).
+    zero_lr_groups: tuple[int, ...] = ()
 
 
 _DATA_PTR = torch.Tensor.data_ptr
@@ -269,6 +271,17 @@ class _Capture:
     def stepped(self) -> None:
         self.last_step.token = self.token
 
+    def lr_is_zero(self) -> bool:
+        """A group of :attr:`CapturePlan.zero_lr_groups` has lr 0.0 (a Python number: a tensor lr is not read,
+        which would sync with the device)."""
+        if not self.plan.zero_lr_groups:
+            return False
+        optimizer = self.plan.optimizer_ref()
+        assert optimizer is not None
+        groups = optimizer.param_groups
+        lrs = [groups[g]["lr"] for g in self.plan.zero_lr_groups]
+        return any(isinstance(lr, int | float) and lr == 0 for lr in lrs)
+
 
 class _Slot:
     """A capture's live state: the capture, or what replaced it (a rebuilt capture, or an eager step)."""
@@ -316,6 +329,13 @@ class CapturedStep:
             log.info("rebuilding the capture: %s", error)
             return self._rebuild(slot, args)
         capture.refresh()
+        if capture.lr_is_zero():
+            # Exact where the captured form is not; the step counters it moves are read again at the next call.
+            log.info("lr is 0.0: this step of %s runs eagerly (its captured form writes NaN at lr 0.0)",
+                     type(capture.plan.optimizer_ref()).__name__)
+            eager_step(capture.plan.optimizer_ref)()
+            COUNTERS.steps += 1
+            return self.output(*args)
         replacement: Callable[[], None] | None
         try:
             for numbers in capture.plan.member_numbers:
