@@ -173,6 +173,18 @@ def _resume(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, ful
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=full))
 
 
+def _resume_model_first(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    # The model loaded and set before the optimizer's state dict is taken: get_optimizer_state_dict then creates the
+    # fresh optimizer's state by one step at lr 0.0 with grads of 0 (_init_optim_state) over the loaded params, where
+    # Adam's capturable form writes NaN (pytorch#126514).
+    model_state = {"model": get_model_state_dict(model)}
+    dcp.load(model_state, checkpoint_id=folder)
+    set_model_state_dict(model, model_state["model"])
+    optimizer_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(optimizer_state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, optimizer_state["optimizer"])
+
+
 def _resumed(model: nn.Module, optimizer: torch.optim.Optimizer, eager: list[dict[str, Any]],
              resume: Callable[[], None]) -> Resumed:
     rebuilds, reports = optcapture.stats().rebuilds, len(optcapture.explain(optimizer))
@@ -207,6 +219,11 @@ def _dcp_resumes() -> dict[str, Resumed]:
         fresh = optcapture.capture(torch.optim.AdamW(fresh_model.parameters(), **ADAMW))
         resumed = {"fresh optimizer": _resumed(fresh_model, fresh, uninterrupted,
                                                functools.partial(_resume, folder, fresh_model, fresh, False))}
+        torch.manual_seed(2)
+        other_model = _sharded(Net())
+        other = optcapture.capture(torch.optim.AdamW(other_model.parameters(), **ADAMW))
+        resumed["fresh optimizer, model set first"] = _resumed(
+            other_model, other, uninterrupted, functools.partial(_resume_model_first, folder, other_model, other))
         for name, full in (("live optimizer, sharded state dict", False), ("live optimizer, full state dict", True)):
             for step in DETOUR:  # the live optimizer moves on; the resume must rewind it
                 _train_step(live_model, live, step)
@@ -259,7 +276,8 @@ def test_dtensor_params_with_fresh_grads_match_eager(results: Any, rank: int) ->
     assert "bucketed" in outcome.paths and set(outcome.paths) <= {"bucketed", "first-step"}, outcome.paths
 
 
-RESUMES = ["fresh optimizer", "live optimizer, sharded state dict", "live optimizer, full state dict"]
+RESUMES = ["fresh optimizer", "fresh optimizer, model set first", "live optimizer, sharded state dict",
+           "live optimizer, full state dict"]
 
 
 @pytest.mark.parametrize("rank", RANKS)
