@@ -131,10 +131,13 @@ def groups_stepped_eagerly_at_zero_lr(optimizer: torch.optim.Optimizer, runs: It
     ``-lr / bias_correction1`` (torch/optim/adam.py, ``_single_tensor_adam``): at lr 0.0 that is ``0 / 0`` wherever
     the second moment is still 0 (a grad that was always 0: an embedding row no token used), and NaN is written into
     the param, where eager leaves it unchanged (pytorch#126514; stock ``torch.compile`` does the same). A warmup from
-    lr 0.0 (``get_linear_schedule_with_warmup``) starts there. The other ``torch.optim`` classes stay finite."""
+    lr 0.0 (``get_linear_schedule_with_warmup``) starts there. The other ``torch.optim`` classes stay finite.
+    A group the user made ``capturable=True`` is left out: its eager step runs the same form (and refuses CPU
+    tensors), so the capture is what eager does."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return ()
-    return tuple(sorted({run.key.group for run in runs}))
+    groups = optimizer.param_groups
+    return tuple(sorted({run.key.group for run in runs if not groups[run.key.group].get("capturable", False)}))
 
 
 def _static(tensor: torch.Tensor) -> torch.Tensor:

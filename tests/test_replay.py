@@ -340,13 +340,13 @@ def _warmup_from_zero(pair: Any, steps: int) -> None:
         assert_matches_eager(pair)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "AdamW-amsgrad"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "AdamW-amsgrad", "AdamW-tensor-lr"])
 def test_a_warmup_from_lr_zero_writes_no_nan_where_grads_are_always_zero(name: str) -> None:
     # get_linear_schedule_with_warmup starts at lr 0.0; Adam's capturable form divides by lr there: 0/0 (NaN) in
     # the embedding rows no token used (pytorch#126514, stock torch.compile too). Those steps run eagerly.
     amsgrad = name.endswith("amsgrad")
     cls = getattr(torch.optim, name.split("-")[0])
-    pair = make_pair(lambda p: cls(p, lr=0.01, amsgrad=amsgrad),
+    pair = make_pair(lambda p: cls(p, lr=torch.tensor(0.01) if name.endswith("tensor-lr") else 0.01, amsgrad=amsgrad),
                      scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 2)),
                      model=_EmbeddingModel())
     before = optcapture.stats()["steps"]
@@ -365,3 +365,19 @@ def test_a_param_group_held_at_lr_zero_steps_eagerly_and_exactly() -> None:
                      model=_EmbeddingModel())
     _warmup_from_zero(pair, 4)
     assert paths(pair.optimizer) == ["bucketed"]
+
+
+def test_a_capturable_adam_on_the_cpu_steps_at_lr_zero_as_captured() -> None:
+    # Eager Adam refuses capturable=True on CPU tensors: its lr-0.0 steps stay the capture's (the same form eager
+    # would run), not the eager step, which raised at every such call.
+    model = _EmbeddingModel()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, capturable=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.0 if s == 2 else 1.0)
+    step = torch.compile(optimizer.step, backend="optcapture")
+    for _ in range(4):
+        model(torch.tensor([1, 2, 3])).pow(2).sum().backward()
+        step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert paths(optimizer) == ["bucketed"]
+    assert all(int(state["step"]) == 4 for state in optimizer.state.values())

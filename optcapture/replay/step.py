@@ -114,6 +114,12 @@ def _versions(tensors: Sequence[torch.Tensor]) -> list[int] | None:
         return None
 
 
+def _is_zero_on_host(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.device.type == "cpu" and value.numel() == 1 and bool(value == 0)
+    return isinstance(value, int | float) and value == 0
+
+
 def _same_hyper(live: Any, held: Any) -> bool:
     """Floats by value; tensors by identity (the shadow reads the held tensor object itself, and comparing values
     would sync with the device)."""
@@ -272,15 +278,14 @@ class _Capture:
         self.last_step.token = self.token
 
     def lr_is_zero(self) -> bool:
-        """A group of :attr:`CapturePlan.zero_lr_groups` has lr 0.0 (a Python number: a tensor lr is not read,
-        which would sync with the device)."""
+        """A group of :attr:`CapturePlan.zero_lr_groups` has lr 0.0: a Python number, or a tensor on the CPU. A
+        tensor lr on a GPU is not read (that would wait for the device at every step)."""
         if not self.plan.zero_lr_groups:
             return False
         optimizer = self.plan.optimizer_ref()
         assert optimizer is not None
         groups = optimizer.param_groups
-        lrs = [groups[g]["lr"] for g in self.plan.zero_lr_groups]
-        return any(isinstance(lr, int | float) and lr == 0 for lr in lrs)
+        return any(_is_zero_on_host(groups[g]["lr"]) for g in self.plan.zero_lr_groups)
 
 
 class _Slot:
