@@ -132,6 +132,7 @@ def groups_stepped_eagerly_at_zero_lr(optimizer: torch.optim.Optimizer, runs: It
     the second moment is still 0 (a grad that was always 0: an embedding row no token used), and NaN is written into
     the param, where eager leaves it unchanged (pytorch#126514; stock ``torch.compile`` does the same). A warmup from
     lr 0.0 (``get_linear_schedule_with_warmup``) starts there. The other ``torch.optim`` classes stay finite.
+    Verified on the CPU; an H100 run (torch 2.11) still ended with NaN params, for a cause not yet found.
     A group the user made ``capturable=True`` is left out: its eager step runs the same form (and refuses CPU
     tensors), so the capture is what eager does."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
