@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, paths
+from helpers import Pair, assert_matches_eager, paths
 
 STEPS = 7
 
@@ -68,12 +68,6 @@ def _backward(loop: Loop, seed: int, nonfinite: bool) -> None:
         next(loop.model.parameters()).grad[0, 0] = float("inf")
 
 
-class _Pair:
-    def __init__(self, eager: Loop, captured: Loop) -> None:
-        self.eager_model, self.eager, self.model, self.optimizer = (eager.model, eager.optimizer, captured.model,
-                                                                    captured.optimizer)
-
-
 CASES = {
     "clip-active": dict(clip="norm", max_value=0.05, scaler=False, ema=False, set_to_none=True),
     "clip-inactive": dict(clip="norm", max_value=1e6, scaler=False, ema=True, set_to_none=True),
@@ -104,7 +98,7 @@ def test_a_compiled_training_tail_matches_the_eager_tail(case: str) -> None:
         captured.scheduler.step()
         if norms[0] is not None:
             torch.testing.assert_close(norms[1], norms[0])
-        assert_matches_eager(_Pair(eager, captured))  # type: ignore[arg-type]
+        assert_matches_eager(Pair(eager.model, eager.optimizer, captured.model, captured.optimizer, tail))
         torch.testing.assert_close(captured.ema, eager.ema)
         if scaled:
             assert captured.scaler is not None and eager.scaler is not None
