@@ -207,6 +207,37 @@ def test_scaling_preset_steps_with_new_grads_every_step(capsys: pytest.CaptureFi
     assert "NO (" not in table
 
 
+@pytest.mark.parametrize(("given", "expected"), [([], 1), (["--threads", "2"], 2), (["--threads", "0"], None)])
+def test_cpu_methods_run_on_the_threads_the_title_names_and_the_count_is_restored(
+        given: list[str], expected: int | None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The README's CPU ratios are one thread's: more threads slow fused=True's many small kernels.
+    import optcapture.bench.__main__ as bench_main
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def fake_scaling(*args: object, **kwargs: object) -> list[Result]:
+        seen.append(torch.get_num_threads())
+        return []
+
+    monkeypatch.setattr(bench_main, "compare_scaling", fake_scaling)
+    torch.set_num_threads(3)
+    try:
+        assert main(["--device", "cpu", "--quick", "--preset", "scaling", "--methods", "fused", *given]) == 0
+        assert seen == [expected or 3]
+        assert f"threads {expected or 3}" in capsys.readouterr().out.splitlines()[0]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_below_zero_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--quick", "--preset", "scaling", "--threads", "-1"])
+    assert "--threads" in capsys.readouterr().err
+
+
 def test_scaling_counts_take_a_size_per_count() -> None:
     from optcapture.bench.scaling import parse_counts
 

@@ -5,13 +5,18 @@ Presets: ``gpt2``, ``small``, ``big`` (``all``: the three) time the optimizer st
 step's host cost against the number of tensors; ``fsdp2`` times AdamW's step over a GPT-2 model under FSDP2's
 ``fully_shard`` (one rank; ``torchrun --nproc-per-node N -m optcapture.bench --preset fsdp2`` for N);
 ``--model pkg.module:factory`` times your own model's step. Every method runs in one process on its own copy, in
-alternating blocks, and is checked against eager.
+alternating blocks, and is checked against eager. On CPU every method runs on one intra-op thread unless
+``--threads`` says otherwise: the README's CPU numbers are one thread's, and at a few dozen floats per tensor more
+threads slow ``fused=True``'s many small kernels (2 threads on a 2-core host: 14.8 against 6.5 ms at 1000 x 64),
+which would flatter a ratio against it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--isolated", action="store_true",
                         help="step presets: build and time one method at a time (automatic where copies for "
                              "every method do not fit in GPU memory)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: intra-op threads of every method (default 1; 0: torch's default for this host); "
+                             "ignored on CUDA")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json, results.md and chart.png")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="combine the results.json of earlier runs (e.g. one per preset) instead of running")
@@ -75,6 +83,18 @@ def _chosen(parser: argparse.ArgumentParser, given: str | None, allowed: tuple[s
     return ["eager", *(m for m in chosen if m != "eager")]
 
 
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` on CPU (0: left as it is), restored after."""
+    before = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -84,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
+    if args.threads < 0:
+        parser.error(f"--threads takes 0 (torch's default) or more, got {args.threads}")
+    with _cpu_threads(device, args.threads):
+        return _run(parser, args, device)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, device: torch.device) -> int:
     if args.model is not None and args.preset is not None:
         parser.error("--model and --preset are exclusive")
     kind = ("model" if args.model else "training" if args.preset in TRAINING_PRESETS

@@ -21,11 +21,12 @@ Column = tuple[str, Callable[[Result, list[Result]], str]]
 
 
 def header(optimizer: str, device: torch.device, **extra: Any) -> dict[str, Any]:
-    """What the run was: optimizer, device, torch version, date, and ``extra`` (blocks, steps, amp, ...); ``notes``
-    gets a line for each method skipped or failed."""
+    """What the run was: optimizer, device, torch version, date, CPU threads (the count in force now), and ``extra``
+    (blocks, steps, amp, ...); ``notes`` gets a line for each method skipped or failed."""
     return {"optimizer": optimizer, "device": device.type,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "notes": [], **extra}
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "notes": [],
+            "threads": torch.get_num_threads() if device.type == "cpu" else None, **extra}
 
 
 def _ms(value: float) -> str:
@@ -89,7 +90,8 @@ def markdown(results: list[Result], run: dict[str, Any]) -> str:
         title += f", copy bandwidth {run['bandwidth_gbs']:.0f} GB/s"
     if run.get("blocks"):
         title += f"; {run['blocks']} blocks of {run.get('steps')} steps per method, methods interleaved"
-    extra = [f"{key} {run[key]}" for key in ("amp", "compile_model", "ranks") if run.get(key) not in (None, False)]
+    extra = [f"{key} {run[key]}" for key in ("threads", "amp", "compile_model", "ranks")
+             if run.get(key) not in (None, False)]
     if extra:
         title += " (" + ", ".join(extra) + ")"
     lines = [title]
