@@ -261,7 +261,7 @@ def test_fsdp2_preset_runs_every_method_on_a_rank_of_its_own(tmp_path: Path, cap
         assert rows[method][-2].startswith("ok ("), rows[method]
     assert rows["optcapture"][-1].startswith("bucketed;"), rows["optcapture"]
     assert "fsdp2 optcapture:\n  AdamW: bucketed (" in table  # explain()'s report, kernels generated included
-    assert table.startswith("optcapture.bench: adamw on CPU") and "(ranks 1)" in table
+    assert table.startswith("optcapture.bench: adamw on CPU") and "(threads 1, ranks 1)" in table
     payload = json.loads((tmp_path / "results.json").read_text())
     # One rank holds every element: the floor is over the whole model, the tied head counted once.
     numel = sum(p.numel() for p in GPT(presets.FSDP2_QUICK.model).parameters())
