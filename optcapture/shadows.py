@@ -132,13 +132,18 @@ def groups_stepped_eagerly_at_zero_lr(optimizer: torch.optim.Optimizer, runs: It
     the second moment is still 0 (a grad that was always 0: an embedding row no token used), and NaN is written into
     the param, where eager leaves it unchanged (pytorch#126514; stock ``torch.compile`` does the same). A warmup from
     lr 0.0 (``get_linear_schedule_with_warmup``) starts there. The other ``torch.optim`` classes stay finite.
-    Verified on the CPU; an H100 run (torch 2.11) still ended with NaN params, for a cause not yet found.
-    A group the user made ``capturable=True`` is left out: its eager step runs the same form (and refuses CPU
-    tensors), so the capture is what eager does."""
+
+    A group the user made ``capturable=True`` (the optimizer's default) is left out: its eager step runs the same
+    form (and refuses CPU tensors), so the capture is what eager does. A group whose ``capturable`` Dynamo set is
+    kept: tracing the first step of an optimizer whose params are all on a GPU sets ``capturable=True`` in the
+    optimizer's own param groups (torch/_dynamo/variables/optimizer.py, ``_set_capturable``), which the user's eager
+    step never had; the eager step then runs with it unset (:func:`optcapture.replay.step.eager_form`)."""
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         return ()
     groups = optimizer.param_groups
-    return tuple(sorted({run.key.group for run in runs if not groups[run.key.group].get("capturable", False)}))
+    built_capturable = bool(optimizer.defaults.get("capturable", False))
+    return tuple(sorted({run.key.group for run in runs
+                         if not (built_capturable and groups[run.key.group].get("capturable", False))}))
 
 
 def _static(tensor: torch.Tensor) -> torch.Tensor:

@@ -367,6 +367,21 @@ def test_a_param_group_held_at_lr_zero_steps_eagerly_and_exactly() -> None:
     assert paths(pair.optimizer) == ["bucketed"]
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_a_capturable_flag_dynamo_set_still_steps_eagerly_at_lr_zero(name: str) -> None:
+    # Tracing the first step of an optimizer whose params are all on a GPU sets capturable=True in its own param
+    # groups (torch/_dynamo/variables/optimizer.py, _set_capturable). The lr-0.0 step must still be the user's
+    # eager one (capturable unset): an H100 run wrote NaN from the first step. Set here as Dynamo sets it there.
+    cls = getattr(torch.optim, name)
+    pair = make_pair(lambda p: cls(p, lr=0.01),
+                     scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 2)),
+                     model=_EmbeddingModel())
+    pair.optimizer.param_groups[0]["capturable"] = True
+    _warmup_from_zero(pair, 4)
+    assert paths(pair.optimizer) == ["bucketed"]
+    assert pair.optimizer.param_groups[0]["capturable"] is True  # set again after each eager step
+
+
 def test_a_capturable_adam_on_the_cpu_steps_at_lr_zero_as_captured() -> None:
     # Eager Adam refuses capturable=True on CPU tensors: its lr-0.0 steps stay the capture's (the same form eager
     # would run), not the eager step, which raised at every such call.

@@ -8,13 +8,14 @@ calls over lists built at capture.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -118,6 +119,21 @@ def _is_zero_on_host(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.device.type == "cpu" and value.numel() == 1 and bool(value == 0)
     return isinstance(value, int | float) and value == 0
+
+
+@contextlib.contextmanager
+def eager_form(optimizer: torch.optim.Optimizer, groups: Sequence[int]) -> Iterator[None]:
+    """``capturable`` unset in ``groups`` (:func:`optcapture.shadows.groups_stepped_eagerly_at_zero_lr`) while the
+    optimizer's own step runs, and set again after: Dynamo set it when it traced the first step on a GPU, and the
+    capturable form is the one that writes NaN at lr 0.0; the eager form reads the step counters where they lie."""
+    flipped = [optimizer.param_groups[g] for g in groups if optimizer.param_groups[g].get("capturable", False)]
+    for group in flipped:
+        group["capturable"] = False
+    try:
+        yield
+    finally:
+        for group in flipped:
+            group["capturable"] = True
 
 
 def _same_hyper(live: Any, held: Any) -> bool:
@@ -338,7 +354,11 @@ class CapturedStep:
             # Exact where the captured form is not; the step counters it moves are read again at the next call.
             log.info("lr is 0.0: this step of %s runs eagerly (its captured form writes NaN at lr 0.0)",
                      type(capture.plan.optimizer_ref()).__name__)
-            eager_step(capture.plan.optimizer_ref)()
+            optimizer = capture.plan.optimizer_ref()
+            assert optimizer is not None
+            with eager_form(optimizer, capture.plan.zero_lr_groups):
+                eager_step(capture.plan.optimizer_ref)()
+            del optimizer
             COUNTERS.steps += 1
             return self.output(*args)
         replacement: Callable[[], None] | None
