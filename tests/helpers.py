@@ -84,6 +84,22 @@ def assert_matches_eager(pair: Pair, atol: float | None = None, rtol: float | No
                 assert other == value, f"state[{key!r}] = {other!r}, eager {value!r}"
 
 
+def warmup_from_zero(pair: Pair, steps: int, device: str = "cpu") -> None:
+    """Step ``pair`` (a model over tokens, e.g. an embedding: rows 0 and 4-9 get grads of 0 at every step) under its
+    schedulers; finite and equal to eager after every step."""
+    tokens = torch.tensor([1, 2, 3], device=device)
+    for step in range(steps):
+        for model in (pair.eager_model, pair.model):
+            model(tokens).pow(2).sum().backward()
+        pair.eager.step()
+        pair.step()
+        for optimizer, scheduler in ((pair.eager, pair.eager_scheduler), (pair.optimizer, pair.scheduler)):
+            scheduler.step()
+            optimizer.zero_grad()
+        assert all(bool(p.isfinite().all()) for p in pair.model.parameters()), f"NaN at step {step}"
+        assert_matches_eager(pair)
+
+
 def paths(optimizer: torch.optim.Optimizer) -> list[str]:
     return [report.path for report in optcapture.explain(optimizer)]
 

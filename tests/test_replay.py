@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_model, make_pair, paths, set_grads, step_both
+from helpers import assert_matches_eager, make_model, make_pair, paths, set_grads, step_both, warmup_from_zero
 
 import optcapture
 from optcapture import registry, replay
@@ -327,19 +327,6 @@ class _EmbeddingModel(torch.nn.Module):
         return self.linear(self.embedding(tokens))
 
 
-def _warmup_from_zero(pair: Any, steps: int) -> None:
-    for step in range(steps):
-        for model in (pair.eager_model, pair.model):
-            model(torch.tensor([1, 2, 3])).pow(2).sum().backward()  # rows 0 and 4-9: grads of 0 at every step
-        pair.eager.step()
-        pair.step()
-        for optimizer, scheduler in ((pair.eager, pair.eager_scheduler), (pair.optimizer, pair.scheduler)):
-            scheduler.step()
-            optimizer.zero_grad()
-        assert all(bool(p.isfinite().all()) for p in pair.model.parameters()), f"NaN at step {step}"
-        assert_matches_eager(pair)
-
-
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "AdamW-amsgrad", "AdamW-tensor-lr"])
 def test_a_warmup_from_lr_zero_writes_no_nan_where_grads_are_always_zero(name: str) -> None:
     # get_linear_schedule_with_warmup starts at lr 0.0; Adam's capturable form divides by lr there: 0/0 (NaN) in
@@ -350,7 +337,7 @@ def test_a_warmup_from_lr_zero_writes_no_nan_where_grads_are_always_zero(name: s
                      scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 2)),
                      model=_EmbeddingModel())
     before = optcapture.stats()["steps"]
-    _warmup_from_zero(pair, 5)
+    warmup_from_zero(pair, 5)
     assert paths(pair.optimizer) == ["bucketed"]  # one capture: the steps after lr 0.0 replay it
     assert optcapture.stats()["steps"] - before == 5
 
@@ -363,7 +350,7 @@ def test_a_param_group_held_at_lr_zero_steps_eagerly_and_exactly() -> None:
 
     pair = make_pair(two_groups, scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
                      model=_EmbeddingModel())
-    _warmup_from_zero(pair, 4)
+    warmup_from_zero(pair, 4)
     assert paths(pair.optimizer) == ["bucketed"]
 
 
@@ -377,7 +364,7 @@ def test_a_capturable_flag_dynamo_set_still_steps_eagerly_at_lr_zero(name: str) 
                      scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 2)),
                      model=_EmbeddingModel())
     pair.optimizer.param_groups[0]["capturable"] = True
-    _warmup_from_zero(pair, 4)
+    warmup_from_zero(pair, 4)
     assert paths(pair.optimizer) == ["bucketed"]
     assert pair.optimizer.param_groups[0]["capturable"] is True  # set again after each eager step
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_pair, paths, step_both, stock_variants
+from helpers import assert_matches_eager, make_pair, paths, step_both, stock_variants, warmup_from_zero
 from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs, optim_db
 
 import optcapture
@@ -464,17 +464,7 @@ def test_a_warmup_from_lr_zero_writes_no_nan_where_grads_are_always_zero_cuda(na
     cls = getattr(torch.optim, name)
     pair = make_pair(lambda p: cls(p, lr=0.01), device="cuda", model=model,
                      scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, s / 2)))
-    tokens = torch.tensor([1, 2, 3], device="cuda")
-    for step in range(6):
-        for each in (pair.eager_model, pair.model):
-            each(tokens).pow(2).sum().backward()
-        pair.eager.step()
-        pair.step()
-        for optimizer, scheduler in ((pair.eager, pair.eager_scheduler), (pair.optimizer, pair.scheduler)):
-            scheduler.step()
-            optimizer.zero_grad()
-        assert all(bool(p.isfinite().all()) for p in pair.model.parameters()), f"NaN at step {step}"
-        assert_matches_eager(pair)
+    warmup_from_zero(pair, 6, device="cuda")
     assert paths(pair.optimizer) == ["bucketed"]
 
 
