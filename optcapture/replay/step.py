@@ -352,10 +352,10 @@ class CapturedStep:
         capture.refresh()
         if capture.lr_is_zero():
             # Exact where the captured form is not; the step counters it moves are read again at the next call.
-            log.info("lr is 0.0: this step of %s runs eagerly (its captured form writes NaN at lr 0.0)",
-                     type(capture.plan.optimizer_ref()).__name__)
             optimizer = capture.plan.optimizer_ref()
             assert optimizer is not None
+            log.info("lr is 0.0: this step of %s runs eagerly (its captured form writes NaN at lr 0.0)",
+                     type(optimizer).__name__)
             with eager_form(optimizer, capture.plan.zero_lr_groups):
                 eager_step(capture.plan.optimizer_ref)()
             del optimizer
