@@ -16,8 +16,8 @@ PyTorch's compiled Adam/AdamW divides by the step size
 (``denom = exp_avg_sq.sqrt() / (bias_correction2_sqrt * step_size_neg) + eps / step_size_neg``), so a step at lr 0.0
 writes NaN into every param element whose second moment is 0, e.g. an embedding row no token used (pytorch#126514);
 stock ``torch.compile`` does. optcapture's bucketed AdamW takes such a step eagerly, so HF's own schedule trains
-exactly (``train(..., warmup_from_zero=True)``, tested on the CPU; the CUDA fix, for the ``capturable`` flag Dynamo
-sets on a GPU, has not run on a GPU yet). Starting the warmup above 0, as below, is safe everywhere:
+exactly (``train(..., warmup_from_zero=True)``, tested on the CPU and, with the ``capturable`` flag Dynamo sets on a
+GPU, on an H100). Starting the warmup above 0, as below, is safe everywhere:
 ``LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))``.
 """
 
