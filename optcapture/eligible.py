@@ -1,5 +1,5 @@
-"""Which params flat storage can hold: a plain, contiguous, real floating tensor that owns all of its storage, or a
-DTensor whose local shard is one (:mod:`optcapture.dtensors`).
+"""Which params flat storage can hold: a plain, contiguous, real floating tensor that owns all of its storage and
+shares it with no other tensor, or a DTensor whose local shard is one (:mod:`optcapture.dtensors`).
 
 Invariant: a param this module calls bucketable can be re-pointed at a slot of a flat buffer (``p.data = slot``)
 without cutting it from memory anything else reads; everything else is refused with the reason.
@@ -12,7 +12,8 @@ import torch
 from optcapture import _compat, dtensors
 
 FLAT_STORAGE = "_optcapture_flat_storage"
-"""Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
+"""Attribute set on the flat buffers preparation makes (the shadow optimizer's params are slices of them) and on the
+storage of each slot it hands out (a homed param's)."""
 
 
 def bucketable(p: torch.Tensor, shards: dict[int, _compat.FsdpShard] | None = None) -> bool:
@@ -29,7 +30,13 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
     if not p.is_floating_point() or p.is_complex():
         return f"has dtype {p.dtype}; only real floating params are bucketed"
     if dtensors.is_dtensor(p):
-        return dtensors.not_bucketable_because(p, shards)
+        why = dtensors.not_bucketable_because(p, shards)
+        fsdp = dtensors.fsdp_shards([p]) if shards is None else shards
+        if why is None and id(p) not in fsdp and _shares_storage_with_another(dtensors.local(p)):
+            # FSDP2's local shard shares with FSDP2's padded shard by design (dtensors moves both).
+            return ("is a DTensor whose local tensor shares its storage with another tensor (moving it into flat "
+                    "storage would cut that tensor from its updates)")
+        return why
     if type(p.data) is not torch.Tensor:
         return f"is a {type(p.data).__name__}, a tensor subclass, which keeps its elements elsewhere"
     if p.layout != torch.strided or not p.is_contiguous():
@@ -39,4 +46,14 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
     if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
         return ("is a view of a larger buffer (moving it into flat storage would cut it from that buffer, which "
                 "would no longer see its updates)")
+    if _shares_storage_with_another(p):
+        # E.g. the one param of a ZeroRedundancyOptimizer(parameters_as_bucket_view=True) bucket: the bucket is a
+        # view of all of the param's storage, and ZeRO broadcasts the bucket after each step.
+        return ("shares its storage with another tensor (a view or alias of it that something holds): moving it into "
+                "flat storage would cut that tensor from its updates")
     return None
+
+
+def _shares_storage_with_another(tensor: torch.Tensor) -> bool:
+    # A tensor already homed in a slot optcapture made (preparation.alias) shares its storage with its home by design.
+    return not getattr(tensor.untyped_storage(), FLAT_STORAGE, False) and _compat.shares_storage(tensor)

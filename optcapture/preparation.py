@@ -72,6 +72,9 @@ def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
     else:
         raise NotImplementedError(f"flat storage on {owner.device.type} devices")
+    # The storage object lives as long as the storage (PyTorch keeps a storage's Python object with it), so the mark
+    # reaches every tensor that holds it: a param homed here shares its storage with its home by design.
+    setattr(raw.untyped_storage(), FLAT_STORAGE, True)
     return raw.view(owner.dtype).view(shape)
 
 

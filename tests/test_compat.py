@@ -375,3 +375,17 @@ def test_a_post_grad_pass_sees_the_graph_and_a_realized_scalar_gets_a_buffer_of_
     assert _compat.custom_post_grad_pass() is None
     assert scalar_buffers({}) == []  # Inductor inlines the scalar into the element loop
     assert len(scalar_buffers({"post_grad_custom_post_pass": _compat.post_grad_pass(mark, __file__)})) == 1
+
+
+def test_shares_storage_tells_a_tensor_alone_from_one_another_tensor_views() -> None:
+    alone = torch.randn(4, 4)
+    assert not _compat.shares_storage(alone)
+    alias = alone.detach()
+    assert _compat.shares_storage(alone)
+    del alias
+    assert not _compat.shares_storage(alone)
+    bucket = torch.zeros(16)
+    param = torch.nn.Parameter(torch.empty(4, 4))
+    param.data = bucket.view(4, 4)
+    assert _compat.shares_storage(param)
+

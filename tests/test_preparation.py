@@ -228,3 +228,26 @@ def test_state_of_another_dtype_than_its_param_keeps_its_dtype_and_is_not_bucket
     reports = optcapture.explain(pair.optimizer)
     assert "bucketed" not in [r.path for r in reports], reports
     assert any("torch.bfloat16, its param's" in why for r in reports for why in r.reasons), [r.reasons for r in reports]
+
+
+@pytest.mark.parametrize("holder", ["detached alias", "bucket viewing all of it"])
+def test_a_param_whose_storage_another_tensor_holds_stays_where_it_is_and_that_tensor_sees_every_update(
+        holder: str) -> None:
+    # ZeroRedundancyOptimizer(parameters_as_bucket_view=True) makes each param a view of its bucket and broadcasts the
+    # bucket after each step; a bucket of one param views all of the param's storage, so only the storage's other
+    # holder tells. Moving such a param into flat storage would leave the bucket (or a user's alias) with the
+    # values of before the step: the params of every other rank then trained on stale weights.
+    pair = make_pair(lambda params: torch.optim.Adam(params, lr=0.1))
+    first = next(pair.model.parameters())
+    if holder == "detached alias":
+        other = first.detach()
+    else:
+        other = torch.empty(first.numel())
+        other.copy_(first.detach().view(-1))
+        first.data = other.view_as(first)
+    for seed in range(4):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    torch.testing.assert_close(other.view_as(first), first.detach(), rtol=0, atol=0)
+    reports = optcapture.explain(pair.optimizer)
+    assert reports and all("shares its storage with another tensor" in str(report) for report in reports), reports

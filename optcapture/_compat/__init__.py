@@ -336,6 +336,15 @@ def graph_breaks_since(before: GraphBreakTally) -> list[str]:
     return list(lines)
 
 
+def shares_storage(tensor: torch.Tensor) -> bool:
+    """True when a tensor other than ``tensor`` (a view or alias: ``p.detach()``, ``p[:]``, the bucket
+    ZeroRedundancyOptimizer(parameters_as_bucket_view=True) views each param of) holds ``tensor``'s storage. Read from
+    the storage's reference count (c10::StorageImpl's use count, ``torch._C._storage_Use_Count``): ``tensor`` holds one
+    reference and the storage object made to read it another."""
+    storage = tensor.untyped_storage()
+    return int(torch._C._storage_Use_Count(storage._cdata)) > 2
+
+
 # Re-exported: every helper is reached as ``_compat.<name>``.
 from optcapture._compat.distributed import (  # noqa: E402
     LOCAL_TENSOR,
