@@ -389,3 +389,32 @@ def test_shares_storage_tells_a_tensor_alone_from_one_another_tensor_views() -> 
     param.data = bucket.view(4, 4)
     assert _compat.shares_storage(param)
 
+
+def test_a_graph_of_dtensors_is_compiled_without_aotautogradcache_and_a_plain_one_with_it(tmp_path: Any) -> None:
+    # AOTAutograd's cache key hashes a DTensor by its spec, not its local shard: ranks whose shards differ in shape
+    # (an uneven Shard(0)) load one another's artifacts from the shared cache folder (pytorch#188390). Plain graphs
+    # keep the cache (the counters say whether AOTAutograd looked it up: a hit, a miss or a save).
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from optcapture._compat import inductor
+
+    def looked_up() -> int:
+        tally = torch._dynamo.utils.counters["aot_autograd"]
+        return sum(tally[k] for k in ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_saved"))
+
+    def compiled(inputs: list[torch.Tensor]) -> int:
+        torch._dynamo.reset()
+        before = looked_up()
+        torch.compile(lambda x: x * 2.0 + 1.0, backend=lambda gm, args: inductor.compile_with_inductor(gm, args, {}),
+                      fullgraph=True)(*inputs)
+        return looked_up() - before
+
+    with torch._functorch.config.patch(enable_autograd_cache=True):
+        assert compiled([torch.randn(3, 2)]) > 0
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        try:
+            mesh = init_device_mesh("cpu", (1,))
+            assert compiled([distribute_tensor(torch.randn(3, 2), mesh, [Shard(0)])]) == 0
+        finally:
+            dist.destroy_process_group()

@@ -53,13 +53,28 @@ def compile_with_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], p
     records the value and the cache key is the same for every value, so the recompile at the next value gets
     the first compile's artifact back and computes with the old value, silently (pytorch#194976, #197889; torch
     2.11 and 2.13). Caches off, each value compiles as itself.
+
+    A graph with tensor-subclass inputs (DTensors) is compiled without AOTAutograd's cache: its key hashes a DTensor
+    by its spec (mesh, placements, global shape), not by its local shard, so the ranks of one job, which share the
+    cache folder, hit one another's entries where their shards differ in shape (an uneven ``Shard(0)``: 3 rows on 2
+    ranks), and the artifact fails its size assertions or runs on the wrong shape (pytorch#188390, #173526; torch
+    2.11 and 2.13, stock ``torch.compile`` too). Inductor's own cache keys the plain graph AOTAutograd makes, with the
+    local shapes, and stays on.
     """
     from torch._inductor.compile_fx import compile_fx
 
-    if not reads_python_floats(gm):
+    floats = reads_python_floats(gm)
+    if not floats and not any(map(_is_wrapper_subclass, example_inputs)):
         return compile_fx(gm, example_inputs, config_patches=patches)
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches={**patches, "fx_graph_cache": False})
+        return compile_fx(gm, example_inputs,
+                          config_patches={**patches, "fx_graph_cache": False} if floats else patches)
+
+
+def _is_wrapper_subclass(value: Any) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return isinstance(value, torch.Tensor) and is_traceable_wrapper_subclass(value)
 
 
 def trace_without_running(fn: Callable[..., Any], args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:

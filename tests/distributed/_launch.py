@@ -107,6 +107,8 @@ class Side:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any = None
+    tail: Callable[[], Any] | None = None
+    """What runs after ``backward()`` in place of clip, ``step()`` and ``zero_grad()`` (a compiled tail)."""
 
 
 def local(tensor: Any) -> Any:
@@ -144,6 +146,11 @@ def train_side_by_side(eager: Side, captured: Side, loss: Callable[[torch.nn.Mod
                 graphs_at_warmup = graphs_compiled()
             for side in (eager, captured):
                 loss(side.model, step).backward()
+                if side.tail is not None:
+                    side.tail()
+                    if side.scheduler is not None:
+                        side.scheduler.step()
+                    continue
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(side.model.parameters(), clip)
                 side.optimizer.step()

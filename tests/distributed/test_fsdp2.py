@@ -7,7 +7,9 @@ all-gathers, views the same flat storage); FSDP2's grads are views into its redu
 offsets Dynamo passes as symbols that describe only where the grads lie. HSDP (``fully_shard`` on a 2-D
 ``("replicate", "shard")`` mesh) places each param ``(Replicate(), Shard(0))``: stepped the same way. A DCP
 checkpoint (``torch.distributed.checkpoint``) saved mid-run is loaded into a fresh captured optimizer and back into
-the live one, and training goes on; each is compared with an eager run that was never interrupted. All scenarios
+the live one, and training goes on; each is compared with an eager run that was never interrupted. The loop's tail
+(``clip_grad_norm_``, whose global norm all-reduces across ranks, the step and ``zero_grad``) compiled as one function
+with the backend is stepped the same way. All scenarios
 run in one pair of processes (one spawn for the module: a compile of a DTensor step takes tens of seconds on a small
 CPU).
 """
@@ -76,7 +78,19 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
     return nn.functional.mse_loss(model(x, use_sometimes=step % 2 == 0), y)
 
 
-def _fsdp2(clip: float | None, scheduled: bool, hsdp: bool = False) -> _launch.Outcome:
+def _compiled_tail(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float | None) -> Callable[[], Any]:
+    """The loop's tail as users compile it: clip (the global norm: an all-reduce across ranks), step, zero_grad."""
+
+    def tail() -> Any:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip is not None else None
+        optimizer.step()
+        optimizer.zero_grad()
+        return norm
+
+    return torch.compile(tail, backend="optcapture")
+
+
+def _fsdp2(clip: float | None, scheduled: bool, hsdp: bool = False, compiled_tail: bool = False) -> _launch.Outcome:
     # HSDP: replicate over the mesh's first dim, shard over its second (here of one rank: each shard is the whole
     # param, and FSDP2 all-reduces the grads over "replicate" after reduce-scattering them over "shard").
     mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard")) if hsdp else None
@@ -88,10 +102,11 @@ def _fsdp2(clip: float | None, scheduled: bool, hsdp: bool = False) -> _launch.O
         if hsdp:
             assert model.inner.weight.placements == (Replicate(), Shard(0)), model.inner.weight.placements
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
-        if captured:
+        if captured and not compiled_tail:
             optcapture.capture(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s)) if scheduled else None
-        sides.append(_launch.Side(model, optimizer, scheduler))
+        tail = _compiled_tail(model, optimizer, clip) if captured and compiled_tail else None
+        sides.append(_launch.Side(model, optimizer, scheduler, tail))
     return _launch.train_side_by_side(sides[0], sides[1], _loss, STEPS, warmup=WARMUP, clip=clip)
 
 
@@ -237,6 +252,8 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         "plain": lambda: _fsdp2(clip=None, scheduled=False),
         "clip_grad_norm_ and LambdaLR": lambda: _fsdp2(clip=0.5, scheduled=True),
         "hsdp 2x1": lambda: _fsdp2(clip=None, scheduled=False, hsdp=True),
+        "compiled tail: clip_grad_norm_, step, zero_grad": lambda: _fsdp2(clip=0.05, scheduled=True,
+                                                                          compiled_tail=True),
         "dtensor params, fresh grads": _dtensor_params_with_fresh_grads,
         "dcp resumes": _dcp_resumes,
     })
@@ -248,7 +265,7 @@ def results() -> list[dict[str, Any]]:
 
 
 RANKS = [0, 1]
-SCENARIOS = ["plain", "clip_grad_norm_ and LambdaLR", "hsdp 2x1"]
+SCENARIOS = ["plain", "clip_grad_norm_ and LambdaLR", "hsdp 2x1", "compiled tail: clip_grad_norm_, step, zero_grad"]
 
 
 @pytest.mark.parametrize("rank", RANKS)
