@@ -4,7 +4,8 @@ A :class:`GradTable` lets a bucket kernel read the grads of one run of flat stor
 flat buffer or a copy per step: the step is traced over a virtual tensor the length of the run, whose data pointer
 is a small descriptor of the members' grad addresses (:mod:`optcapture.rewrites.indirect_grad_loads` rewrites the
 kernel's loads of it). :func:`grads_fit_table` says when a run's grads can be read so (CUDA, contiguous grads like
-their params, no DTensors); otherwise the captured step copies them into flat storage.
+their params; a DTensor's local tensor like its param's local shard); otherwise the captured step copies them into
+flat storage.
 
 Invariant: a table's addresses name the grads of the step that reads them: :meth:`GradTable.bind`, the one thing
 here that runs per step (called by :mod:`optcapture.replay`), rewrites them before the step whenever a grad moved,
@@ -68,18 +69,22 @@ class GradTable:
         self.addresses = self.descriptor[self.addresses_at * 8:self.limits_at * 8].view(torch.int64)
         self._offset_bytes = [o * itemsize for o in offsets]
         self._bound: list[int] = []
+        # DTensor params (a run holds only DTensors or only plain tensors: grads_fit_table): their grads' local
+        # tensors hold the elements (a DTensor's own data_ptr() is 0).
+        self.reads_local = dtensors.is_dtensor(flat.params[positions[0]])
 
     def bind(self, grads: Sequence[torch.Tensor]) -> bool:
-        """Point the table at ``grads`` (one per member); True when an address changed and was written.
+        """Point the table at ``grads`` (one per member; for DTensor params, their grads' local tensors); True when
+        an address changed and was written.
 
         Each call reads every grad's address in one C-level pass (no Python per grad). Where one moved, the
         grads are checked to be contiguous (Dynamo guards a grad only as not None, and the kernel reads each one
         as a contiguous run of its param's size): :class:`GradLayoutError` otherwise, before anything is written.
         """
-        pointers = list(map(_DATA_PTR, grads))
+        pointers = list(map(_DATA_PTR, map(_LOCAL, grads) if self.reads_local else grads))
         if pointers == self._bound:
             return False
-        if not all(map(_IS_CONTIGUOUS, grads)):
+        if not all(map(_IS_CONTIGUOUS, map(_LOCAL, grads) if self.reads_local else grads)):
             raise GradLayoutError("a grad is not contiguous: the step reads it through a table of addresses")
         # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
         values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)), dtype=torch.int64)
@@ -93,6 +98,7 @@ class GradLayoutError(RuntimeError):
 
 
 _DATA_PTR = torch.Tensor.data_ptr
+_LOCAL = _compat.LOCAL_TENSOR
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
@@ -124,12 +130,15 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
     """None when every member's grad can be read in place through a :class:`GradTable`; else why not."""
     if flat.key.device.type != "cuda":
         return "grads are read in place only on CUDA"
+    if len({dtensors.is_dtensor(flat.params[j]) for j in positions}) > 1:
+        return "a run holds both DTensor and plain params"
     for j in positions:
-        p = flat.params[j]
-        if dtensors.is_dtensor(p):
-            return "the grads of DTensor params are copied into flat storage"
-        grad = p.grad
-        if grad is None or grad.dtype != p.dtype or grad.device != p.device or grad.layout != torch.strided \
-                or not grad.is_contiguous() or grad.shape != p.shape:
+        # A DTensor param's grad is a DTensor of the same placements (checked by discovery): its local tensor is
+        # what the kernel reads, like its param's local shard in flat storage (FSDP2's grads are views into its
+        # reduce-scatter output, a new one each step: a table rewrite of a few bytes, no copy of the grads).
+        p = dtensors.local(flat.params[j])
+        grad = None if flat.params[j].grad is None else dtensors.local(flat.params[j].grad)
+        if grad is None or type(grad) is not torch.Tensor or grad.dtype != p.dtype or grad.device != p.device \
+                or grad.layout != torch.strided or not grad.is_contiguous() or grad.shape != p.shape:
             return f"the grad of member {j} is not a contiguous tensor like its param"
     return None

@@ -314,3 +314,15 @@ def test_fsdp2_preset_under_torchrun_reports_rank_0_and_checks_every_rank(tmp_pa
     numel = sum(math.ceil(s[0] / 2) * math.prod(s[1:]) for s in shapes)
     assert all(r["floor_ms"] == pytest.approx(_floor_ms(numel, payload["header"]), rel=1e-9)
                for r in payload["results"])
+
+
+def test_fsdp2_tolerates_three_times_fused_drift_and_no_less_than_the_step_presets() -> None:
+    def row(method: str, diff: float | None) -> Result:
+        return Result("fsdp2", method, 1.0, 1.0, 1.0, None, 0.0, 1.0, diff)
+
+    rows = [row("eager", None), row("fused", 2.5e-4), row("optcapture", 6e-4), row("compile", 8e-4)]
+    fsdp2.tolerate_fused_drift(rows)
+    assert [r.matches for r in rows] == [None, True, True, False]
+    quiet = [row("eager", None), row("fused", 1e-7), row("optcapture", 2e-4)]
+    fsdp2.tolerate_fused_drift(quiet)
+    assert [r.matches for r in quiet] == [None, True, False]  # 1e-4 at least: the step presets' limit
