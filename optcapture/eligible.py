@@ -49,8 +49,9 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
     if _shares_storage_with_another(p):
         # E.g. the one param of a ZeroRedundancyOptimizer(parameters_as_bucket_view=True) bucket: the bucket is a
         # view of all of the param's storage, and ZeRO broadcasts the bucket after each step.
-        return ("shares its storage with another tensor (a view or alias of it that something holds): moving it into "
-                "flat storage would cut that tensor from its updates")
+        return ("shares its storage with another tensor (a view or alias of it that something holds, such as a kept "
+                "model.state_dict() or a bucket of ZeroRedundancyOptimizer(parameters_as_bucket_view=True)): moving it "
+                "into flat storage would cut that tensor from its updates; clone what you keep to have it bucketed")
     return None
 
 

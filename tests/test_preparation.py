@@ -230,7 +230,7 @@ def test_state_of_another_dtype_than_its_param_keeps_its_dtype_and_is_not_bucket
     assert any("torch.bfloat16, its param's" in why for r in reports for why in r.reasons), [r.reasons for r in reports]
 
 
-@pytest.mark.parametrize("holder", ["detached alias", "bucket viewing all of it"])
+@pytest.mark.parametrize("holder", ["detached alias", "kept state_dict", "bucket viewing all of it"])
 def test_a_param_whose_storage_another_tensor_holds_stays_where_it_is_and_that_tensor_sees_every_update(
         holder: str) -> None:
     # ZeroRedundancyOptimizer(parameters_as_bucket_view=True) makes each param a view of its bucket and broadcasts the
@@ -241,6 +241,8 @@ def test_a_param_whose_storage_another_tensor_holds_stays_where_it_is_and_that_t
     first = next(pair.model.parameters())
     if holder == "detached alias":
         other = first.detach()
+    elif holder == "kept state_dict":
+        other = next(iter(pair.model.state_dict().values()))  # state_dict() holds p.detach(): it follows training
     else:
         other = torch.empty(first.numel())
         other.copy_(first.detach().view(-1))
