@@ -12,8 +12,12 @@ import torch
 from optcapture import _compat, dtensors
 
 FLAT_STORAGE = "_optcapture_flat_storage"
-"""Attribute set on the flat buffers preparation makes (the shadow optimizer's params are slices of them) and on the
-storage of each slot it hands out (a homed param's)."""
+"""Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
+
+HOME_STORAGE = "_optcapture_home_holders"
+"""Attribute set on the storage of each slot preparation hands out (:func:`optcapture.preparation.alias`): how many
+tensors of optcapture's own hold it (the slot and the buffer it views), so that a param homed there is told shared
+only when a tensor beyond those and the param holds it. A storage's Python object lives as long as the storage."""
 
 
 def bucketable(p: torch.Tensor, shards: dict[int, _compat.FsdpShard] | None = None) -> bool:
@@ -35,7 +39,7 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
         if why is None and id(p) not in fsdp and _shares_storage_with_another(dtensors.local(p)):
             # FSDP2's local shard shares with FSDP2's padded shard by design (dtensors moves both).
             return ("is a DTensor whose local tensor shares its storage with another tensor (moving it into flat "
-                    "storage would cut that tensor from its updates)")
+                    "storage would cut that tensor from its updates; clone what you keep to have it bucketed)")
         return why
     if type(p.data) is not torch.Tensor:
         return f"is a {type(p.data).__name__}, a tensor subclass, which keeps its elements elsewhere"
@@ -56,5 +60,7 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
 
 
 def _shares_storage_with_another(tensor: torch.Tensor) -> bool:
-    # A tensor already homed in a slot optcapture made (preparation.alias) shares its storage with its home by design.
-    return not getattr(tensor.untyped_storage(), FLAT_STORAGE, False) and _compat.shares_storage(tensor)
+    # A tensor already homed in a slot optcapture made shares its storage with the slot by design: only a holder
+    # beyond optcapture's own counts (an alias made after the capture would go stale when the capture is rebuilt).
+    own: int = getattr(tensor.untyped_storage(), HOME_STORAGE, 0)
+    return _compat.storage_holders(tensor) > 1 + own

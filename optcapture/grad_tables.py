@@ -71,7 +71,9 @@ class GradTable:
         self._bound: list[int] = []
         # DTensor params (a run holds only DTensors or only plain tensors: grads_fit_table): their grads' local
         # tensors hold the elements (a DTensor's own data_ptr() is 0).
-        self.reads_local = dtensors.is_dtensor(flat.params[positions[0]])
+        kinds = {dtensors.is_dtensor(flat.params[j]) for j in positions}
+        assert len(kinds) == 1, "a run of DTensor and plain params reaches a grad table"
+        self.reads_local = kinds.pop()
 
     def bind(self, grads: Sequence[torch.Tensor]) -> bool:
         """Point the table at ``grads`` (one per member; for DTensor params, their grads' local tensors); True when

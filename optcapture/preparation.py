@@ -33,7 +33,7 @@ import torch
 from optcapture import _compat, dtensors
 from optcapture.config import CaptureConfig
 from optcapture.discovery import BucketKey, StepGraph
-from optcapture.eligible import FLAT_STORAGE, bucketable
+from optcapture.eligible import FLAT_STORAGE, HOME_STORAGE, bucketable
 from optcapture.errors import CaptureError
 from optcapture.input_roles import is_per_element_state, per_element_state_keys
 
@@ -72,9 +72,6 @@ def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
     else:
         raise NotImplementedError(f"flat storage on {owner.device.type} devices")
-    # The storage object lives as long as the storage (PyTorch keeps a storage's Python object with it), so the mark
-    # reaches every tensor that holds it: a param homed here shares its storage with its home by design.
-    setattr(raw.untyped_storage(), FLAT_STORAGE, True)
     return raw.view(owner.dtype).view(shape)
 
 
@@ -294,6 +291,10 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
             if staged:
                 staged[j] = None  # host memory too is released as the buffer fills
             homes.append(home)
+    for tensor, home in zip(tensors, homes, strict=True):
+        # A tensor homed here shares its slot's storage with optcapture's own tensors (the slot, its base) by
+        # design; the storage's Python object lives as long as the storage, so the count reaches the tensor later.
+        setattr(home.untyped_storage(), HOME_STORAGE, _compat.storage_holders(home) - (tensor is not None))
     return flat, homes
 
 

@@ -326,3 +326,6 @@ def test_fsdp2_tolerates_three_times_fused_drift_and_no_less_than_the_step_prese
     quiet = [row("eager", None), row("fused", 1e-7), row("optcapture", 2e-4)]
     fsdp2.tolerate_fused_drift(quiet)
     assert [r.matches for r in quiet] == [None, True, False]  # 1e-4 at least: the step presets' limit
+    drifting = [row("eager", None), row("fused", 1e-2), row("optcapture", 2e-3)]
+    fsdp2.tolerate_fused_drift(drifting)
+    assert [r.matches for r in drifting] == [None, False, False]  # capped at 1e-3: fused drifting far hides nothing

@@ -253,3 +253,21 @@ def test_a_param_whose_storage_another_tensor_holds_stays_where_it_is_and_that_t
     torch.testing.assert_close(other.view_as(first), first.detach(), rtol=0, atol=0)
     reports = optcapture.explain(pair.optimizer)
     assert reports and all("shares its storage with another tensor" in str(report) for report in reports), reports
+
+
+def test_an_alias_made_after_the_capture_still_sees_every_update_once_the_capture_is_rebuilt() -> None:
+    # A param already homed in flat storage shares its storage with its slot by design; an alias a user makes after
+    # the capture is one holder more. A rebuild (load_state_dict gives the state new tensors) would move the param
+    # into a new flat buffer and leave that alias with the old values; it is told shared and stays where it is.
+    pair = make_pair(lambda params: torch.optim.Adam(params, lr=0.1))
+    for seed in range(2):
+        step_both(pair, seed)
+    assert optcapture.explain(pair.optimizer)[-1].path == "bucketed"
+    first = next(pair.model.parameters())
+    kept = first.detach()
+    for optimizer in (pair.eager, pair.optimizer):
+        optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for seed in range(2, 5):
+        step_both(pair, seed)
+    assert_matches_eager(pair)
+    torch.testing.assert_close(kept, first.detach(), rtol=0, atol=0)

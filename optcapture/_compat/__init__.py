@@ -336,13 +336,13 @@ def graph_breaks_since(before: GraphBreakTally) -> list[str]:
     return list(lines)
 
 
-def shares_storage(tensor: torch.Tensor) -> bool:
-    """True when a tensor other than ``tensor`` (a view or alias: ``p.detach()``, ``p[:]``, the bucket
-    ZeroRedundancyOptimizer(parameters_as_bucket_view=True) views each param of) holds ``tensor``'s storage. Read from
-    the storage's reference count (c10::StorageImpl's use count, ``torch._C._storage_Use_Count``): ``tensor`` holds one
-    reference and the storage object made to read it another."""
+def storage_holders(tensor: torch.Tensor) -> int:
+    """How many tensors hold ``tensor``'s storage: ``tensor`` itself, and each view or alias of it (``p.detach()``,
+    ``p[:]``, the bucket ZeroRedundancyOptimizer(parameters_as_bucket_view=True) views each param of). Read from the
+    storage's reference count (c10::StorageImpl's use count, ``torch._C._storage_Use_Count``), less the one reference
+    of the storage's Python object, which PyTorch keeps alive with the storage once made (as reading it here does)."""
     storage = tensor.untyped_storage()
-    return int(torch._C._storage_Use_Count(storage._cdata)) > 2
+    return int(torch._C._storage_Use_Count(storage._cdata)) - 1
 
 
 # Re-exported: every helper is reached as ``_compat.<name>``.
