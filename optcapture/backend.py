@@ -9,6 +9,7 @@ fallback says why (or raises with ``options={"fallback": "raise"}``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -37,6 +38,7 @@ from optcapture.discovery import (
     changed_since_traced,
     cycled_floats_held_constant,
     discover,
+    no_longer_bucketable,
 )
 from optcapture.errors import CaptureError, FloatsSpecialized, OptionError, UnsupportedStepError, warn_once
 from optcapture.grad_tables import GradTable, backed_by_memory, grads_fit_table
@@ -186,7 +188,8 @@ def _capture_batches(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: 
     optimizer_ref = weakref.ref(optimizer)
     output = outputs_or_error(gm)
 
-    rebuild = _rebuilder(step, lambda args: _capture_batches(step, gm, list(args), config, None, time.perf_counter()))
+    rebuild = _rebuilder(step, gm, config,
+                         lambda args: _capture_batches(step, gm, list(args), config, None, time.perf_counter()))
 
     report = registry.record(step, "bucketed", [], runs=len(runs), seconds=time.perf_counter() - began,
                              kernels=lowered.kernels, grads="copied", batches=len(batches),
@@ -211,16 +214,21 @@ def _member_keys(step: StepGraph) -> list[str]:
                                               and role.key is not None})]
 
 
-def _rebuilder(step: StepGraph, capture_again: Callable[[Sequence[Any]], CapturedStep]
+def _rebuilder(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig,
+               capture_again: Callable[[Sequence[Any]], CapturedStep]
                ) -> Callable[[Sequence[Any]], Callable[..., Any]]:
-    """A new capture of ``step``'s graph over the current storage, from a later call's graph inputs; raises (the
-    replay stage then steps eagerly) when the params no longer fit the traced graph."""
+    """A new capture of ``step``'s graph over the current storage, from a later call's graph inputs; the graph per
+    tensor (as stock ``torch.compile`` runs it, said once) when a param can no longer move into flat storage; raises
+    (the replay stage then steps eagerly) when the params no longer fit the traced graph."""
 
     @progress.timed
     def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
         changed = changed_since_traced(step)
         if changed is not None:
             raise CaptureError(changed)
+        refused = no_longer_bucketable(step)
+        if refused:
+            return stock_paths.fallback(dataclasses.replace(step, blockers=refused), gm, list(args), config)
         return capture_again(args)
 
     return rebuild
@@ -323,8 +331,8 @@ def _capture_runs(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: Seq
     optimizer_ref = weakref.ref(optimizer)
     output = outputs_or_error(gm)
 
-    rebuild = _rebuilder(step, lambda args: _capture(step, gm, args, config, None, time.perf_counter(),
-                                                     frozenset(tensor_hypers)))
+    rebuild = _rebuilder(step, gm, config, lambda args: _capture(step, gm, args, config, None, time.perf_counter(),
+                                                                 frozenset(tensor_hypers)))
 
     report = registry.record(step, "bucketed", [], runs=len(runs),
                              tensor_hypers=tuple(f"group {g} {k}" for g, k in sorted(tensor_hypers)),

@@ -128,6 +128,24 @@ def changed_since_traced(step: StepGraph) -> str | None:
     return None
 
 
+def no_longer_bucketable(step: StepGraph) -> list[str]:
+    """Why params of the traced graph's buckets can no longer move into flat storage (empty: they all can): a
+    ``p.data = ...`` since the capture made one a view of a larger buffer (``vector_to_parameters``) or gave it
+    storage another tensor holds. The graph itself still steps them right, per tensor."""
+    optimizer = step.optimizer
+    if optimizer is None:
+        return []
+    reasons = []
+    for bucket in step.buckets:
+        params = optimizer.param_groups[bucket.key.group]["params"]
+        shards = dtensors.fsdp_shards([params[i] for i in bucket.members])
+        for i in bucket.members:
+            why = not_bucketable_because(params[i], shards)
+            if why is not None:
+                reasons.append(f"param {i} of group {bucket.key.group} {why}")
+    return reasons
+
+
 def cycles_momentum(group: dict[str, Any]) -> bool:
     """Whether OneCycleLR or CyclicLR (``cycle_momentum=True``) cycles this param group's momentum: they mark the
     groups they cycle with ``base_momentum`` and ``max_momentum``."""

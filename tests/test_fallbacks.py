@@ -495,6 +495,30 @@ def test_a_failing_rebuild_raises_with_fallback_raise(monkeypatch: pytest.Monkey
         step_both(pair, 2)
 
 
+def test_a_param_made_a_view_of_a_larger_buffer_after_the_capture_steps_per_tensor_and_the_buffer_follows() -> None:
+    # vector_to_parameters-style: p.data becomes a view of a user's flat buffer after the capture. The rebuild used
+    # to fail (KeyError from the flat group that no longer held the param) and step eagerly for good; the traced graph
+    # steps it right per tensor, as stock torch.compile does, with the reason said.
+    pair = make_pair(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    for seed in range(2):
+        step_both(pair, seed)
+    buffers = []
+    for model in (pair.eager_model, pair.model):
+        weight = model[0].weight
+        buffer = torch.zeros(weight.numel() + 3)
+        buffer[:weight.numel()] = weight.detach().reshape(-1)
+        weight.data = buffer[:weight.numel()].view_as(weight)
+        buffers.append(buffer)
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(2, 5)])
+    assert paths(pair.optimizer) == ["first-step", "bucketed", "per-tensor"]
+    assert [w for w in caught if "is a view of a larger buffer" in w and "per-tensor graph" in w], caught
+    assert_matches_eager(pair)
+    weight = pair.model[0].weight.detach()
+    # The user's buffer holds the updated weight (the param was not moved out of it), as eager's does.
+    torch.testing.assert_close(buffers[1][:weight.numel()].view_as(weight), weight, rtol=0, atol=0)
+    torch.testing.assert_close(buffers[1], buffers[0])
+
+
 def test_a_compile_failed_at_capture_keeps_nothing_alive(monkeypatch: pytest.MonkeyPatch) -> None:
     # The eager fallback re-raised one kept exception at its first step; its traceback chained the caller's
     # frames, and Dynamo's cache kept it: the optimizer and the model were never freed.
