@@ -135,14 +135,19 @@ def no_longer_bucketable(step: StepGraph) -> list[str]:
     optimizer = step.optimizer
     if optimizer is None:
         return []
+    groups = optimizer.param_groups
+    return [reason for bucket in step.buckets
+            for reason in _refused(groups[bucket.key.group]["params"], bucket.members, bucket.key.group)]
+
+
+def _refused(params: Sequence[torch.Tensor], indices: Sequence[int], group: int) -> list[str]:
+    """Why each of ``params[i]`` (``i`` in ``indices``, of param group ``group``) cannot move into flat storage."""
+    shards = dtensors.fsdp_shards([params[i] for i in indices])  # once for all: it walks every FSDP2 state
     reasons = []
-    for bucket in step.buckets:
-        params = optimizer.param_groups[bucket.key.group]["params"]
-        shards = dtensors.fsdp_shards([params[i] for i in bucket.members])
-        for i in bucket.members:
-            why = not_bucketable_because(params[i], shards)
-            if why is not None:
-                reasons.append(f"param {i} of group {bucket.key.group} {why}")
+    for i in indices:
+        why = not_bucketable_because(params[i], shards)
+        if why is not None:
+            reasons.append(f"param {i} of group {group} {why}")
     return reasons
 
 
@@ -251,13 +256,10 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                     blockers.append(f"param {i} of group {g} shares its grad tensor with param {owner[1]} of group "
                                     f"{owner[0]}")
             by_key: dict[BucketKey, list[int]] = {}
-            shards = dtensors.fsdp_shards([group["params"][i] for i in present.get(g, [])])
+            blockers.extend(_refused(group["params"], sorted(present.get(g, [])), g))
             for i in sorted(present.get(g, [])):
                 p = group["params"][i]
                 assert p.grad is not None
-                why = not_bucketable_because(p, shards)
-                if why is not None:
-                    blockers.append(f"param {i} of group {g} {why}")
                 if p.grad.is_sparse or p.layout != torch.strided:
                     blockers.append(f"param {i} of group {g} has a sparse grad or layout")
                 if p.grad.dtype != p.dtype or p.grad.device != p.device or p.grad.shape != p.shape:

@@ -15,9 +15,10 @@ FLAT_STORAGE = "_optcapture_flat_storage"
 """Attribute set on the flat buffers preparation makes: the shadow optimizer's params are slices of them."""
 
 HOME_STORAGE = "_optcapture_home_holders"
-"""Attribute set on the storage of each slot preparation hands out (:func:`optcapture.preparation.alias`): how many
-tensors of optcapture's own hold it (the slot and the buffer it views), so that a param homed there is told shared
-only when a tensor beyond those and the param holds it. A storage's Python object lives as long as the storage."""
+"""Attribute set on the storage of each slot preparation moves a tensor into (``preparation._move_into_flat``): how
+many tensors of optcapture's own hold it (the slot and the buffer it views), so that a param homed there is told
+shared only when a tensor beyond those and the param holds it. A storage's Python object lives as long as the
+storage."""
 
 
 def bucketable(p: torch.Tensor, shards: dict[int, _compat.FsdpShard] | None = None) -> bool:
@@ -35,12 +36,14 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
         return f"has dtype {p.dtype}; only real floating params are bucketed"
     if dtensors.is_dtensor(p):
         why = dtensors.not_bucketable_because(p, shards)
+        if why is not None:
+            return why
         fsdp = dtensors.fsdp_shards([p]) if shards is None else shards
-        if why is None and id(p) not in fsdp and _shares_storage_with_another(dtensors.local(p)):
+        if id(p) not in fsdp and _shares_storage_with_another(dtensors.local(p)):
             # FSDP2's local shard shares with FSDP2's padded shard by design (dtensors moves both).
             return ("is a DTensor whose local tensor shares its storage with another tensor (moving it into flat "
                     "storage would cut that tensor from its updates; clone what you keep to have it bucketed)")
-        return why
+        return None
     if type(p.data) is not torch.Tensor:
         return f"is a {type(p.data).__name__}, a tensor subclass, which keeps its elements elsewhere"
     if p.layout != torch.strided or not p.is_contiguous():

@@ -71,9 +71,9 @@ class GradTable:
         self._bound: list[int] = []
         # DTensor params (a run holds only DTensors or only plain tensors: grads_fit_table): their grads' local
         # tensors hold the elements (a DTensor's own data_ptr() is 0).
-        kinds = {dtensors.is_dtensor(flat.params[j]) for j in positions}
-        assert len(kinds) == 1, "a run of DTensor and plain params reaches a grad table"
-        self.reads_local = kinds.pop()
+        reads_local = _of_dtensors(flat, positions)
+        assert reads_local is not None, "a run of DTensor and plain params reaches a grad table"
+        self.reads_local = reads_local
 
     def bind(self, grads: Sequence[torch.Tensor]) -> bool:
         """Point the table at ``grads`` (one per member; for DTensor params, their grads' local tensors); True when
@@ -83,10 +83,12 @@ class GradTable:
         grads are checked to be contiguous (Dynamo guards a grad only as not None, and the kernel reads each one
         as a contiguous run of its param's size): :class:`GradLayoutError` otherwise, before anything is written.
         """
-        pointers = list(map(_DATA_PTR, map(_LOCAL, grads) if self.reads_local else grads))
+        if self.reads_local:
+            grads = list(map(_LOCAL, grads))
+        pointers = list(map(_DATA_PTR, grads))
         if pointers == self._bound:
             return False
-        if not all(map(_IS_CONTIGUOUS, map(_LOCAL, grads) if self.reads_local else grads)):
+        if not all(map(_IS_CONTIGUOUS, grads)):
             raise GradLayoutError("a grad is not contiguous: the step reads it through a table of addresses")
         # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
         values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)), dtype=torch.int64)
@@ -132,7 +134,7 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
     """None when every member's grad can be read in place through a :class:`GradTable`; else why not."""
     if flat.key.device.type != "cuda":
         return "grads are read in place only on CUDA"
-    if len({dtensors.is_dtensor(flat.params[j]) for j in positions}) > 1:
+    if _of_dtensors(flat, positions) is None:
         return "a run holds both DTensor and plain params"
     for j in positions:
         # A DTensor param's grad is a DTensor of the same placements (checked by discovery): its local tensor is
@@ -144,3 +146,9 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
                 or grad.layout != torch.strided or not grad.is_contiguous() or grad.shape != p.shape:
             return f"the grad of member {j} is not a contiguous tensor like its param"
     return None
+
+
+def _of_dtensors(flat: FlatGroup, positions: tuple[int, ...]) -> bool | None:
+    """Whether the members at ``positions`` are all DTensor params (True) or all plain (False); None if mixed."""
+    kinds = {dtensors.is_dtensor(flat.params[j]) for j in positions}
+    return kinds.pop() if len(kinds) == 1 else None
