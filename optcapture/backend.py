@@ -63,6 +63,8 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         # Before any of the step ran; as itself, not wrapped in Dynamo's BackendCompilerFailed.
         raise _compat.through_dynamo(error) from None
     tracer = _compat.current_tracer()
+    if tracer is not None:
+        _compat.identity_first_guards(tracer)
     progress.enter("discover")
     step = discover(gm, example_inputs, tracer)
     if not step.is_optimizer_graph:

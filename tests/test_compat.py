@@ -422,3 +422,59 @@ def test_a_graph_of_dtensors_is_compiled_without_aotautogradcache_and_a_plain_on
             assert compiled([distribute_tensor(torch.randn(3, 2), mesh, [Shard(0)])]) == 0
         finally:
             dist.destroy_process_group()
+
+
+def test_dtensor_metadata_guards_answer_by_identity_first_and_still_fail_on_another_layout(tmp_path: Any) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    compiles: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        compiles.append(_compat.identity_first_guards(_compat.current_tracer()))
+        return gm.forward
+
+    compared = 0
+    check_equals, spec_eq = DTensorSpec._check_equals, DTensorSpec.__eq__
+
+    def counted_check(self: Any, *args: Any, **kwargs: Any) -> bool:
+        nonlocal compared
+        compared += 1
+        return bool(check_equals(self, *args, **kwargs))
+
+    def counted_eq(self: Any, other: object) -> bool:
+        nonlocal compared
+        compared += 1
+        return bool(spec_eq(self, other))
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        first = distribute_tensor(torch.arange(6.0).view(3, 2), mesh, [Shard(0)])
+        spec = first._spec
+        # Reads the local tensor only: no DTensor op (whose dispatch compares specs) runs in the compiled code.
+        compiled = torch.compile(lambda x: x.to_local() * 2.0, backend=backend)
+        torch.testing.assert_close(compiled(first), torch.arange(6.0).view(3, 2) * 2)
+        assert len(compiles) == 1 and compiles[0] >= 1
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(DTensorSpec, "_check_equals", counted_check)
+            patch.setattr(DTensorSpec, "__eq__", counted_eq)
+            # A new DTensor around the very spec object (as FSDP2 makes each grad): no comparison, no recompile.
+            again = DTensor(torch.ones(3, 2), spec, requires_grad=False)
+            torch.testing.assert_close(compiled(again), torch.full((3, 2), 2.0))
+            assert compared == 0 and len(compiles) == 1
+            # An equal spec that is another object: Dynamo's own comparison decides, and it still matches.
+            equal = DTensor(torch.ones(3, 2), copy.deepcopy(spec), requires_grad=False)
+            torch.testing.assert_close(compiled(equal), torch.full((3, 2), 2.0))
+            assert compared > 0 and len(compiles) == 1
+        # Another layout fails the guard as before: the frame is compiled again.
+        replicated = distribute_tensor(torch.ones(3, 2), mesh, [Replicate()])
+        torch.testing.assert_close(compiled(replicated), torch.full((3, 2), 2.0))
+        assert len(compiles) == 2
+    finally:
+        dist.destroy_process_group()

@@ -3,7 +3,8 @@
 Invariant: no other module touches ``torch._dynamo`` / ``torch._inductor`` / ``torch.distributed`` private names
 directly; each helper here is covered by ``tests/test_compat.py`` on the installed torch. This module holds
 Dynamo's; :mod:`optcapture._compat.inductor` Inductor's, CUDA graph trees' and functorch's;
-:mod:`optcapture._compat.distributed` DTensor's and FSDP2's. Everything is used as ``_compat.<name>``.
+:mod:`optcapture._compat.distributed` DTensor's and FSDP2's; :mod:`optcapture._compat.guards` what the
+backend changes in the guards Dynamo is about to build. Everything is used as ``_compat.<name>``.
 """
 
 from __future__ import annotations
@@ -277,30 +278,6 @@ def placeholder_source(node: torch.fx.Node) -> str | None:
     return source_name(grapharg.source)
 
 
-def drop_guards(tracer: Any, should_drop: Callable[[str], bool]) -> list[str]:
-    """Remove the guards whose source name satisfies ``should_drop`` from the frame being compiled.
-
-    Called from the backend, i.e. before Dynamo turns its collected guards into the guard function.
-    Returns the names of the sources whose guards were removed. One pass over the guard set
-    (``GuardsSet.remove_guards_with_source`` rebuilds it once per source).
-    """
-    guards = tracer.output.guards
-    keep, dropped = [], set()
-    for guard in guards.inner:
-        name = source_name(guard.originating_source)
-        if should_drop(name):
-            dropped.add(name)
-        else:
-            keep.append(guard)
-    if dropped:
-        guards.inner = type(guards.inner)(keep)
-        if hasattr(guards, "source_to_guards"):
-            guards.source_to_guards.clear()
-            for guard in keep:
-                guards.track_guard_by_source(guard)
-    return sorted(dropped)
-
-
 GraphBreakTally = dict[tuple[str, str], int]
 """How often Dynamo has met each graph break (or unsupported construct) in this process, by (counter, message)."""
 
@@ -355,6 +332,7 @@ from optcapture._compat.distributed import (  # noqa: E402
     fsdp_sharded_params,
     local_tensor,
 )
+from optcapture._compat.guards import drop_guards, identity_first_guards  # noqa: E402
 from optcapture._compat.inductor import (  # noqa: E402
     KernelInputs,
     compile_with_inductor,
@@ -380,6 +358,8 @@ __all__ = [  # the re-exports (the Dynamo helpers above are this module's own)
     "fsdp_shard",
     "fsdp_sharded_params",
     "local_tensor",
+    "drop_guards",
+    "identity_first_guards",
     "KernelInputs",
     "compile_with_inductor",
     "cudagraphs_recorded",
