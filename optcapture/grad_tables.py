@@ -69,6 +69,12 @@ class GradTable:
         self.addresses = self.descriptor[self.addresses_at * 8:self.limits_at * 8].view(torch.int64)
         self._offset_bytes = [o * itemsize for o in offsets]
         self._bound: list[int] = []
+        # The address lists bound lately, on the device, by the addresses: grads that come back where they were
+        # (the caching allocator hands a loop the same few blocks, step after step) are bound by a copy on the
+        # device, without staging the list through pinned host memory again.
+        self._known: dict[tuple[int, ...], torch.Tensor] = {}
+        self.keep = KNOWN_TABLES
+        self.staged = 0  # address lists staged from the host
         # DTensor params (a run holds only DTensors or only plain tensors: grads_fit_table): their grads' local
         # tensors hold the elements (a DTensor's own data_ptr() is 0).
         reads_local = _of_dtensors(flat, positions)
@@ -90,11 +96,24 @@ class GradTable:
             return False
         if not all(map(_IS_CONTIGUOUS, grads)):
             raise GradLayoutError("a grad is not contiguous: the step reads it through a table of addresses")
-        # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
-        values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)), dtype=torch.int64)
-        self.addresses.copy_(values.pin_memory(), non_blocking=True)
+        key = tuple(pointers)
+        known = self._known.pop(key, None)
+        if known is None:
+            # array + frombuffer: a list of ints becomes a tensor without a Python-level conversion per element.
+            values = torch.frombuffer(array.array("q", map(operator.sub, pointers, self._offset_bytes)),
+                                      dtype=torch.int64)
+            known = values.pin_memory().to(self.addresses.device, non_blocking=True)
+            self.staged += 1
+            while self._known and len(self._known) >= self.keep:
+                del self._known[next(iter(self._known))]  # the least recently bound
+        self._known[key] = known
+        self.addresses.copy_(known, non_blocking=True)
         self._bound = pointers
         return True
+
+
+KNOWN_TABLES = 4
+"""How many address lists a :class:`GradTable` keeps on the device (a few bytes per member each)."""
 
 
 class GradLayoutError(RuntimeError):
