@@ -4,9 +4,9 @@ Called from the backend, i.e. before Dynamo turns ``tracer.output.guards`` into 
 every call of the compiled frame (torch/_dynamo/output_graph.py builds the CheckFunctionManager after the backend
 returns; torch 2.11 and 2.13).
 
-Invariant: a guard is either removed (only hyperparameters the capture reads from device tensors, whose changes
-it follows itself) or kept with the very check Dynamo would have run, answered first by an identity test that
-can only say "same" when that check would.
+Invariant: a guard is either removed (only on hyperparameters whose changes the capture follows itself, through
+device tensors, or that never reach compiled code, in a step run eagerly) or kept with the very check Dynamo would
+have run, answered first by an identity test that can only say "same" when that check would.
 """
 
 from __future__ import annotations
@@ -145,4 +145,3 @@ def _same_object_or(value: Any, check: Callable[[Any], bool]) -> Callable[[Any],
 
 
 __all__ = ["drop_guards", "identity_first_guards"]
-
