@@ -250,7 +250,7 @@ def lane_args(node: Node, j: int, lanes_at: tuple[LaneId | None, ...]) -> Node:
 
 
 def writes_input(program: GraphModule, role: InputKind, inputs: list[LaneInput]) -> bool:
-    """Whether an in-place op of ``program`` writes the input of ``role`` (or a view of it)."""
+    """Whether an in-place op of ``program`` (or one's ``out=``) writes the input of ``role`` (or a view of it)."""
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     written: set[Node] = {p for p, i in zip(placeholders, inputs, strict=True) if i.role == role}
     for node in program.graph.nodes:
@@ -258,6 +258,9 @@ def writes_input(program: GraphModule, role: InputKind, inputs: list[LaneInput])
             continue
         first = node.args[0]
         name = called_name(node)
+        out = node.kwargs.get("out")
+        if any(isinstance(o, Node) and o in written for o in (out if isinstance(out, (tuple, list)) else (out,))):
+            return True
         if isinstance(first, Node) and first in written:
             if in_place(name):
                 return True

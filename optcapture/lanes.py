@@ -251,9 +251,10 @@ class _Analyzer:
                 self.foreach_beyond_pointwise |= name.startswith("_foreach_") and base not in FOREACH_LANE_LOCAL
             elif base not in SHARED_ONLY and name not in SHARED_ONLY and not crossed:
                 raise _Reject(f"op {name!r} is not elementwise and computes no per-param value")
-        if touched and _writes_first_argument(node, name) and node.args and not isinstance(
-                self._value(node.args[0]), (_LaneValue, _List)):
-            # E.g. ``total.add_(p.grad.norm())``: a value shared by all params accumulates every param's.
+        written = _written_argument(node, name)
+        if touched and written is not None and not _per_param(self._value(written), "out" in node.kwargs):
+            # E.g. ``total.add_(p.grad.norm())``: a value shared by all params accumulates every param's. (Not
+            # ``torch.div(lr, denom, out=denom)``, pytorch_optimizer's AdaBound: the param's own value is written.)
             raise _Reject(f"op {name!r} writes a per-param value into a value shared by all params")
         example = node.meta.get("example_value")
         if name.startswith("_foreach_"):
@@ -336,9 +337,20 @@ def in_place(name: str) -> bool:
     return name.endswith("_") and not name.startswith("__")
 
 
-def _writes_first_argument(node: Node, name: str) -> bool:
-    """An in-place op or one with ``out=``."""
-    return in_place(name) or "out" in node.kwargs
+def _per_param(value: Any, strict: bool) -> bool:
+    """A per-param value, or a list of them (``strict``: every item; else a foreach op's list, checked per item by
+    :meth:`_Analyzer._foreach`)."""
+    if isinstance(value, _List):
+        return not strict or all(isinstance(item, _LaneValue) for item in value.items)
+    return isinstance(value, _LaneValue)
+
+
+def _written_argument(node: Node, name: str) -> Any:
+    """What the op writes: its ``out=`` (a tuple of several for ops with several outputs), else its first argument
+    if it works in place; None if it writes none of its arguments."""
+    if "out" in node.kwargs:
+        return node.kwargs["out"]
+    return node.args[0] if in_place(name) and node.args else None
 
 
 def analyze(gm: GraphModule, inputs: Mapping[Node, tuple[LaneId | None, str]],

@@ -79,3 +79,25 @@ def test_a_stack_holding_a_param_twice_is_refused() -> None:
 
     report = _analyze(step, SGD_ROLES)
     assert not report.lane_local and "each once" in report.reason, report.reason
+
+
+def test_an_out_argument_is_what_an_op_writes() -> None:
+    # ``torch.div(lr, denom, out=denom)`` (pytorch_optimizer's AdaBound) writes the param's own value; the same op
+    # writing into a value shared by all params accumulates every param's and is refused.
+    def own(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        d0, d1 = g0.abs() + 1.0, g1.abs() + 1.0
+        torch.div(lr, d0, out=d0)
+        torch.div(lr, d1, out=d1)
+        p0.sub_(d0)
+        p1.sub_(d1)
+
+    report = _analyze(own, SGD_ROLES)
+    assert report.elementwise, report.reason
+    assert report.programs[(0, 0)] == report.programs[(0, 1)]
+
+    def shared(p0, g0, p1, g1, lr):  # type: ignore[no-untyped-def]
+        torch.add(lr, g0, out=lr)
+        p0.sub_(lr)
+
+    report = _analyze(shared, SGD_ROLES)
+    assert not report.elementwise and "shared by all params" in report.reason, report.reason

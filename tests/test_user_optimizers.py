@@ -18,7 +18,8 @@ import optcapture
 # per-param state that Inductor can only specialize.
 LAST_PATH = {"GroupStepAdam": "bucketed", "GlobalCounterSGD": "per-tensor", "GlobalTensorCounterSGD": "bucketed",
              "ConjAdam": "bucketed", "DataWritingLion": "bucketed", "ModuleFunctionSGD": "bucketed",
-             "FloatStateAdam": "per-tensor", "ConstantBuildingAdam": "bucketed", "OneElementStateAdam": "bucketed"}
+             "FloatStateAdam": "per-tensor", "ConstantBuildingAdam": "bucketed", "OneElementStateAdam": "bucketed",
+             "OutDivAdaBound": "bucketed"}
 
 
 @pytest.mark.parametrize("name", sorted(USER_OPTIMIZERS))

@@ -576,10 +576,12 @@ def _compiled_by_inductor(result: dict[str, Any] | None) -> bool:
 def summarize(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[str]]:
     """Names per category: (a) optcapture wrong where inductor right, (b) optcapture raised where inductor didn't,
     (c) bucketed by the last step, (d) left eager (no "bucketed" or "per-tensor" report, or no report at all) while
-    inductor compiled and matched eager."""
+    inductor compiled and matched eager, (e) of those with no report at all, the ones where Dynamo handed neither
+    backend the update (it ran the step's frame eagerly for both; optcapture compiled as many graphs, the same
+    pieces around it, with Inductor): not optcapture's to compile, listed apart from (d)."""
     categories: dict[str, list[str]] = {"a_wrong_where_inductor_right": [], "b_raised_where_inductor_did_not": [],
                                         "c_bucketed_last": [], "d_left_eager_while_inductor_compiled": [],
-                                        "eager_failed": []}
+                                        "e_update_reached_neither_backend": [], "eager_failed": []}
     for name, by_backend in results.items():
         ours, inductor = by_backend.get("optcapture"), by_backend.get("inductor")
         if ours is None:
@@ -596,7 +598,10 @@ def summarize(results: dict[str, dict[str, dict[str, Any]]]) -> dict[str, list[s
         if paths and paths[-1] == "bucketed":
             categories["c_bucketed_last"].append(name)
         if not {"bucketed", "per-tensor"} & set(paths) and _compiled_by_inductor(inductor):
-            categories["d_left_eager_while_inductor_compiled"].append(name)
+            assert inductor is not None
+            neither = not paths and ours.get("graphs", 0) >= inductor.get("graphs", 0)
+            category = "e_update_reached_neither_backend" if neither else "d_left_eager_while_inductor_compiled"
+            categories[category].append(name)
     return categories
 
 

@@ -234,8 +234,33 @@ class OneElementStateAdam(torch.optim.Optimizer):
                 p.addcdiv_(st["m"], st["v"].sqrt().add_(group["eps"]), value=-group["lr"])
 
 
+class OutDivAdaBound(torch.optim.Optimizer):
+    """AdaBound's update as pytorch_optimizer writes it: the step size divided by each denominator into the
+    denominator itself, ``torch.div(numerator, denom, out=denom)``, then clamped (``foreach_scalar_div_``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if len(st) == 0:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["m"].lerp_(p.grad, 1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = st["v"].sqrt().add_(group["eps"])
+                numerator = torch.full((), fill_value=group["lr"], dtype=p.dtype, device=p.device)
+                torch.div(numerator, denom, out=denom)
+                p.sub_(denom.clamp_(min=1e-4, max=1e-1).mul_(st["m"]))
+
+
 USER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     cls.__name__: cls for cls in (GroupStepAdam, GlobalCounterSGD, GlobalTensorCounterSGD, ConjAdam, DataWritingLion,
                                   ModuleFunctionSGD, FloatStateAdam, ConstantBuildingAdam,
-                                  OneElementStateAdam)
+                                  OneElementStateAdam, OutDivAdaBound)
 }
