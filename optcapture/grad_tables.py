@@ -73,7 +73,6 @@ class GradTable:
         # (the caching allocator hands a loop the same few blocks, step after step) are bound by a copy on the
         # device, without staging the list through pinned host memory again.
         self._known: dict[tuple[int, ...], torch.Tensor] = {}
-        self.keep = KNOWN_TABLES
         self.staged = 0  # address lists staged from the host
         # DTensor params (a run holds only DTensors or only plain tensors: grads_fit_table): their grads' local
         # tensors hold the elements (a DTensor's own data_ptr() is 0).
@@ -104,7 +103,7 @@ class GradTable:
                                       dtype=torch.int64)
             known = values.pin_memory().to(self.addresses.device, non_blocking=True)
             self.staged += 1
-            while self._known and len(self._known) >= self.keep:
+            if len(self._known) >= KNOWN_TABLES:
                 del self._known[next(iter(self._known))]  # the least recently bound
         self._known[key] = known
         self.addresses.copy_(known, non_blocking=True)

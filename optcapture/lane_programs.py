@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 from optcapture.discovery import StepGraph
 from optcapture.errors import CaptureError
 from optcapture.input_roles import InputRole, RoleKind
-from optcapture.lanes import LaneId, called_name, in_place
+from optcapture.lanes import LaneId, called_name, in_place, written_argument
 from optcapture.sources import HyperSource, hyper_source
 
 _BATCHED_KINDS = frozenset({"param", "grad", "state", "scalar_state", "carried"})
@@ -258,13 +258,13 @@ def writes_input(program: GraphModule, role: InputKind, inputs: list[LaneInput])
             continue
         first = node.args[0]
         name = called_name(node)
-        out = node.kwargs.get("out")
-        if any(isinstance(o, Node) and o in written for o in (out if isinstance(out, (tuple, list)) else (out,))):
+        target = written_argument(node, name)
+        # An out= tuple names each output; an in-place op's first argument is written only where it is one node.
+        targets = target if isinstance(target, (tuple, list)) and "out" in node.kwargs else (target,)
+        if any(isinstance(t, Node) and t in written for t in targets):
             return True
-        if isinstance(first, Node) and first in written:
-            if in_place(name):
-                return True
-            if name in ("view", "reshape", "view_as", "flatten", "squeeze", "unsqueeze", "t", "transpose",
-                        "permute", "expand", "narrow", "select", "getitem", "as_strided", "detach", "T", "mT"):
-                written.add(node)
+        if isinstance(first, Node) and first in written and name in (
+                "view", "reshape", "view_as", "flatten", "squeeze", "unsqueeze", "t", "transpose", "permute", "expand",
+                "narrow", "select", "getitem", "as_strided", "detach", "T", "mT"):
+            written.add(node)
     return False

@@ -251,7 +251,7 @@ class _Analyzer:
                 self.foreach_beyond_pointwise |= name.startswith("_foreach_") and base not in FOREACH_LANE_LOCAL
             elif base not in SHARED_ONLY and name not in SHARED_ONLY and not crossed:
                 raise _Reject(f"op {name!r} is not elementwise and computes no per-param value")
-        written = _written_argument(node, name)
+        written = written_argument(node, name)
         if touched and written is not None and not _per_param(self._value(written), "out" in node.kwargs):
             # E.g. ``total.add_(p.grad.norm())``: a value shared by all params accumulates every param's. (Not
             # ``torch.div(lr, denom, out=denom)``, pytorch_optimizer's AdaBound: the param's own value is written.)
@@ -345,7 +345,7 @@ def _per_param(value: Any, strict: bool) -> bool:
     return isinstance(value, _LaneValue)
 
 
-def _written_argument(node: Node, name: str) -> Any:
+def written_argument(node: Node, name: str) -> Any:
     """What the op writes: its ``out=`` (a tuple of several for ops with several outputs), else its first argument
     if it works in place; None if it writes none of its arguments."""
     if "out" in node.kwargs:
