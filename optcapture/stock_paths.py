@@ -21,6 +21,7 @@ from optcapture.config import CaptureConfig
 from optcapture.discovery import StepGraph, cycles_momentum
 from optcapture.errors import FloatsSpecialized, UnsupportedStepError, warn_once
 from optcapture.graph_outputs import outputs_or_error
+from optcapture.replay import address_graphs
 from optcapture.sources import is_hyper_source
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
         return _as_traced(step, gm, [*step.blockers, str(compiled)])
     say(per_tensor)
     registry.record(step, "per-tensor", step.blockers, kernels=_compat.generated_kernel_count() - before)
-    return compiled
+    return _replayed_by_address(compiled, gm, example_inputs, config, step)
 
 
 def eager_for_floats_that_change(step: StepGraph, gm: torch.fx.GraphModule, error: FloatsSpecialized,
@@ -164,7 +165,20 @@ def not_an_optimizer_step(step: StepGraph, gm: torch.fx.GraphModule, example_inp
                   f"{compiled}); running it eagerly")
         traced: Callable[..., Any] = gm.forward
         return traced
-    return compiled
+    return _replayed_by_address(compiled, gm, example_inputs, config, step)
+
+
+def _replayed_by_address(compiled: Callable[..., Any], gm: torch.fx.GraphModule, example_inputs: list[Any],
+                         config: CaptureConfig, step: StepGraph) -> Callable[..., Any]:
+    """``compiled`` replayed from a CUDA graph recorded per set of input addresses, where the graph allows
+    (:mod:`optcapture.replay.address_graphs`: all inputs on one GPU, no random numbers, no host reads); else itself.
+    Stock ``torch.compile`` launches such a graph's kernels one by one: its CUDA graph trees skip graphs that write
+    their inputs, as a clip, an EMA and a per-tensor step do."""
+    unfit = "cudagraphs=False" if not config.cudagraphs else address_graphs.unfit_for_recording(gm, example_inputs)
+    if unfit is not None:
+        log.debug("no CUDA graphs for this graph: %s", unfit)
+        return compiled
+    return address_graphs.AddressGraphs(compiled, step.summary(), address_graphs.tensor_attributes(gm))
 
 
 def _as_traced(step: StepGraph, gm: torch.fx.GraphModule, reasons: list[str],

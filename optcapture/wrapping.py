@@ -14,6 +14,7 @@ users' steps that open with the same pattern); any other step given a closure ru
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -135,7 +136,8 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             _refuse_known_uncompiled(self, base)
         if closure is None:
             watch = _watch(self)
-            result = compiled(self)
+            with _grads_for_a_trace(self):
+                result = compiled(self)
             _report_if_never_seen(self, base, watch, config)
             return result
         if not closure_first:
@@ -145,7 +147,8 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         with torch.enable_grad():
             loss = closure()
         watch = _watch(self)  # after the closure, which may compile a forward with this backend
-        compiled(self)
+        with _grads_for_a_trace(self):
+            compiled(self)
         _report_if_never_seen(self, base, watch, config)
         return loss
 
@@ -153,6 +156,16 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
                                         "__module__": base.__module__, "__qualname__": base.__qualname__})
     _classes[key] = cls
     return cls
+
+
+def _grads_for_a_trace(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager[int]:
+    """Until the step is captured (Dynamo traces it at one of these calls), its grads that are views stand in with
+    their params' view structure (:func:`optcapture._compat.grads_shaped_like_their_params`: FSDP2's and DDP's bucket
+    views would otherwise be traced with every size symbolic); from then on, nothing."""
+    reports = registry.explain(optimizer)
+    if reports and any(report.path != "first-step" for report in reports):
+        return contextlib.nullcontext(0)
+    return _compat.grads_shaped_like_their_params(p for group in optimizer.param_groups for p in group["params"])
 
 
 def _fused_reason(optimizer: torch.optim.Optimizer) -> str | None:

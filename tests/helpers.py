@@ -182,3 +182,16 @@ def stock_variants() -> dict[str, MakeOptimizer]:
     """Every stock elementwise optimizer in its single-tensor ("Adam") and foreach ("Adam-foreach") forms."""
     return {f"{name}{'-foreach' if foreach else ''}": (lambda p, make=make, fe=foreach: make(p, fe))
             for name, make in STOCK.items() for foreach in (False, True)}
+
+
+def frame_reads_storage_offsets(*functions: Any) -> bool:
+    """Whether a compiled frame of any of ``functions`` (and of what they wrap) passes tensors' storage offsets to
+    its graph: Dynamo's bytecode calls ``call_storage_offset`` for each input it traced with a symbolic offset."""
+    codes = set()
+    for fn in functions:
+        while fn is not None:
+            codes.add(fn.__code__)
+            fn = getattr(fn, "__wrapped__", None)
+    entries = [e for code in codes for e in torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)]
+    assert entries, "no frame of these functions was compiled"
+    return any("call_storage_offset" in entry.code.co_names for entry in entries)

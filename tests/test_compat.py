@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import frame_reads_storage_offsets
 
 from optcapture import _compat
 
@@ -476,5 +477,58 @@ def test_dtensor_metadata_guards_answer_by_identity_first_and_still_fail_on_anot
         replicated = distribute_tensor(torch.ones(3, 2), mesh, [Replicate()])
         torch.testing.assert_close(compiled(replicated), torch.full((3, 2), 2.0))
         assert len(compiles) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_view_grads_stand_in_with_their_params_view_structure_while_dynamo_traces(tmp_path: Any) -> None:
+    # FSDP2's local grads view its reduce-scatter output, DDP's bucket views its buckets: Dynamo fakes such a grad
+    # with every size and offset symbolic (meta_utils._grad_context_compatible), and the step's frame then reads each
+    # grad's storage offset at every call. Standing in with the param's view structure, the grads trace static.
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+
+    def step(params: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad, alpha=-0.1)
+
+    def compiled_reads_offsets(params: list[torch.Tensor], stand_in: bool) -> tuple[bool, int]:
+        torch._dynamo.reset()
+        run = torch.compile(step, backend="eager")
+        grads = [p.grad for p in params]
+        locals_before = [_compat.local_tensor(g) for g in grads]
+        with (_compat.grads_shaped_like_their_params(params) if stand_in else contextlib.nullcontext(0)) as count:
+            run(params)
+        assert [p.grad for p in params] == grads and [_compat.local_tensor(g) for g in grads] == locals_before
+        return frame_reads_storage_offsets(step), count
+
+    # Plain params whose grads view one bucket (DDP's gradient_as_bucket_view=True).
+    bucket = torch.arange(10.0)
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
+    params[0].grad, params[1].grad = bucket[:6].view(2, 3), bucket[6:]
+    assert compiled_reads_offsets(params, stand_in=False) == (True, 0)
+    with _compat.grads_shaped_like_their_params(params) as count:
+        stand_in = params[0].grad
+        assert count == 2 and stand_in is not None and not stand_in._is_view()
+        assert (stand_in.data_ptr(), stand_in.shape, stand_in.stride()) == (bucket.data_ptr(), (2, 3), (3, 1))
+    assert compiled_reads_offsets(params, stand_in=True) == (False, 2)
+    torch.testing.assert_close(params[1], torch.ones(4) - 0.2 * bucket[6:])  # stepped twice, through both
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        model(torch.ones(5, 4)).sum().backward()
+        sharded = list(model.parameters())
+        views = [_compat.local_tensor(p.grad) for p in sharded]  # type: ignore[arg-type]
+        assert all(v is not None and v._is_view() for v in views)
+        assert compiled_reads_offsets(sharded, stand_in=False) == (True, 0)
+        assert compiled_reads_offsets(sharded, stand_in=True) == (False, 4)
     finally:
         dist.destroy_process_group()

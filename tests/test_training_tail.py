@@ -15,6 +15,8 @@ import pytest
 import torch
 from helpers import Pair, assert_matches_eager, paths
 
+import optcapture
+
 STEPS = 7
 
 
@@ -30,9 +32,10 @@ class Loop:
 
 def _make(model: torch.nn.Module, clip: str, max_value: float, scaler: bool, ema: bool, set_to_none: bool) -> Loop:
     params = list(model.parameters())
+    device = params[0].device.type
     optimizer = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
-    grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2) if scaler else None
+    grad_scaler = torch.amp.GradScaler(device, init_scale=2.0 ** 8, growth_interval=2) if scaler else None
     averages = [p.detach().clone() for p in params]
 
     def tail() -> Any:
@@ -59,7 +62,7 @@ def _make(model: torch.nn.Module, clip: str, max_value: float, scaler: bool, ema
 
 def _backward(loop: Loop, seed: int, nonfinite: bool) -> None:
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(8, 10, generator=generator)
+    x = torch.randn(8, 10, generator=generator).to(next(loop.model.parameters()).device)
     loss = loop.model(x).pow(2).mean() * 10
     if loop.scaler is not None:
         loss = loop.scaler.scale(loss)
@@ -68,7 +71,7 @@ def _backward(loop: Loop, seed: int, nonfinite: bool) -> None:
         next(loop.model.parameters()).grad[0, 0] = float("inf")
 
 
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "clip-active": dict(clip="norm", max_value=0.05, scaler=False, ema=False, set_to_none=True),
     "clip-inactive": dict(clip="norm", max_value=1e6, scaler=False, ema=True, set_to_none=True),
     "clip-value": dict(clip="value", max_value=0.01, scaler=False, ema=False, set_to_none=False),
@@ -79,25 +82,47 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_compiled_training_tail_matches_the_eager_tail(case: str) -> None:
+    _tail_matches_eager(case, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_compiled_training_tail_matches_the_eager_tail_and_replays_its_clip_cuda(case: str) -> None:
+    # The graphs next to the step (the clip, the EMA, GradScaler's unscale) replay CUDA graphs recorded per set of
+    # input addresses once the grads come back at addresses seen before; every norm returned stays what it was.
+    optcapture.reset()
+    norms = _tail_matches_eager(case, torch.device("cuda"), steps=12)
+    stats = optcapture.stats()
+    assert stats["address_graphs_recorded"] >= 1, stats
+    assert stats["address_graph_replays"] >= 4, stats
+    for mine, eager in norms:
+        torch.testing.assert_close(mine, eager)
+
+
+def _tail_matches_eager(case: str, device: torch.device, steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Runs the case's tail eagerly and compiled; checks params, state, EMA, scale and grads at every step; returns
+    the norms each returned, as returned."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(device)
     eager, captured = _make(copy.deepcopy(model), **CASES[case]), _make(copy.deepcopy(model), **CASES[case])
     tail = torch.compile(captured.tail, backend="optcapture")
     scaled = CASES[case]["scaler"]
     scales: list[float] = []
+    norms: list[tuple[torch.Tensor, torch.Tensor]] = []
     warm = 4 if scaled else 2  # the scaler's skipped step (step 3) takes a branch not traced before
     frames = 0
-    for step in range(STEPS):
+    for step in range(steps):
         if step == warm:
             frames = torch._dynamo.utils.counters["frames"]["ok"]
         nonfinite = bool(scaled) and step == 3  # GradScaler skips this step and halves its scale
         for loop in (eager, captured):
             _backward(loop, step, nonfinite)
-        norms = eager.tail(), tail()
+        eager_norm, norm = eager.tail(), tail()
         eager.scheduler.step()
         captured.scheduler.step()
-        if norms[0] is not None:
-            torch.testing.assert_close(norms[1], norms[0])
+        if eager_norm is not None:
+            torch.testing.assert_close(norm, eager_norm)
+            norms.append((norm, eager_norm))
         assert_matches_eager(Pair(eager.model, eager.optimizer, captured.model, captured.optimizer, tail))
         torch.testing.assert_close(captured.ema, eager.ema)
         if scaled:
@@ -110,3 +135,4 @@ def test_a_compiled_training_tail_matches_the_eager_tail(case: str) -> None:
     assert torch._dynamo.utils.counters["frames"]["ok"] == frames, "compiled again after warm-up"
     if scaled:  # the scale grew, and the step with an inf grad was skipped (the scale halved)
         assert scales[1] > scales[0] and scales[3] == scales[2] / 2, scales
+    return norms

@@ -330,6 +330,7 @@ from optcapture._compat.distributed import (  # noqa: E402
     dtensor_layout,
     fsdp_shard,
     fsdp_sharded_params,
+    grads_shaped_like_their_params,
     local_tensor,
 )
 from optcapture._compat.guards import drop_guards, identity_first_guards  # noqa: E402
@@ -357,6 +358,7 @@ __all__ = [  # the re-exports (the Dynamo helpers above are this module's own)
     "dtensor_layout",
     "fsdp_shard",
     "fsdp_sharded_params",
+    "grads_shaped_like_their_params",
     "local_tensor",
     "drop_guards",
     "identity_first_guards",

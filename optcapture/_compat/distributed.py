@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -100,3 +102,61 @@ def fsdp_shard(fsdp_param: Any) -> FsdpShard | None:
 
 LOCAL_TENSOR: Callable[[torch.Tensor], torch.Tensor] = operator.attrgetter("_local_tensor")
 """A DTensor's local tensor, read in C (a step maps it over every DTensor it checks)."""
+
+
+@contextlib.contextmanager
+def grads_shaped_like_their_params(params: Iterable[torch.Tensor]) -> Iterator[int]:
+    """While Dynamo traces a step: each grad that is a view (FSDP2's local grads view its reduce-scatter output; DDP's
+    ``gradient_as_bucket_view=True`` grads view its buckets) stands in for the time of the call as a tensor over the
+    same memory, same size, strides and offset, whose view structure is its param's: not a view where the param is
+    none, else a view of a root with as many dims as the param's base. Yields how many stood in.
+
+    Why: when Dynamo fakes a param and its grad has another view structure, it fakes the grad with every size, stride
+    and offset symbolic (torch/_subclasses/meta_utils.py, ``_grad_context_compatible``, the fix of pytorch#176667).
+    The step's frame then passes each grad's storage offset as a graph input and guards each grad's base in Python at
+    every call, and the trace pays sympy for all of it (an FSDP2 GPT-2 step's first call: 1.3x the same step's
+    without FSDP2). Faked like its param, the grad gets static sizes; the real views that come at later calls pass the
+    frame's guards, which check sizes, strides and dtype and not the view structure, and the compiled step reads them
+    where they lie (grad tables, copies) exactly as it read the stand-ins. The user's grad objects are the same
+    objects after the call: a DTensor grad gets its own local tensor back, a plain param its own grad.
+    """
+    dtensor = dtensor_class()
+    restore: list[Callable[[], None]] = []
+    try:
+        for p in params:
+            grad = p.grad
+            if grad is None:
+                continue
+            if dtensor is not None and isinstance(p, dtensor) and isinstance(grad, dtensor):
+                local = grad._local_tensor  # type: ignore[attr-defined]
+                stand_in = _stand_in(p._local_tensor, local)  # type: ignore[attr-defined]
+                if stand_in is not None:
+                    grad._local_tensor = stand_in  # type: ignore[attr-defined]
+                    restore.append(functools.partial(setattr, grad, "_local_tensor", local))
+            elif type(p) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor:
+                stand_in = _stand_in(p, grad)
+                if stand_in is not None:
+                    p.grad = stand_in
+                    restore.append(functools.partial(setattr, p, "grad", grad))
+        yield len(restore)
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def _stand_in(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+    """``grad``'s memory with ``param``'s view structure (see :func:`grads_shaped_like_their_params`), or None when
+    ``grad`` has it already."""
+    if not grad._is_view() or grad.is_sparse or grad.layout != torch.strided:
+        return None
+    storage = grad.untyped_storage()
+    with torch.no_grad():
+        root = torch.empty(0, dtype=grad.dtype, device=grad.device)
+        if not param._is_view():
+            return root.set_(storage, grad.storage_offset(), grad.size(), grad.stride())
+        dims = param._base.ndim
+        assert grad._base is not None
+        if grad._base.ndim == dims:
+            return None
+        root.set_(storage, 0, (storage.nbytes() // grad.element_size(),) + (1,) * (dims - 1))
+        return root.as_strided(grad.size(), grad.stride(), grad.storage_offset())

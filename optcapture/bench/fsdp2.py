@@ -3,10 +3,10 @@ then the root), on one rank or under ``torchrun``; each rank steps its local sha
 
 Methods: eager AdamW ``foreach=True`` (FSDP2's default on CUDA: ``torch.distributed.tensor`` adds DTensor to the
 optimizers' foreach-supported types), ``fused=True``, stock ``torch.compile`` (tensor lr, PyTorch's recipe) and
-optcapture. Each has its own sharded copy of one model (same init) and new grads before every step, which
-FSDP2's own backward made (see :func:`_grads_from_backward`); they are built, then timed in alternating blocks
-(:mod:`optcapture.bench.blocks`) and checked against eager's local shards. Timings are rank 0's; the difference to
-eager is the largest over all ranks.
+optcapture (``optcapture.capture(opt)``, the README's FSDP2 recipe). Each has its own sharded copy of one model
+(same init) and new grads before every step, which FSDP2's own backward made (see :func:`_grads_from_backward`);
+they are built, then timed in alternating blocks (:mod:`optcapture.bench.blocks`) and checked against eager's local
+shards. Timings are rank 0's; the difference to eager is the largest over all ranks.
 
 Invariant: every rank builds every method in the same order and runs the same collectives: the backward passes
 that make each copy's grads, before anything of the method that could fail on one rank only (its step), and one
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+import optcapture
 from optcapture import dtensors
 from optcapture.bench import methods
 from optcapture.bench.blocks import run_blocks, synchronize
@@ -134,7 +135,12 @@ def _build(method: str, model: GPT, batches: Sequence[tuple[torch.Tensor, torch.
     params = list(model.parameters())
     grad_sets = [_grads_from_backward(model, params, batch) for batch in batches]
     optimizer = methods.make_optimizer("adamw", params, foreach=True)  # the step presets' AdamW, as FSDP2 runs it
-    built = methods.setup(method, optimizer, device)
+    if method == "optcapture":
+        # The README's FSDP2 recipe: its first calls trace FSDP2's grads, views of the reduce-scatter output, with
+        # static shapes (``torch.compile(opt.step, backend="optcapture")`` traces them with symbolic ones).
+        built: methods.Setup | methods.Skipped = methods.Setup(optcapture.capture(optimizer), optimizer.step)
+    else:
+        built = methods.setup(method, optimizer, device)
     if isinstance(built, methods.Skipped):
         return built
     built.fresh_grads = True  # as after zero_grad() and FSDP2's backward: new grad DTensors every step

@@ -47,6 +47,11 @@ class Stats(Mapping[str, int]):
     """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
     rebuilds: int = 0
     """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
+    address_graphs_recorded: int = 0
+    """CUDA graphs recorded of compiled graphs that are no optimizer step (a loop tail's ``clip_grad_norm_``, an EMA),
+    one per set of input addresses seen twice (:mod:`optcapture.replay.address_graphs`)."""
+    address_graph_replays: int = 0
+    """Calls of such graphs that replayed a recorded CUDA graph."""
 
     def __getitem__(self, key: str) -> int:
         if key not in self.__dataclass_fields__:

@@ -595,3 +595,26 @@ def test_the_first_call_holds_no_second_copy_of_the_params_cuda() -> None:
                                                                backend="optcapture"))
     assert optcapture.stats()["bucketed"] == 1
     assert captured <= fused + numel * 4 + 2**20, (captured / 2**20, fused / 2**20)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_a_per_tensor_step_replays_a_cuda_graph_per_set_of_grad_addresses(name: str) -> None:
+    # Not bucketed (bucketing=False): Inductor's per-tensor graph, which stock torch.compile launches kernel by
+    # kernel (its CUDA graph trees skip graphs that write their inputs), replays a CUDA graph recorded for its
+    # inputs' addresses once the grads come back where they were; the step counters it writes look written.
+    kwargs: dict[str, Any] = {"lr": 1e-2, **({"momentum": 0.9} if name == "SGD" else {})}
+    pair = make_pair(lambda p: getattr(torch.optim, name)(p, **kwargs), device="cuda", options={"bucketing": False})
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        for p, q in zip(pair.eager_model.parameters(), pair.model.parameters(), strict=True):
+            grad = torch.randn(p.shape, generator=generator).cuda()
+            if p.grad is None or q.grad is None:
+                p.grad, q.grad = grad.clone(), grad.clone()
+            else:  # zero_grad(set_to_none=False): the grads stay where they are
+                p.grad.copy_(grad)
+                q.grad.copy_(grad)
+        pair.eager.step()
+        pair.step()
+        assert_matches_eager(pair)
+    assert set(paths(pair.optimizer)) <= {"per-tensor", "first-step"}, paths(pair.optimizer)
+    assert optcapture.stats()["address_graph_replays"] >= 3, optcapture.stats()
