@@ -48,8 +48,8 @@ class Stats(Mapping[str, int]):
     rebuilds: int = 0
     """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
     address_graphs_recorded: int = 0
-    """CUDA graphs recorded of compiled graphs that are no optimizer step (a loop tail's ``clip_grad_norm_``, an EMA),
-    one per set of input addresses seen twice (:mod:`optcapture.replay.address_graphs`)."""
+    """CUDA graphs recorded of compiled graphs that are no bucketed step (a loop tail's ``clip_grad_norm_``, an EMA; a
+    step run per tensor), one per set of input addresses seen twice (:mod:`optcapture.replay.address_graphs`)."""
     address_graph_replays: int = 0
     """Calls of such graphs that replayed a recorded CUDA graph."""
 
