@@ -34,6 +34,8 @@ KNOWN_ADDRESS_SETS = 4
 """Recorded graphs kept per compiled graph (the oldest is dropped): training with ``zero_grad(set_to_none=True)``
 settles on one or two address sets of its grads."""
 _SEEN_ADDRESS_SETS = 8
+_LARGEST_OUTPUTS = 64 * 2**20
+"""Bytes a recorded graph may return (a norm, a found-inf flag: a few bytes); a graph returning more runs unrecorded."""
 
 _DATA_PTR = torch.Tensor.data_ptr
 _RANDOM = torch.Tag.nondeterministic_seeded
@@ -142,15 +144,20 @@ class AddressGraphs:
     def _record(self, args: Sequence[Any]) -> _Recorded | None:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # as CUDA graph trees record
                 outputs = self.compiled(*args)
         except Exception as error:  # noqa: BLE001 - not recordable (a host sync, a CPU copy): run as Inductor made it
             self._give_up(f"recording failed ({type(error).__name__}: {error})")
             return None
         storages = {t.untyped_storage().data_ptr() for t in [*args, *self.attributes]}
-        listed = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
-        if any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in storages for o in listed):
+        returned = outputs if isinstance(outputs, list | tuple) else [outputs]
+        listed = [o for o in returned if isinstance(o, torch.Tensor)]
+        if any(o.untyped_storage().data_ptr() in storages for o in listed):
             self._give_up("an output is an input or a view of one")
+            return None
+        if sum(o.numel() * o.element_size() for o in listed) > _LARGEST_OUTPUTS:
+            # Each recorded graph would keep its own copy of them, and every replay copies them out again.
+            self._give_up("it returns large tensors")
             return None
         COUNTERS.address_graphs_recorded += 1
         log.info("%s: recorded a CUDA graph for a new set of input addresses (%d kept)", self.name,
