@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import assert_matches_eager, frame_reads_storage_offsets, make_model, paths
+from user_optimizers import ModuleFunctionSGD
 
 import optcapture
 from optcapture.wrapping import evaluates_closure_first
@@ -161,32 +162,13 @@ def test_a_step_dynamo_never_hands_over_is_said_and_fused_is_said_at_capture() -
         optcapture.capture(torch.optim.AdamW(fused, fused=True), {"fallback": "raise"})
 
 
-class _MomentumSGD(torch.optim.Optimizer):
-    """A step of its own code object, which the test alone compiles."""
-
-    def __init__(self, params: Any, lr: float = 1e-2) -> None:
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["buffer"] = torch.zeros_like(p)
-                state["buffer"].mul_(0.9).add_(p.grad)
-                p.add_(state["buffer"], alpha=-group["lr"])
-
-
 def test_a_captured_step_traces_bucket_view_grads_with_static_shapes() -> None:
     # Grads that view one bucket (DDP's gradient_as_bucket_view=True; FSDP2's reduce-scatter output, tested in
     # tests/test_compat.py) are traced like their params until the step is captured: the steady step's frame reads
     # no storage offsets, and the real views, new ones every step, step bucketed and exact.
     model = make_model()
     reference = copy.deepcopy(model)
-    opts = [_MomentumSGD(m.parameters()) for m in (reference, model)]
+    opts = [ModuleFunctionSGD(m.parameters()) for m in (reference, model)]
     optcapture.capture(opts[1])
     for seed in range(4):
         for m in (reference, model):
@@ -202,4 +184,4 @@ def test_a_captured_step_traces_bucket_view_grads_with_static_shapes() -> None:
         opts[1].step()
     torch.testing.assert_close(list(model.parameters()), list(reference.parameters()))
     assert paths(opts[1])[-1] == "bucketed"
-    assert not frame_reads_storage_offsets(_MomentumSGD.step)
+    assert not frame_reads_storage_offsets(ModuleFunctionSGD.step)
