@@ -73,8 +73,8 @@ def _columns(unit: Unit) -> list[Column]:
 
 
 LEGEND = {
-    "step": "step ms: median over blocks of the time per `step()` (CUDA events around a block of steps in a row; "
-            "wall time on CPU); spread: fastest–slowest block; host ms: wall time of the `step()` call itself; "
+    "step": "step ms: median over blocks of the time per `step()` (CUDA events from the launch of a block's first "
+            "step to the end of its last, over the steps after the first; wall time on CPU); spread: fastest–slowest block; host ms: wall time of the `step()` call itself; "
             "× fused: median over `fused=True`'s; first 4 calls: a step that creates its state in its first call "
             "is captured in its second.",
     "iteration": "iteration ms: median over blocks of a whole training iteration (forward, backward, tail, "
