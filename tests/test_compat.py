@@ -517,6 +517,9 @@ def test_view_grads_stand_in_with_their_params_view_structure_while_dynamo_trace
         assert (stand_in.data_ptr(), stand_in.shape, stand_in.stride()) == (bucket.data_ptr(), (2, 3), (3, 1))
     assert compiled_reads_offsets(params, stand_in=True) == (False, 2)
     torch.testing.assert_close(params[1], torch.ones(4) - 0.2 * bucket[6:])  # stepped twice, through both
+    with _compat.grads_shaped_like_their_params(params):
+        params[0].grad = None  # a step that frees its grads keeps them freed
+    assert params[0].grad is None and params[1].grad is not None and params[1].grad._base is bucket
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

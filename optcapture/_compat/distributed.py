@@ -137,11 +137,17 @@ def grads_shaped_like_their_params(params: Iterable[torch.Tensor]) -> Iterator[i
                 stand_in = _stand_in(p, grad)
                 if stand_in is not None:
                     p.grad = stand_in
-                    restore.append(functools.partial(setattr, p, "grad", grad))
+                    restore.append(functools.partial(_give_back_grad, p, stand_in, grad))
         yield len(restore)
     finally:
         for undo in reversed(restore):
             undo()
+
+
+def _give_back_grad(param: torch.Tensor, stand_in: torch.Tensor, grad: torch.Tensor) -> None:
+    """``param.grad = grad`` again, unless the step itself set another grad (or None) in place of the stand-in."""
+    if param.grad is stand_in:
+        param.grad = grad
 
 
 def _stand_in(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:

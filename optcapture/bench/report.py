@@ -74,9 +74,10 @@ def _columns(unit: Unit) -> list[Column]:
 
 LEGEND = {
     "step": "step ms: median over blocks of the time per `step()` (CUDA events from the launch of a block's first "
-            "step to the end of its last, over the steps after the first; wall time on CPU); spread: fastest–slowest block; host ms: wall time of the `step()` call itself; "
-            "× fused: median over `fused=True`'s; first 4 calls: a step that creates its state in its first call "
-            "is captured in its second.",
+            "step to the end of its last, over the steps after the first; wall time on CPU); spread: "
+            "fastest–slowest block; host ms: wall time of the `step()` call itself; × fused: median over "
+            "`fused=True`'s; first 4 calls: a step that creates its state in its first call is captured in its "
+            "second.",
     "iteration": "iteration ms: median over blocks of a whole training iteration (forward, backward, tail, "
                  "scheduler); tail host ms: host time from after `backward()` to the tail's return (clip, step, "
                  "zero_grad; no synchronize); matches eager: |params - eager's| / |eager's params - initial| "
