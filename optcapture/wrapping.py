@@ -135,8 +135,9 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         if config.fallback == "raise":
             _refuse_known_uncompiled(self, base)
         if closure is None:
-            watch = _watch(self)
-            with _grads_for_a_trace(self):
+            reports = registry.explain(self)
+            watch = _watch(self, reports)
+            with _grads_for_a_trace(self, reports):
                 result = compiled(self)
             _report_if_never_seen(self, base, watch, config)
             return result
@@ -146,8 +147,9 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             return base_step(self, closure)
         with torch.enable_grad():
             loss = closure()
-        watch = _watch(self)  # after the closure, which may compile a forward with this backend
-        with _grads_for_a_trace(self):
+        reports = registry.explain(self)
+        watch = _watch(self, reports)  # after the closure, which may compile a forward with this backend
+        with _grads_for_a_trace(self, reports):
             compiled(self)
         _report_if_never_seen(self, base, watch, config)
         return loss
@@ -158,11 +160,12 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
     return cls
 
 
-def _grads_for_a_trace(optimizer: torch.optim.Optimizer) -> contextlib.AbstractContextManager[int]:
-    """Until the step is captured (Dynamo traces it at one of these calls), its grads that are views stand in with
-    their params' view structure (:func:`optcapture._compat.grads_shaped_like_their_params`: FSDP2's and DDP's bucket
-    views would otherwise be traced with every size symbolic); from then on, nothing."""
-    reports = registry.explain(optimizer)
+def _grads_for_a_trace(optimizer: torch.optim.Optimizer,
+                       reports: list[registry.CaptureReport]) -> contextlib.AbstractContextManager[int]:
+    """Until the step is captured (``reports``: none yet but its first step's; Dynamo traces it at one of these calls),
+    its grads that are views stand in with their params' view structure
+    (:func:`optcapture._compat.grads_shaped_like_their_params`: FSDP2's and DDP's bucket views would otherwise be
+    traced with every size symbolic); from then on, nothing."""
     if reports and any(report.path != "first-step" for report in reports):
         return contextlib.nullcontext(0)
     return _compat.grads_shaped_like_their_params(p for group in optimizer.param_groups for p in group["params"])
@@ -206,10 +209,10 @@ class _Watch:
     graph_breaks: _compat.GraphBreakTally
 
 
-def _watch(optimizer: torch.optim.Optimizer) -> _Watch | None:
-    """None once the step was reported (captured, or ``uncompiled``) or steps a captured optimizer: nothing to
-    watch, so a steady step reads no Dynamo counters."""
-    if registry.explain(optimizer) or optimizer in _steps_a_captured_optimizer:
+def _watch(optimizer: torch.optim.Optimizer, reports: list[registry.CaptureReport]) -> _Watch | None:
+    """None once the step was reported (``reports``: captured, or ``uncompiled``) or steps a captured optimizer:
+    nothing to watch, so a steady step reads no Dynamo counters."""
+    if reports or optimizer in _steps_a_captured_optimizer:
         return None
     return _Watch(COUNTERS.captures, _compat.graph_break_tally())
 

@@ -86,15 +86,15 @@ def _time_block(contender: Contender, timings: Timings, device: torch.device, st
         # device time. A method slower on the host than on the device still shows it: the device then waits for each
         # following step.
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        timed = steps - 1 if steps > 1 else steps
-        if timed < steps:
+        queued = 1 if steps > 1 else 0  # steps launched before the clock starts
+        for _ in range(queued):
             host_s += contender.step()
         start.record()
-        for _ in range(timed):
+        for _ in range(steps - queued):
             host_s += contender.step()
         end.record()
         end.synchronize()
-        step_ms = float(start.elapsed_time(end)) / timed
+        step_ms = float(start.elapsed_time(end)) / (steps - queued)
     else:
         begin = time.perf_counter()
         for _ in range(steps):

@@ -1,15 +1,16 @@
-"""Replay, for a compiled graph that is no optimizer step: one CUDA graph per set of input addresses.
+"""Replay, for a compiled graph that is no bucketed step: one CUDA graph per set of input addresses.
 
 The graphs a training loop's tail compiles next to the step (``clip_grad_norm_``, an EMA of the params, GradScaler's
-unscale) read and write grads and params in place. Inductor runs them without CUDA graphs, launching every kernel
-from Python, two or more per tensor: cudagraph trees copy each input that is not a static param into a buffer of
-their own and skip any graph that mutates such an input (torch/_inductor/cudagraph_utils.py,
-``check_for_mutation``). Yet the caching allocator gives autograd's grads the same addresses iteration after
-iteration, and params and an EMA never move: the kernels of one call run on the addresses of an earlier one. So a
-graph recorded against its inputs where they lie is replayed whenever every input is where it was recorded, checked
-by one C-level pass over the inputs per call; a set of addresses is recorded the second time it is seen (addresses
-that never repeat cost that pass and nothing else); the graph's outputs are copied out of its static buffers before
-they are returned, and the version counters of the inputs it writes are bumped as Inductor's own call bumps them.
+unscale), and a step optcapture runs per tensor, read and write grads and params in place. Inductor runs them
+without CUDA graphs, launching every kernel from Python, two or more per tensor: cudagraph trees copy each input
+that is not a static param into a buffer of their own and skip any graph that mutates such an input
+(torch/_inductor/cudagraph_utils.py, ``check_for_mutation``). Yet the caching allocator gives autograd's grads the
+same addresses iteration after iteration, and params and an EMA never move: the kernels of one call run on the
+addresses of an earlier one. So a graph recorded against its inputs where they lie is replayed whenever every input
+is where it was recorded, checked by one C-level pass over the inputs per call; a set of addresses is recorded the
+second time it is seen (addresses that never repeat cost that pass and nothing else); the graph's outputs are copied
+out of its static buffers before they are returned, and the version counters of the inputs it writes are bumped as
+Inductor's own call bumps them.
 
 Invariant: a recorded graph is replayed only on inputs at exactly the addresses it was recorded with (their shapes,
 strides and dtypes are fixed by Dynamo's guards of the frame); every other call runs the compiled graph as Inductor
@@ -38,6 +39,7 @@ _LARGEST_OUTPUTS = 64 * 2**20
 """Bytes a recorded graph may return (a norm, a found-inf flag: a few bytes); a graph returning more runs unrecorded."""
 
 _DATA_PTR = torch.Tensor.data_ptr
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _RANDOM = torch.Tag.nondeterministic_seeded
 _RANDOM_NAMES = ("rand", "dropout", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential",
                  "cauchy", "geometric", "seed")
@@ -58,12 +60,12 @@ def unfit_for_recording(gm: torch.fx.GraphModule, example_inputs: Sequence[Any])
     if not example_inputs:
         return "it has no inputs"
     for value in example_inputs:
-        if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+        if type(value) not in _PLAIN:
             return f"an input is a {type(value).__name__}, not a plain tensor"
     if len({t.device for t in example_inputs}) != 1 or example_inputs[0].device.type != "cuda":
         return "its inputs are not all on one CUDA device"
     for value in tensor_attributes(gm):
-        if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter or value.device.type != "cuda":
+        if type(value) not in _PLAIN or value.device.type != "cuda":
             return "it reads a tensor attribute that is not a plain CUDA tensor"
     if torch.is_grad_enabled() and any(t.requires_grad for t in example_inputs):
         return "autograd records it (an input requires grad)"
@@ -104,11 +106,12 @@ class AddressGraphs:
     def __call__(self, *args: Any) -> Any:
         if self.unfit is not None:
             return self.compiled(*args)
-        key = tuple(map(_DATA_PTR, [*args, *self.attributes] if self.attributes else args))
+        tensors = [*args, *self.attributes] if self.attributes else args
+        key = tuple(map(_DATA_PTR, tensors))
         recorded = self.graphs.get(key)
         if recorded is None:
             if not self.warm or key not in self.seen or torch.cuda.is_current_stream_capturing():
-                return self._run_and_remember(key, args)
+                return self._run_and_remember(key, args, tensors)
             recorded = self._record(args)
             if recorded is None:
                 return self.compiled(*args)
@@ -119,14 +122,13 @@ class AddressGraphs:
         if self.written:
             # What Inductor's own call does for the tensors it writes (AOTAutograd's runtime wrapper): a step counter
             # written here must look written to whoever checks its version (a bucketed capture of the same optimizer).
-            tensors = [*args, *self.attributes]
             torch.autograd.graph.increment_version([tensors[i] for i in self.written])
         COUNTERS.address_graph_replays += 1
         return recorded.copied_outputs()
 
-    def _run_and_remember(self, key: tuple[int, ...], args: Sequence[Any]) -> Any:
-        """A call as Inductor made it; the first one also finds which inputs the graph writes."""
-        tensors = [*args, *self.attributes]
+    def _run_and_remember(self, key: tuple[int, ...], args: Sequence[Any], tensors: Sequence[torch.Tensor]) -> Any:
+        """A call as Inductor made it (``tensors``: the inputs, then the attributes); the first one also finds which
+        of them the graph writes."""
         try:
             before = None if self.warm else [t._version for t in tensors]
         except RuntimeError:  # an inference tensor has no version counter: whether the graph writes it is unknown
@@ -149,7 +151,7 @@ class AddressGraphs:
         except Exception as error:  # noqa: BLE001 - not recordable (a host sync, a CPU copy): run as Inductor made it
             self._give_up(f"recording failed ({type(error).__name__}: {error})")
             return None
-        storages = {t.untyped_storage().data_ptr() for t in [*args, *self.attributes]}
+        storages = {t.untyped_storage().data_ptr() for t in (*args, *self.attributes)}
         returned = outputs if isinstance(outputs, list | tuple) else [outputs]
         listed = [o for o in returned if isinstance(o, torch.Tensor)]
         if any(o.untyped_storage().data_ptr() in storages for o in listed):
