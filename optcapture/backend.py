@@ -106,10 +106,14 @@ def _say_if_recompiling_every_step(step: StepGraph) -> None:
     own = len(registry.explain(optimizer))  # this optimizer's earlier compiles
     name = type(optimizer).__name__
     if own >= 3:
-        warn_once(f"Dynamo compiled the step of {name} {own + 1} times: a guard fails at (nearly) every step. After "
+        # Not "at every step": grads that come and go, a new param group or an eager step between compiled ones
+        # each compile once, rightly; only the logs tell which guard failed.
+        warn_once(f"Dynamo compiled the step of {name} {own + 1} times, each time because a guard failed; after "
                   f"{limit} compiles (torch._dynamo.config.recompile_limit) the step runs uncompiled, as with any "
-                  "backend. TORCH_LOGS=recompiles names the guard; an int the step counts in its param groups and "
-                  "passes to a math function (math.pow(beta, group['step'])) is specialized by Dynamo at every value",
+                  "backend. TORCH_LOGS=recompiles names each failed guard. A grad that comes or goes, a new param "
+                  "group or an eager step between compiled ones compiles once each; a step that compiles at every "
+                  "call often passes an int it counts in its param groups to a math function "
+                  "(math.pow(beta, group['step'])), which Dynamo specializes at every value",
                   key=f"recompiling {name}")
     elif count + 1 >= limit - 1:
         warn_once(f"Dynamo compiled this step function {count + 1} times, for several optimizers ({name} now): its "

@@ -61,7 +61,8 @@ class CaptureConfig:
         for name in ("bucketing", "cudagraphs", "grads_in_place", "autotune"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"optcapture option {name!r} must be a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.align_elements, int) or self.align_elements < 1:
+        # bool is an int subclass: True would pass as an alignment of 1 element.
+        if isinstance(self.align_elements, bool) or not isinstance(self.align_elements, int) or self.align_elements < 1:
             raise OptionError(f"optcapture option 'align_elements' must be a positive int, got {self.align_elements!r}")
 
 

@@ -74,6 +74,9 @@ class StepGraph:
     lazy_state: bool = False
     """The first step of an optimizer that creates its state inside ``step()``: this call runs the graph as traced
     (the state it creates changes the guards) and the next call is captured."""
+    graph_break: str | None = None
+    """The graph break this graph of the step's own frame ends at (its first line), where Dynamo compiles the rest of
+    the step as a function of its own; None when the graph ends with the frame."""
 
     @property
     def update(self) -> UpdateKind | None:
@@ -143,12 +146,25 @@ def no_longer_bucketable(step: StepGraph) -> list[str]:
 def _refused(params: Sequence[torch.Tensor], indices: Sequence[int], group: int) -> list[str]:
     """Why each of ``params[i]`` (``i`` in ``indices``, of param group ``group``) cannot move into flat storage."""
     shards = dtensors.fsdp_shards([params[i] for i in indices])  # once for all: it walks every FSDP2 state
-    reasons = []
+    by_reason: dict[str, list[int]] = {}
     for i in indices:
         why = not_bucketable_because(params[i], shards)
         if why is not None:
-            reasons.append(f"param {i} of group {group} {why}")
-    return reasons
+            by_reason.setdefault(why, []).append(i)
+    # One line per reason, naming every param it holds for (a kept model.state_dict() holds them all).
+    return [f"param {members[0]} of group {group} {why}" if len(members) == 1
+            else f"params {_ranges(members)} of group {group} (each) {why}" for why, members in by_reason.items()]
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def cycles_momentum(group: dict[str, Any]) -> bool:
@@ -217,6 +233,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     elif optimizer is None:
         blockers.append("the graph does not belong to exactly one optimizer"
                         + (f" (found {len(owners)})" if owners else ""))
+    resumed = _compat.resumed_after_graph_break(tracer) if tracer is not None else None
     frame_is_step = bool(optimizer is not None and tracer is not None
                          and tracer.f_code in reach.step_codes(optimizer)
                          and optimizer in reach.candidate_optimizers(local_values.values()))
@@ -232,6 +249,10 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             # Bucketing it would run the subclass's whole step in the shadow, on top of the subclass's own frames.
             blockers.append(f"the compiled frame is {inherited.__name__}.step, called by the step that "
                             f"{type(optimizer).__name__} overrides (a subclass that overrides step() runs per tensor)")
+        elif resumed is not None:
+            blockers.append(f"the step has a graph break: this graph is the part of {resumed.function}() after line "
+                            f"{resumed.line}, which Dynamo compiles as a function of its own, and each part runs "
+                            "per tensor (TORCH_LOGS=graph_breaks says why Dynamo broke the graph there)")
         else:
             blockers.append("the compiled function is not the optimizer's own step (a user function that "
                             "calls step() is compiled as a whole graph)")
@@ -310,7 +331,8 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
                      buckets, report, blockers,
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
-                     is_optimizer_graph, _floats_of_groups(optimizer), lazy_state)
+                     is_optimizer_graph, _floats_of_groups(optimizer), lazy_state,
+                     _compat.graph_break_ending(tracer) if frame_is_step else None)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

@@ -89,7 +89,8 @@ class CaptureReport:
                  f"{self.seconds:.1f} s)"]
         if self.stages:
             lines.append("  stages: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.stages))
-        lines += [f"  bucket {b}" for b in self.buckets]
+        if self.path == "bucketed":  # a step that is not bucketed has no buckets, only the ones it might have had
+            lines += [f"  bucket {b}" for b in self.buckets]
         lines += [f"  hyperparameter in a device tensor: {h}" for h in self.tensor_hyperparameters]
         lines += [f"  not bucketed: {r}" for r in self.reasons]
         return "\n".join(lines)

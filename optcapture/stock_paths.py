@@ -68,7 +68,12 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
         say("this first step, which creates the optimizer's state, runs as Dynamo traced it, and the steps after "
             "it as Inductor's per-tensor graph while the reason holds",
             key=f"optcapture: step of {owner} is not bucketed ({reason}): {per_tensor}")
-        return _as_traced(step, gm, [*step.blockers, _FIRST_STEP], "first-step")
+        # After a graph break the tensors returned may be values the rest of the step reads, not state it creates.
+        first = _FIRST_STEP if step.graph_break is None else (
+            f"the step has a graph break ({step.graph_break}): this graph ends there and returns tensors to the rest "
+            "of the step, which Dynamo compiles as a function of its own; this call runs it as traced and the next "
+            "one is compiled again")
+        return _as_traced(step, gm, [*step.blockers, first], "first-step")
     before = _compat.generated_kernel_count()
     compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):

@@ -54,6 +54,7 @@ def capture(optimizer: OptimizerT, options: Mapping[str, Any] | CaptureConfig | 
     ``opt.step(closure)`` evaluates the closure with grad enabled, then runs the compiled step, where the class's
     step only evaluates its closure first (all of ``torch.optim`` but LBFGS); other steps run uncompiled when given
     a closure, said once. Capturing an optimizer twice with the same options returns it as it is.
+    ``torch.save(opt)`` and ``copy.deepcopy(opt)`` give an optimizer captured with the same options.
 
     A ``ZeroRedundancyOptimizer`` is returned as it is with its local optimizer (``zero.optim``) captured: its own
     step runs collectives around the local step. Refused, said once, with ``overlap_with_ddp=True`` (no
@@ -155,9 +156,25 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         return loss
 
     cls = type(base.__name__, (base,), {"step": step, "_optcapture_base": base, "_optcapture_config": config,
-                                        "__module__": base.__module__, "__qualname__": base.__qualname__})
+                                        "__module__": base.__module__, "__qualname__": base.__qualname__,
+                                        "__reduce_ex__": _reduce_captured})
     _classes[key] = cls
     return cls
+
+
+def _reduce_captured(self: torch.optim.Optimizer, protocol: int) -> tuple[Any, ...]:
+    """Pickling (``torch.save(opt)``) and ``copy.deepcopy``: the subclass made at run time has its base's name, under
+    which pickle would find the base, not it; the copy is rebuilt as its base captured with the same options, its
+    compiled step made again at its first step."""
+    reduced = object.__reduce_ex__(self, protocol)
+    cls = type(self)
+    return (_restore_captured, (cls._optcapture_base, cls._optcapture_config), *reduced[2:])  # type: ignore[attr-defined]
+
+
+def _restore_captured(base: type, config: CaptureConfig) -> torch.optim.Optimizer:
+    """An empty captured ``base`` (pickle then sets its state): see :func:`_reduce_captured`."""
+    optimizer: torch.optim.Optimizer = object.__new__(_captured_class(base, config))
+    return optimizer
 
 
 def _grads_for_a_trace(optimizer: torch.optim.Optimizer,

@@ -303,6 +303,31 @@ def test_graph_breaks_since_names_each_new_graph_break_but_deliberate_ones() -> 
     assert _compat.graph_breaks_since(_compat.graph_break_tally()) == []  # nothing new since now: none is named
 
 
+def test_the_graph_break_a_graph_ends_at_and_the_function_resumed_after_it_are_read_at_compile_time() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        if y.sum().item() > 0:  # a graph break: Dynamo compiles the rest as a function of its own
+            y = y + 1
+        return y
+
+    seen: list[tuple[str, str | None, _compat.Resumption | None]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        tracer = _compat.current_tracer()
+        seen.append((tracer.f_code.co_name, _compat.graph_break_ending(tracer),
+                     _compat.resumed_after_graph_break(tracer)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    assert torch.compile(fn, backend=backend)(torch.ones(2)).tolist() == [3.0, 3.0]
+    (first, ending, resumed), *rest = seen
+    assert first == "fn" and ending is not None and "item()" in ending and "\n" not in ending and resumed is None
+    resumptions = [r for _, e, r in rest if r is not None]
+    assert resumptions and resumptions[0].function == "fn", seen
+    assert resumptions[0].line == fn.__code__.co_firstlineno + 2, seen  # the line of the break
+    assert all(e is None for _, e, r in rest if r is not None), seen  # it ends with the frame
+
+
 def test_torch_compile_enters_no_context_of_a_backend() -> None:
     # Why optcapture cannot see a call of `torch.compile(opt.step, backend="optcapture")` in which Dynamo hands it
     # no graph (README, "What it does": fused=True, Adafactor's .item()): Dynamo enters a backend's

@@ -56,7 +56,8 @@ def test_unknown_option_is_an_error_naming_it() -> None:
 
 @pytest.mark.parametrize(("options", "error"), [({"fallback": "ignore"}, ValueError), ({"bucketing": 1}, TypeError),
                                                 ({"grads_in_place": "yes"}, TypeError), ({"autotune": 1}, TypeError),
-                                                ({"align_elements": 0}, ValueError)])
+                                                ({"align_elements": 0}, ValueError),
+                                                ({"align_elements": True}, TypeError)])
 def test_bad_values_are_errors(options: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error):
         parse_options(options)

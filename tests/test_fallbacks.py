@@ -797,3 +797,57 @@ def test_a_step_that_finds_a_param_without_state_at_every_compile_runs_as_traced
     reports = optcapture.explain(pair.optimizer)
     assert [r.path for r in reports] == ["first-step", "per-tensor"], reports
     assert any("still has no state after the optimizer's first step" in why for why in reports[-1].reasons), reports
+
+
+class _HostGatedSGD(torch.optim.Optimizer):
+    """SGD whose step size depends on a global grad norm read on the host: Dynamo breaks the step's graph at
+    ``.item()`` and compiles the update after it as a function of its own."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        total = torch.stack([p.grad.norm() for p in params]).norm()
+        scale = 1.0 if total.item() < 1.0 else 0.5
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] * scale)
+
+
+def test_a_graph_break_inside_a_users_step_is_named_as_one() -> None:
+    # Not "the compiled function is not the optimizer's own step": it is, broken in two by Dynamo.
+    pair = make_pair(_HostGatedSGD)
+    messages = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3)])
+    assert_matches_eager(pair)
+    assert any(re.search(r"the step has a graph break: this graph is the part of step\(\) after line \d+", m)
+               for m in messages), messages
+    assert not any("not the optimizer's own step" in m for m in messages), messages
+    text = "\n".join(map(str, optcapture.explain(pair.optimizer)))
+    assert "Unsupported Tensor.item()" in text, text  # the graph before the break says why it ends there
+    assert "creates its state" not in text, text
+    assert "  bucket " not in text, text  # none of its graphs was bucketed: no bucket is listed
+
+
+def test_a_graph_break_inside_a_users_step_with_fallback_raise_raises_before_the_update() -> None:
+    pair = make_pair(_HostGatedSGD, options={"fallback": "raise"})
+    set_grads(pair, 0)
+    before = [p.detach().clone() for p in pair.model.parameters()]
+    with pytest.raises(optcapture.UnsupportedStepError, match=r"graph break: this graph is the part of step\(\)"):
+        pair.step()
+    for p, old in zip(pair.model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), old, rtol=0, atol=0)
+
+
+def test_params_refused_for_one_reason_are_named_in_one_line() -> None:
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(3)))
+    pair = make_pair(lambda p: torch.optim.AdamW(p, lr=0.1), model=model)
+    kept = pair.model.state_dict()  # holds a view of every param: none can move into flat storage
+    messages = _warnings_of(lambda: [step_both(pair, seed) for seed in range(2)])
+    assert_matches_eager(pair)
+    shared = [m for m in messages if "shares its storage" in m]
+    assert len(shared) == 1 and shared[0].count("shares its storage") == 1, shared
+    assert "params 0-5 of group 0 (each) shares its storage" in shared[0], shared
+    assert kept  # still held

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 import warnings
 import weakref
 from typing import Any
@@ -87,6 +88,36 @@ def test_state_dict_and_deepcopy_of_a_captured_optimizer() -> None:
     twin = copy.deepcopy(pair.optimizer)
     assert isinstance(twin, torch.optim.Adam)
     torch.testing.assert_close(twin.state_dict()["state"], pair.eager.state_dict()["state"])
+
+
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+def test_a_captured_optimizer_saved_whole_or_copied_stays_captured_and_steps_like_eager(how: str) -> None:
+    # torch.save(opt) pickles the class by name; the subclass capture() made has its base's name, under which
+    # pickle found the base, not it ("it's not the same object as torch.optim.adam.Adam").
+    pair = _Pair(lambda p: torch.optim.Adam(p, lr=1e-2), fallback="raise")
+    for _ in range(2):
+        for optimizer, closure in zip((pair.eager, pair.optimizer), pair.closures(), strict=True):
+            optimizer.step(closure)
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save({"model": pair.model, "optimizer": pair.optimizer}, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    else:
+        loaded = copy.deepcopy({"model": pair.model, "optimizer": pair.optimizer})
+    model, optimizer = loaded["model"], loaded["optimizer"]
+    assert type(optimizer) is type(pair.optimizer) and type(optimizer) is not torch.optim.Adam
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert [p is q for p, q in zip(optimizer.param_groups[0]["params"], model.parameters(), strict=True)] == [True] * 4
+    for _ in range(2):
+        for m, o in ((pair.eager_model, pair.eager), (model, optimizer)):
+            o.zero_grad()
+            m(pair.data).square().mean().backward()
+            o.step()
+    for p, q in zip(pair.eager_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p)
+    torch.testing.assert_close(optimizer.state_dict()["state"], pair.eager.state_dict()["state"])
+    assert paths(optimizer)[-1] == "bucketed"
 
 
 def test_a_step_that_uses_its_closure_later_runs_uncompiled_and_says_so() -> None:

@@ -278,41 +278,6 @@ def placeholder_source(node: torch.fx.Node) -> str | None:
     return source_name(grapharg.source)
 
 
-GraphBreakTally = dict[tuple[str, str], int]
-"""How often Dynamo has met each graph break (or unsupported construct) in this process, by (counter, message)."""
-
-# Dynamo's counters by message (torch/_dynamo/utils.py, ``counters``): ``Unsupported.add_to_stats`` counts every
-# unsupported construct under "unimplemented", and a graph break again under "graph_break" (torch/_dynamo/exc.py,
-# symbolic_convert.py; torch 2.11 and 2.13).
-_GRAPH_BREAK_COUNTERS = ("unimplemented", "graph_break")
-# ``torch._dynamo.graph_break()``: torch.optim puts one in ``_use_grad`` on purpose (pytorch#104053), around every
-# step; never the reason a step was not handed over.
-_DELIBERATE_GRAPH_BREAK = "Call to `torch._dynamo.graph_break()`"
-
-
-def graph_break_tally() -> GraphBreakTally:
-    """A copy of Dynamo's process-wide graph-break counts now (read only), for :func:`graph_breaks_since`."""
-    from torch._dynamo.utils import counters
-
-    return {(kind, message): count for kind in _GRAPH_BREAK_COUNTERS
-            for message, count in counters.get(kind, {}).items()}
-
-
-def graph_breaks_since(before: GraphBreakTally) -> list[str]:
-    """The first line of each graph break Dynamo met since ``before`` was taken (distinct, in the order Dynamo
-    counted them), leaving out deliberate ``torch._dynamo.graph_break()`` calls: e.g. "Unsupported Tensor.item() call
-    with capture_scalar_outputs=False" (Adafactor's ``step_t.item()``, torch 2.13)."""
-    lines: dict[str, None] = {}
-    for key, count in graph_break_tally().items():
-        if count <= before.get(key, 0):
-            continue
-        message = key[1].strip()
-        first = message.splitlines()[0].strip() if message else ""
-        if first and not first.startswith(_DELIBERATE_GRAPH_BREAK):
-            lines[first] = None
-    return list(lines)
-
-
 def storage_holders(tensor: torch.Tensor) -> int:
     """How many tensors hold ``tensor``'s storage: ``tensor`` itself, and each view or alias of it (``p.detach()``,
     ``p[:]``, the bucket ZeroRedundancyOptimizer(parameters_as_bucket_view=True) views each param of). Read from the
@@ -332,6 +297,14 @@ from optcapture._compat.distributed import (  # noqa: E402
     fsdp_sharded_params,
     grads_shaped_like_their_params,
     local_tensor,
+)
+from optcapture._compat.graph_breaks import (  # noqa: E402
+    GraphBreakTally,
+    Resumption,
+    graph_break_ending,
+    graph_break_tally,
+    graph_breaks_since,
+    resumed_after_graph_break,
 )
 from optcapture._compat.guards import drop_guards, identity_first_guards  # noqa: E402
 from optcapture._compat.inductor import (  # noqa: E402
@@ -360,6 +333,12 @@ __all__ = [  # the re-exports (the Dynamo helpers above are this module's own)
     "fsdp_sharded_params",
     "grads_shaped_like_their_params",
     "local_tensor",
+    "GraphBreakTally",
+    "Resumption",
+    "graph_break_ending",
+    "graph_break_tally",
+    "graph_breaks_since",
+    "resumed_after_graph_break",
     "drop_guards",
     "identity_first_guards",
     "KernelInputs",
