@@ -81,7 +81,8 @@ LEGEND = {
     "iteration": "iteration ms: median over blocks of a whole training iteration (forward, backward, tail, "
                  "scheduler); tail host ms: host time from after `backward()` to the tail's return (clip, step, "
                  "zero_grad; no synchronize); matches eager: |params - eager's| / |eager's params - initial| "
-                 "(rel) and the largest element's difference (max) after the same iterations on the same batches.",
+                 "(rel) and the largest element's difference (max) after the first 4 iterations (the warm-up, on the "
+                 "same batches in every method).",
 }
 
 
