@@ -77,6 +77,10 @@ class StepGraph:
     graph_break: str | None = None
     """The graph break this graph of the step's own frame ends at (its first line), where Dynamo compiles the rest of
     the step as a function of its own; None when the graph ends with the frame."""
+    called_by: weakref.ref[torch.optim.Optimizer] | None = None
+    """With no optimizer in reach of the frame: the optimizer whose ``step()`` runs below it on the Python stack
+    (Dynamo gave the step's own frame up and compiles a function it calls, as timm's NAdamW's update function on the
+    CPU), which its report goes to."""
 
     @property
     def update(self) -> UpdateKind | None:
@@ -89,6 +93,12 @@ class StepGraph:
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         return self.optimizer_ref() if self.optimizer_ref is not None else None
+
+    @property
+    def reported_to(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose reports this graph's report joins: its own, or the one whose step called its frame."""
+        ref = self.optimizer_ref or self.called_by
+        return ref() if ref is not None else None
 
     @property
     def hypers_read(self) -> set[tuple[int, str]]:
@@ -224,12 +234,20 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
               if any(id(p) in tensor_ids or (p.grad is not None and id(p.grad) in tensor_ids)
                      for g in opt.param_groups for p in g["params"])]
     optimizer = owners[0] if len(owners) == 1 else None
+    called_by = None
     if optimizer is None and not candidates and tracer is not None:
         # E.g. SGD stepped first with every grad None: Dynamo gives up on the step's frame and compiles
         # ``_single_tensor_sgd`` on its own, with params and buffers as plain arguments.
-        blockers.append(f"no optimizer is in reach of the compiled frame {tracer.f_code.co_name!r} (Dynamo "
-                        "compiled a function called by the step on its own, or the function updates params "
-                        "without an optimizer)")
+        stepping = reach.optimizer_stepping_below(tracer)
+        if stepping is None:
+            blockers.append(f"no optimizer is in reach of the compiled frame {tracer.f_code.co_name!r} (Dynamo "
+                            "compiled a function called by the step on its own, or the function updates params "
+                            "without an optimizer)")
+        else:
+            called_by = weakref.ref(stepping)
+            blockers.append(f"Dynamo compiled {tracer.f_code.co_name!r}, which the step of {type(stepping).__name__} "
+                            "calls, as a frame of its own: it gave the step's own frame up (a graph break there; "
+                            "TORCH_LOGS=graph_breaks says why), so no graph holds the whole step")
     elif optimizer is None:
         blockers.append("the graph does not belong to exactly one optimizer"
                         + (f" (found {len(owners)})" if owners else ""))
@@ -332,7 +350,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                      buckets, report, blockers,
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
                      is_optimizer_graph, _floats_of_groups(optimizer), lazy_state,
-                     _compat.graph_break_ending(tracer) if frame_is_step else None)
+                     _compat.graph_break_ending(tracer) if frame_is_step else None, called_by)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

@@ -120,17 +120,18 @@ def record(step: StepGraph, path: Path, reasons: list[str], runs: int = 0, tenso
     replay.count_path(path)
     timing = progress.current()
     timings = timing.timings()
+    owner = step.reported_to
     report = CaptureReport(
-        optimizer=type(step.optimizer).__name__ if step.optimizer is not None else "unknown",
+        optimizer=type(owner).__name__ if owner is not None else "unknown",
         path=path, reasons=tuple(reasons), roles=tuple(step.roles),
         buckets=tuple(f"group {b.key.group} {b.key.device} {b.key.dtype}: {len(b.members)} tensors, {b.numel} elements"
                       for b in step.buckets),
         runs=runs, tensor_hyperparameters=tensor_hypers, kernels=kernels or 0,
         seconds=timings["seconds"] if seconds is None else seconds, grads=grads,
         dynamo_seconds=timings["dynamo_seconds"], stages=timings["stages"], batches=batches)
-    if step.optimizer is not None:
+    if owner is not None:
         timing.owner = report.optimizer
-        _reports.setdefault(step.optimizer, []).append(report)
+        _reports.setdefault(owner, []).append(report)
     return report
 
 

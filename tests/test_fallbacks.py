@@ -851,3 +851,37 @@ def test_params_refused_for_one_reason_are_named_in_one_line() -> None:
     assert len(shared) == 1 and shared[0].count("shares its storage") == 1, shared
     assert "params 0-5 of group 0 (each) shares its storage" in shared[0], shared
     assert kept  # still held
+
+
+def _sgd_update(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.add_(g, alpha=-lr)
+
+
+class _GivenUpStepSGD(torch.optim.Optimizer):
+    """A step whose frame Dynamo gives up (a graph break inside a loop), so the module-level update function it
+    calls is compiled as a frame of its own, reaching no optimizer: timm's NAdamW on the CPU."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.abs().sum().item() > 1e30:  # a host read in a loop
+                    raise FloatingPointError("grad overflow")
+            _sgd_update(params, [p.grad for p in params], group["lr"])
+
+
+def test_a_function_the_step_calls_compiled_on_its_own_is_reported_to_the_optimizer_whose_step_called_it() -> None:
+    pair = make_pair(_GivenUpStepSGD)
+    messages = _warnings_of(lambda: [step_both(pair, seed) for seed in range(3)])
+    assert_matches_eager(pair)
+    reports = optcapture.explain(pair.optimizer)
+    assert reports and {report.path for report in reports} == {"per-tensor"}, reports
+    assert all(report.optimizer == "_GivenUpStepSGD" for report in reports), reports
+    said = "Dynamo compiled '_sgd_update', which the step of _GivenUpStepSGD calls, as a frame of its own"
+    assert said in str(reports[0]), reports[0]
+    assert any(said in m and "step of _GivenUpStepSGD is not bucketed" in m for m in messages), messages
