@@ -7,6 +7,7 @@ touches an optimizer, its tensors or the graph.
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -86,7 +87,7 @@ def optimizer_stepping_below(tracer: Any) -> torch.optim.Optimizer | None:
     None: when Dynamo gives a step's frame up (a graph break it cannot resume from), the step runs as Python and the
     functions it calls are compiled as frames of their own, which reach no optimizer. Read at compile time only."""
     code = getattr(tracer, "f_code", None)
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     # Skip optcapture's and Dynamo's frames up to the compiled frame's caller: the frame being compiled is not yet
     # on the Python stack, so its caller is the first frame of user code met.
     while frame is not None:
