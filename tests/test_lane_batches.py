@@ -343,7 +343,10 @@ def test_a_global_grad_norm_is_batched_and_matches_eager(make: Callable[..., tor
 
 def test_global_norm_kernels_follow_the_shapes_not_the_tensor_count() -> None:
     kernels = []
-    for copies in (2, 6):
+    # 8 and 16 per-param norms stacked into the global norm: Inductor fuses a stack of fewer than 8 scalars into its
+    # consumer (torch._inductor.config.max_pointwise_cat_inputs) and copies a longer one by a kernel of its own, so
+    # 2 and 3 copies generate 25 kernels and 4 and more 26 (torch 2.13, CPU): one kernel, not one per tensor.
+    for copies in (4, 8):
         optcapture.reset()
         torch._dynamo.reset()
         pair = make_pair(lambda p: GlobalClipLamb(p), model=_model([(6, 4), (4,)] * copies))
