@@ -238,7 +238,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     if optimizer is None and not candidates and tracer is not None:
         # E.g. SGD stepped first with every grad None: Dynamo gives up on the step's frame and compiles
         # ``_single_tensor_sgd`` on its own, with params and buffers as plain arguments.
-        stepping = reach.optimizer_stepping_below(tracer)
+        stepping = reach.optimizer_stepping_below()
         if stepping is None:
             blockers.append(f"no optimizer is in reach of the compiled frame {tracer.f_code.co_name!r} (Dynamo "
                             "compiled a function called by the step on its own, or the function updates params "
@@ -251,7 +251,6 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     elif optimizer is None:
         blockers.append("the graph does not belong to exactly one optimizer"
                         + (f" (found {len(owners)})" if owners else ""))
-    resumed = _compat.resumed_after_graph_break(tracer) if tracer is not None else None
     frame_is_step = bool(optimizer is not None and tracer is not None
                          and tracer.f_code in reach.step_codes(optimizer)
                          and optimizer in reach.candidate_optimizers(local_values.values()))
@@ -267,7 +266,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             # Bucketing it would run the subclass's whole step in the shadow, on top of the subclass's own frames.
             blockers.append(f"the compiled frame is {inherited.__name__}.step, called by the step that "
                             f"{type(optimizer).__name__} overrides (a subclass that overrides step() runs per tensor)")
-        elif resumed is not None:
+        elif (resumed := _compat.resumed_after_graph_break(tracer)) is not None:
             blockers.append(f"the step has a graph break: this graph is the part of {resumed.function}() after line "
                             f"{resumed.line}, which Dynamo compiles as a function of its own, and each part runs "
                             "per tensor (TORCH_LOGS=graph_breaks says why Dynamo broke the graph there)")

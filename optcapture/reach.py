@@ -82,18 +82,16 @@ def codes_of(fn: Any) -> set[Any]:
     return codes
 
 
-def optimizer_stepping_below(tracer: Any) -> torch.optim.Optimizer | None:
-    """The optimizer whose ``step()`` is running in a Python frame below the frame being compiled (``tracer``'s), or
-    None: when Dynamo gives a step's frame up (a graph break it cannot resume from), the step runs as Python and the
-    functions it calls are compiled as frames of their own, which reach no optimizer. Read at compile time only."""
-    code = getattr(tracer, "f_code", None)
+def optimizer_stepping_below() -> torch.optim.Optimizer | None:
+    """The optimizer whose ``step()`` is running in a Python frame below the frame being compiled, or None: when
+    Dynamo gives a step's frame up (a graph break it cannot resume from), the step runs as Python and the functions
+    it calls are compiled as frames of their own, which reach no optimizer. Read at compile time only: the frame
+    being compiled is not on the Python stack yet, so the walk meets optcapture's and Dynamo's frames, then its
+    callers."""
     frame: types.FrameType | None = sys._getframe(1)
-    # Skip optcapture's and Dynamo's frames up to the compiled frame's caller: the frame being compiled is not yet
-    # on the Python stack, so its caller is the first frame of user code met.
     while frame is not None:
-        if frame.f_code is not code:
-            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-            if isinstance(owner, torch.optim.Optimizer) and frame.f_code in step_codes(owner):
-                return owner
+        owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+        if isinstance(owner, torch.optim.Optimizer) and frame.f_code in step_codes(owner):
+            return owner
         frame = frame.f_back
     return None

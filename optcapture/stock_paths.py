@@ -34,7 +34,9 @@ _STATE_STAYS_EMPTY = ("a param still has no state after the optimizer's first st
 
 def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
               config: CaptureConfig) -> Callable[..., Any]:
-    owner = type(step.reported_to).__name__ if step.reported_to is not None else "a function"
+    reported_to = step.reported_to
+    owner = type(reported_to).__name__ if reported_to is not None else "a function"
+    del reported_to
     # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
     # state it creates changes the guards and the next call is captured, unless another reason stands in
     # the way, which is said now. Once only: a compile that finds a param without state again (pytorch_optimizer's

@@ -36,13 +36,18 @@ def graph_breaks_since(before: GraphBreakTally) -> list[str]:
     with capture_scalar_outputs=False" (Adafactor's ``step_t.item()``, torch 2.13)."""
     lines: dict[str, None] = {}
     for key, count in graph_break_tally().items():
-        if count <= before.get(key, 0):
-            continue
-        message = key[1].strip()
-        first = message.splitlines()[0].strip() if message else ""
-        if first and not first.startswith(_DELIBERATE_GRAPH_BREAK):
+        first = _first_line_unless_deliberate(key[1]) if count > before.get(key, 0) else None
+        if first:
             lines[first] = None
     return list(lines)
+
+
+def _first_line_unless_deliberate(message: str) -> str | None:
+    """A graph break's message as optcapture names it: its first line; None for an empty one or a deliberate
+    ``torch._dynamo.graph_break()``."""
+    text = message.strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return None if not first or first.startswith(_DELIBERATE_GRAPH_BREAK) else first
 
 
 def graph_break_ending(tracer: Any) -> str | None:
@@ -53,9 +58,8 @@ def graph_break_ending(tracer: Any) -> str | None:
     reason = getattr(getattr(tracer, "output", None), "compile_subgraph_reason", None)
     if reason is None or not getattr(reason, "graph_break", False):
         return None
-    text = str(getattr(reason, "reason", "")).strip()
-    first = text.splitlines()[0].strip() if text else "a graph break"
-    return None if first.startswith(_DELIBERATE_GRAPH_BREAK) else first
+    text = str(getattr(reason, "reason", "")).strip() or "a graph break"
+    return _first_line_unless_deliberate(text)
 
 
 # The function Dynamo makes to resume a frame after a graph break: ``torch_dynamo_resume_in_<name>_at_<line>``
@@ -69,7 +73,6 @@ class Resumption:
 
     function: str
     line: int
-    file: str
 
 
 def resumed_after_graph_break(tracer: Any) -> Resumption | None:
@@ -79,4 +82,4 @@ def resumed_after_graph_break(tracer: Any) -> Resumption | None:
     match = _RESUME_NAME.match(getattr(code, "co_name", ""))
     if match is None:
         return None
-    return Resumption(match.group("function"), int(match.group("line")), getattr(code, "co_filename", "?"))
+    return Resumption(match.group("function"), int(match.group("line")))

@@ -177,13 +177,14 @@ def compare_training(name: str, preset: TrainingPreset, method_names: Sequence[s
     return results
 
 
-def _result(name: str, contender: TrainingContender, final: list[torch.Tensor] | None,
+def _result(name: str, contender: TrainingContender, early: list[torch.Tensor] | None,
             reference: list[torch.Tensor] | None, initial: list[torch.Tensor]) -> Result:
+    """``early``: the contender's params after :data:`PARITY_ITERATIONS`; ``reference``: eager's."""
     timings = contender.timings
     max_diff = relative = None
-    if final is not None and reference is not None and contender.name != "eager":
-        max_diff = max(float((a - b).abs().max()) for a, b in zip(final, reference, strict=True))
-        apart = sum(float((a - b).double().pow(2).sum()) for a, b in zip(final, reference, strict=True)) ** 0.5
+    if early is not None and reference is not None and contender.name != "eager":
+        max_diff = max(float((a - b).abs().max()) for a, b in zip(early, reference, strict=True))
+        apart = sum(float((a - b).double().pow(2).sum()) for a, b in zip(early, reference, strict=True)) ** 0.5
         moved = sum(float((a - b).double().pow(2).sum()) for a, b in zip(reference, initial, strict=True)) ** 0.5
         relative = apart / moved if moved > 0 else float("inf")
     path, details = ("", "")
