@@ -179,8 +179,41 @@ class ReportHandle:
 
 
 def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
-    """Every capture of ``optimizer``'s step so far, oldest first (empty if none)."""
-    return list(_reports.get(optimizer, []))
+    """Every capture of ``optimizer``'s step so far, oldest first. Empty if none: printed, the empty list says why
+    there is none (never stepped since captured, not compiled with this backend, a wrapper whose inner optimizer
+    has the reports)."""
+    return _Reports(_reports.get(optimizer, []), optimizer)
+
+
+class _Reports(list[CaptureReport]):
+    """:func:`explain`'s list: printed, its reports' descriptions; printed empty, why there is no report (not a bare
+    ``[]``)."""
+
+    def __init__(self, reports: list[CaptureReport], optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(reports)
+        self.why_empty = "" if reports else _why_no_report(optimizer)
+
+    def __repr__(self) -> str:
+        return super().__repr__() if self or not self.why_empty else f"[] (no report: {self.why_empty})"
+
+    def __str__(self) -> str:
+        """``print(explain(opt))``: each report as its description, oldest first."""
+        return "\n".join(report.describe() for report in self) if self else repr(self)
+
+
+def _why_no_report(optimizer: object) -> str:
+    name = type(optimizer).__name__
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return f"explain() takes the optimizer whose step was compiled, not a {name}"
+    inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer steps its local optimizer
+    if isinstance(inner, torch.optim.Optimizer) and _reports.get(inner):
+        return f"this {name} steps its inner optimizer, which has the reports: explain(opt.optim)"
+    since = "since it was captured (or since optcapture.reset())"
+    if hasattr(type(optimizer), "_optcapture_base"):
+        return f"this {name} is captured with optcapture.capture() but has not stepped {since}"
+    return (f"no step of this {name} was compiled with backend='optcapture' and run, since the process began (or "
+            "since optcapture.reset()): run torch.compile(opt.step, backend='optcapture') once, or "
+            "optcapture.capture(opt) and opt.step(); a step compiled with another backend reports nothing here")
 
 
 def stats() -> Stats:

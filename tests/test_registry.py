@@ -33,6 +33,25 @@ def test_explain_describes_each_capture() -> None:
     assert len(optcapture.explain(pair.optimizer)) == 1  # type: ignore[attr-defined]
 
 
+def test_explain_printed_reads_as_the_descriptions_and_says_why_it_is_empty() -> None:
+    pair = _captured_pair()
+    reports = optcapture.explain(pair.optimizer)  # type: ignore[attr-defined]
+    assert str(reports) == reports[0].describe()  # print(explain(opt)): the descriptions, not dataclass reprs
+    never = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert optcapture.explain(never) == []
+    assert "no step of this SGD was compiled with backend='optcapture'" in str(optcapture.explain(never))
+    optcapture.capture(never)
+    assert "this SGD is captured with optcapture.capture() but has not stepped" in repr(optcapture.explain(never))
+
+    class Wrapper(torch.optim.Optimizer):  # steps an inner optimizer, as ZeroRedundancyOptimizer does (.optim)
+        def __init__(self, inner: torch.optim.Optimizer) -> None:
+            super().__init__([torch.zeros(1)], {})
+            self.optim = inner
+
+    assert "explain(opt.optim)" in str(optcapture.explain(Wrapper(pair.optimizer)))  # type: ignore[attr-defined]
+    assert "not a Linear" in str(optcapture.explain(torch.nn.Linear(2, 2)))  # type: ignore[arg-type]
+
+
 def test_stats_count_steps_and_reset_clears_everything() -> None:
     pair = _captured_pair()
     stats = optcapture.stats()
