@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+import optcapture
 from optcapture.bench import methods
 from optcapture.bench.blocks import Timings, run_blocks, warm_up
 from optcapture.bench.gpt import GPT, param_groups
@@ -164,7 +165,13 @@ def compare_training(name: str, preset: TrainingPreset, method_names: Sequence[s
                 continue
             say(f"  {name}: {method} built, first iteration {built.timings.first_call_s:.1f} s")
             contenders.append(built)
+        replays_before = _address_graph_calls()
         run_blocks(contenders, [c.timings for c in contenders], device, blocks, steps)
+        replays, staged, misses = (after - before for after, before in
+                                   zip(_address_graph_calls(), replays_before, strict=True))
+        if replays or misses:  # the graphs beside the step (the tail's clip) replayed as CUDA graphs, or not
+            say(f"  {name}: graphs beside the step, timed calls: {replays} replayed a CUDA graph ({staged} of them "
+                f"over copies of moved grads), {misses} ran unrecorded")
     early = {c.name: c.early for c in contenders if c.early is not None}
     results = [_result(name, c, early.get(c.name), early.get("eager"), initial) for c in contenders]
     drift = next((r.relative_diff for r in results if r.method == "fused" and r.relative_diff is not None), 0.0)
@@ -175,6 +182,11 @@ def compare_training(name: str, preset: TrainingPreset, method_names: Sequence[s
     del contenders, master
     release(device)
     return results
+
+
+def _address_graph_calls() -> tuple[int, int, int]:
+    stats = optcapture.stats()
+    return stats["address_graph_replays"], stats["address_graph_staged"], stats["address_graph_misses"]
 
 
 def _result(name: str, contender: TrainingContender, early: list[torch.Tensor] | None,

@@ -12,8 +12,15 @@ second time it is seen (addresses that never repeat cost that pass and nothing e
 out of its static buffers before they are returned, and the version counters of the inputs it writes are bumped as
 Inductor's own call bumps them.
 
+Grads that do not come back where they were (a loop that keeps each returned norm or loss moves autograd's small
+allocations at every iteration) would miss at every call. For them one more graph is recorded, against buffers of
+its own for the inputs seen to move: a call at new addresses copies those inputs in, replays it, and copies back
+the ones the graph writes (two copy launches instead of the graph's kernels one by one), while the inputs that never
+moved (params, an EMA) are read and written where they lie.
+
 Invariant: a recorded graph is replayed only on inputs at exactly the addresses it was recorded with (their shapes,
-strides and dtypes are fixed by Dynamo's guards of the frame); every other call runs the compiled graph as Inductor
+strides and dtypes are fixed by Dynamo's guards of the frame), or, staged, on inputs copied into the buffers it was
+recorded with, the others at exactly their recorded addresses; every other call runs the compiled graph as Inductor
 made it, and so does every call of a graph found unfit for recording (a random op, a host sync, an output that is
 an input or a view of one).
 """
@@ -37,6 +44,15 @@ settles on one or two address sets of its grads."""
 _SEEN_ADDRESS_SETS = 8
 _LARGEST_OUTPUTS = 64 * 2**20
 """Bytes a recorded graph may return (a norm, a found-inf flag: a few bytes); a graph returning more runs unrecorded."""
+_LARGEST_STAGED = 64 * 2**20
+"""Bytes of moving inputs a staged graph may hold copies of. Beyond it the copies' memory and device time (four
+passes over them per call) outweigh what they save: a loop with that much grad is seldom bound by kernel launches."""
+_RECORDINGS = 2 * KNOWN_ADDRESS_SETS
+"""Graphs recorded per compiled graph for exact address sets at most. A loop whose grads cycle through more sets
+than are kept would otherwise record one at nearly every call (a few ms each): past it, calls at sets not kept
+replay the staged graph."""
+_STAGED_RECORDINGS = 4
+"""Staged graphs recorded per compiled graph at most (one is kept; another is recorded when more inputs move)."""
 
 _DATA_PTR = torch.Tensor.data_ptr
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -98,6 +114,10 @@ class AddressGraphs:
         self.graphs: collections.OrderedDict[tuple[int, ...], _Recorded] = collections.OrderedDict()
         self.seen: collections.OrderedDict[tuple[int, ...], None] = collections.OrderedDict()
         self.unfit: str | None = None
+        self.stream: torch.cuda.Stream | None = None
+        self.recordings = 0
+        self.staged: _Staged | None = None
+        self.staged_recordings = 0
         self.warm = False
         self.written: list[int] = []
         """Positions, in the inputs followed by the attributes, of the tensors the graph writes, found at its first call
@@ -110,10 +130,19 @@ class AddressGraphs:
         key = tuple(map(_DATA_PTR, tensors))
         recorded = self.graphs.get(key)
         if recorded is None:
-            if not self.warm or key not in self.seen or torch.cuda.is_current_stream_capturing():
+            recordable = (self.warm and key in self.seen and self.recordings < _RECORDINGS
+                          and not torch.cuda.is_current_stream_capturing())
+            if not recordable:
+                staged = self._staged_for(key, args, tensors) if self.warm else None
+                if staged is not None:
+                    self._remember(key)
+                    return self._replay_staged(staged, args, tensors)
+                COUNTERS.address_graph_misses += 1
                 return self._run_and_remember(key, args, tensors)
+            self.recordings += 1
             recorded = self._record(args)
             if recorded is None:
+                COUNTERS.address_graph_misses += 1
                 return self.compiled(*args)
             self.graphs[key] = recorded
             if len(self.graphs) > KNOWN_ADDRESS_SETS:
@@ -138,16 +167,64 @@ class AddressGraphs:
         if before is not None:
             self.written = [i for i, t in enumerate(tensors) if t._version != before[i]]
             self.warm = True
+        self._remember(key)
+        return out
+
+    def _remember(self, key: tuple[int, ...]) -> None:
         self.seen[key] = None
+        self.seen.move_to_end(key)
         if len(self.seen) > _SEEN_ADDRESS_SETS:
             self.seen.popitem(last=False)
-        return out
+
+    def _staged_for(self, key: tuple[int, ...], args: Sequence[Any],
+                    tensors: Sequence[torch.Tensor]) -> _Staged | None:
+        """The staged graph for a call at addresses not recorded (``key``): the one kept, where the inputs that moved
+        are among its staged ones, else one recorded now; None where staging does not apply."""
+        if torch.cuda.is_current_stream_capturing() or not self.seen:
+            return None
+        staged = self.staged
+        if staged is not None and staged.fits(key):
+            return staged
+        if self.staged_recordings >= _STAGED_RECORDINGS:
+            return None
+        # The inputs that moved since the address sets seen before: grads, not params or an EMA.
+        moving = sorted({i for seen in self.seen for i, (a, b) in enumerate(zip(seen, key, strict=True)) if a != b}
+                        | (set(staged.moving) if staged is not None else set()))
+        if not moving or moving[-1] >= len(args) or not _stageable(tensors, moving):
+            return None  # nothing moved, or a tensor attribute did (not an input: it cannot be swapped for a copy)
+        self.staged_recordings += 1
+        self.staged = self._record_staged(key, args, moving)
+        return self.staged
+
+    def _record_staged(self, key: tuple[int, ...], args: Sequence[Any], moving: list[int]) -> _Staged | None:
+        buffers = [torch.empty_strided(args[i].size(), args[i].stride(), dtype=args[i].dtype, device=args[i].device)
+                   for i in moving]
+        staged_args = list(args)
+        for i, buffer in zip(moving, buffers, strict=True):
+            staged_args[i] = buffer
+        recorded = self._record(staged_args)
+        if recorded is None:
+            return None
+        log.info("%s: recorded a CUDA graph over copies of its %d moving input(s)", self.name, len(moving))
+        return _Staged(recorded, key, moving, buffers, self.written)
+
+    def _replay_staged(self, staged: _Staged, args: Sequence[Any], tensors: Sequence[torch.Tensor]) -> Any:
+        movers = [args[i] for i in staged.moving]
+        with torch.no_grad():
+            torch._foreach_copy_(staged.buffers, movers)
+            staged.recorded.graph.replay()
+            if staged.written:  # bumps their versions, as Inductor's call would
+                torch._foreach_copy_([movers[j] for j in staged.written], [staged.buffers[j] for j in staged.written])
+        if staged.written_in_place:
+            torch.autograd.graph.increment_version([tensors[i] for i in staged.written_in_place])
+        COUNTERS.address_graph_replays += 1
+        COUNTERS.address_graph_staged += 1
+        return staged.recorded.copied_outputs()
 
     def _record(self, args: Sequence[Any]) -> _Recorded | None:
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # as CUDA graph trees record
-                outputs = self.compiled(*args)
+            outputs = _captured(graph, self.compiled, args, self._side_stream())
         except Exception as error:  # noqa: BLE001 - not recordable (a host sync, a CPU copy): run as Inductor made it
             self._give_up(f"recording failed ({type(error).__name__}: {error})")
             return None
@@ -166,10 +243,70 @@ class AddressGraphs:
                  min(len(self.graphs) + 1, KNOWN_ADDRESS_SETS))
         return _Recorded(graph, outputs)
 
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream graphs are recorded on (capture is illegal on the legacy default stream)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        return self.stream
+
     def _give_up(self, why: str) -> None:
         log.info("%s: runs without a CUDA graph: %s", self.name, why)
         self.unfit = why
         self.graphs.clear()
+        self.staged = None
+
+
+def _stageable(tensors: Sequence[torch.Tensor], moving: list[int]) -> bool:
+    """Whether the inputs at ``moving`` may be swapped for copies: dense, none sharing memory with another input
+    (a write through one would not reach the other), and small enough (:data:`_LARGEST_STAGED`)."""
+    movers = [tensors[i] for i in moving]
+    if sum(t.numel() * t.element_size() for t in movers) > _LARGEST_STAGED:
+        return False
+    if not all(t.is_contiguous() for t in movers):
+        return False
+    storages = [t.untyped_storage().data_ptr() for t in tensors]
+    return all(storages.count(storages[i]) == 1 for i in moving)
+
+
+class _Staged:
+    """A graph recorded with ``buffers`` in place of its inputs at ``moving`` (positions in the inputs), the other
+    inputs and the attributes at the addresses of ``key`` there; :attr:`written`: positions in ``moving`` of the
+    inputs the graph writes, copied back after each replay."""
+
+    def __init__(self, recorded: _Recorded, key: tuple[int, ...], moving: list[int], buffers: list[torch.Tensor],
+                 written: list[int]) -> None:
+        self.recorded = recorded
+        self.moving = moving
+        self.buffers = buffers
+        staged = set(moving)
+        self.written = [j for j, i in enumerate(moving) if i in written]
+        self.written_in_place = [i for i in written if i not in staged]
+        """Positions, in the inputs and attributes, of the tensors the graph writes where they lie."""
+        self.kept = [(i, address) for i, address in enumerate(key) if i not in staged]
+
+    def fits(self, key: tuple[int, ...]) -> bool:
+        """Whether every input it does not stage lies where it did when it was recorded."""
+        return all(key[i] == address for i, address in self.kept)
+
+
+def _captured(graph: torch.cuda.CUDAGraph, compiled: Callable[..., Any], args: Sequence[Any],
+              stream: torch.cuda.Stream) -> Any:
+    """``compiled(*args)`` recorded into ``graph`` on ``stream``, not run; its outputs (in the graph's private pool).
+
+    Not ``torch.cuda.graph``: its ``__enter__`` synchronizes and empties the caching allocator, which hands the next
+    iteration's activations and grads new addresses, so that every recording made the one after it necessary (a
+    training loop's clip graph replayed in about half its calls). Nothing here runs on the device, so ordering the
+    side stream after the current one (as ``torch.cuda.graph``'s synchronize did) is all the capture needs; the
+    replay that follows runs on the current stream."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")  # as CUDA graph trees record
+        try:
+            outputs = compiled(*args)
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return outputs
 
 
 class _Recorded:

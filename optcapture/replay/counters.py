@@ -52,6 +52,12 @@ class Stats(Mapping[str, int]):
     step run per tensor), one per set of input addresses seen twice (:mod:`optcapture.replay.address_graphs`)."""
     address_graph_replays: int = 0
     """Calls of such graphs that replayed a recorded CUDA graph."""
+    address_graph_staged: int = 0
+    """Of those replays, calls at addresses not recorded whose moving inputs (grads) were copied into the buffers of
+    a graph recorded over copies of them, and the ones it writes copied back."""
+    address_graph_misses: int = 0
+    """Calls of such graphs that ran their kernels one by one, their inputs at addresses no recorded graph has (the
+    first calls, and every call once the grads move at each iteration)."""
 
     def __getitem__(self, key: str) -> int:
         if key not in self.__dataclass_fields__:

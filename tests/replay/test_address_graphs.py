@@ -4,13 +4,13 @@ recorded and replayed (with a stand-in for CUDA graphs on the CPU; the real ones
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
 import optcapture
+from optcapture.replay import address_graphs
 from optcapture.replay.address_graphs import AddressGraphs, unfit_for_recording
 
 
@@ -63,11 +63,10 @@ class _FakeGraph:
             work()
 
 
-@contextlib.contextmanager
-def _fake_recording(graph: _FakeGraph, **kwargs: object) -> Iterator[None]:
+def _fake_capture(graph: _FakeGraph, compiled: Callable[..., object], args: Sequence[object], stream: None) -> object:
     _FakeGraph.recording.append(graph)
     try:
-        yield
+        return compiled(*args)
     finally:
         _FakeGraph.recording.pop()
 
@@ -91,7 +90,8 @@ def _add_into(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def fake_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", _fake_recording)
+    monkeypatch.setattr(address_graphs, "_captured", _fake_capture)
+    monkeypatch.setattr(AddressGraphs, "_side_stream", lambda self: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
 
 
@@ -107,10 +107,65 @@ def test_an_address_set_is_recorded_when_seen_again_and_replayed_with_outputs_co
     assert (first.item(), second.item()) == (8.0, 12.0)  # each replay's output is its own copy
     assert torch.equal(y, torch.full((4,), 3.0)) and y._version == version + 1
     stats = optcapture.stats()
-    assert (stats["address_graphs_recorded"], stats["address_graph_replays"]) == (1, 2)
-    elsewhere = torch.zeros(4)
-    assert graphs(x, elsewhere).item() == 4.0 and torch.equal(y, torch.full((4,), 3.0))  # new addresses: as compiled
-    assert optcapture.stats()["address_graph_replays"] == 2
+    counts = (stats["address_graphs_recorded"], stats["address_graph_replays"], stats["address_graph_misses"])
+    assert counts == (1, 2, 1)
+
+
+@pytest.mark.usefixtures("fake_cuda_graphs")
+def test_inputs_that_move_are_copied_into_a_staged_graph_and_the_ones_it_writes_copied_back() -> None:
+    # A loop that keeps each returned norm gets its grads (y) back elsewhere at every call: one graph recorded over
+    # copies of them serves every such call; x, which stays where it is, is read in place.
+    graphs = AddressGraphs(_add_into, "test")
+    x = torch.ones(4)
+    assert graphs(x, torch.zeros(4)).item() == 4.0  # warm-up, run as compiled
+    moved = [torch.full((4,), float(i)) for i in range(3)]
+    versions = [t._version for t in moved]
+    outputs = [graphs(x, y) for y in moved]
+    assert [o.item() for o in outputs] == [4.0, 8.0, 12.0]  # each its own copy, of its own call
+    for i, y in enumerate(moved):
+        assert torch.equal(y, torch.full((4,), i + 1.0)) and y._version == versions[i] + 1  # written back, bumped
+    stats = optcapture.stats()
+    counts = {k: stats[k] for k in ("address_graphs_recorded", "address_graph_staged", "address_graph_misses")}
+    assert counts == {"address_graphs_recorded": 1, "address_graph_staged": 3, "address_graph_misses": 1}
+    graphs.staged.buffers[0].fill_(100.0)  # type: ignore[union-attr] - the next call copies its own y in
+    other_x, y = torch.full((4,), 2.0), torch.zeros(4)
+    assert graphs(other_x, y).item() == 8.0 and torch.equal(y, torch.full((4,), 2.0))  # x moved too: staged anew
+    assert graphs.staged is not None and graphs.staged.moving == [0, 1]
+    assert optcapture.stats()["address_graphs_recorded"] == 2
+
+
+@pytest.mark.usefixtures("fake_cuda_graphs")
+def test_grads_that_cycle_through_more_address_sets_than_are_kept_stop_being_recorded() -> None:
+    # Each recording costs milliseconds: a loop cycling through 6 sets of grads (more than the 4 kept) would record
+    # at nearly every call; once the recordings are spent, calls at sets not kept replay the staged graph.
+    graphs = AddressGraphs(_add_into, "test")
+    x = torch.ones(4)
+    cycle = [torch.zeros(4) for _ in range(6)]
+    for _ in range(8):
+        for y in cycle:
+            graphs(x, y)
+    for y in cycle:  # 8 calls each, each adding x (1.0)
+        assert torch.equal(y, torch.full((4,), 8.0))
+    stats = optcapture.stats()
+    recordings = address_graphs._RECORDINGS + 1  # the exact ones, and the staged one
+    assert stats["address_graphs_recorded"] == recordings, stats
+    assert stats["address_graph_replays"] == 48 - 1 and stats["address_graph_misses"] == 1, stats
+
+
+@pytest.mark.usefixtures("fake_cuda_graphs")
+@pytest.mark.parametrize("why", ["shares memory", "too large"])
+def test_inputs_that_share_memory_or_are_large_are_not_staged(why: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if why == "too large":
+        monkeypatch.setattr(address_graphs, "_LARGEST_STAGED", 8)
+    graphs = AddressGraphs(_add_into, "test")
+    x = torch.ones(4)
+    graphs(x, torch.zeros(4))
+    both = torch.zeros(2, 4)
+    if why == "shares memory":  # y is a view of the memory x lies in: a copy of y would hide the write from x
+        x = both[0].fill_(1.0)
+    assert graphs(x, both[1]).item() == 4.0 and torch.equal(both[1], torch.ones(4))  # as compiled
+    stats = optcapture.stats()
+    assert (stats["address_graph_staged"], stats["address_graph_misses"], graphs.staged) == (0, 2, None)
 
 
 @pytest.mark.usefixtures("fake_cuda_graphs")
