@@ -92,7 +92,8 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
 
 def _say_if_recompiling_every_step(step: StepGraph) -> None:
     """Dynamo compiles a step again whenever a guard fails; past its recompile limit it runs the step uncompiled,
-    calling no backend, so optcapture could not say so then: it says so at the fourth compile of one optimizer's step.
+    calling no backend, so optcapture could not say so then: it says so at the compile two before the limit (the 6th
+    of 8) of one optimizer's step.
     What often does it: an int the step counts in its param groups passed to a math function
     (``math.pow(beta, group["step"])``, pytorch_optimizer), which Dynamo specializes at every value.
 
@@ -105,9 +106,10 @@ def _say_if_recompiling_every_step(step: StepGraph) -> None:
     count, limit = compiles
     own = len(registry.explain(optimizer))  # this optimizer's earlier compiles
     name = type(optimizer).__name__
-    if own >= 3:
-        # Not "at every step": grads that come and go, a new param group or an eager step between compiled ones
-        # each compile once, rightly; only the logs tell which guard failed.
+    if own >= 3 and own + 1 >= limit - 2:
+        # Said near the limit, not before: grads that come and go, a new param group or an eager step between
+        # compiled ones each compile once, rightly (stock torch.compile compiles as often and says nothing), and
+        # only the logs tell which guard failed.
         warn_once(f"Dynamo compiled the step of {name} {own + 1} times, each time because a guard failed; after "
                   f"{limit} compiles (torch._dynamo.config.recompile_limit) the step runs uncompiled, as with any "
                   "backend. TORCH_LOGS=recompiles names each failed guard. A grad that comes or goes, a new param "

@@ -163,7 +163,7 @@ def _refused(params: Sequence[torch.Tensor], indices: Sequence[int], group: int)
             by_reason.setdefault(why, []).append(i)
     # One line per reason, naming every param it holds for (a kept model.state_dict() holds them all).
     return [f"param {members[0]} of group {group} {why}" if len(members) == 1
-            else f"params {_ranges(members)} of group {group} (each) {why}" for why, members in by_reason.items()]
+            else f"params {_ranges(members)} of group {group}: each {why}" for why, members in by_reason.items()]
 
 
 def _ranges(indices: Sequence[int]) -> str:

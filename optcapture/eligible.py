@@ -46,8 +46,12 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
         return None
     if type(p.data) is not torch.Tensor:
         return f"is a {type(p.data).__name__}, a tensor subclass, which keeps its elements elsewhere"
-    if p.layout != torch.strided or not p.is_contiguous():
-        return "is not a contiguous strided tensor"
+    if p.layout != torch.strided:
+        return f"has layout {p.layout}; only strided params are bucketed"
+    if not p.is_contiguous():
+        layout = " (channels_last)" if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) else ""
+        return (f"is not contiguous{layout}: flat storage holds each param in its own element order, so only "
+                "contiguous params are bucketed")
     if getattr(p._base, FLAT_STORAGE, False):
         return None  # a shadow's run: a slice of the flat storage optcapture made itself
     if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
@@ -57,8 +61,10 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
         # E.g. the one param of a ZeroRedundancyOptimizer(parameters_as_bucket_view=True) bucket: the bucket is a
         # view of all of the param's storage, and ZeRO broadcasts the bucket after each step.
         return ("shares its storage with another tensor (a view or alias of it that something holds, such as a kept "
-                "model.state_dict() or a bucket of ZeroRedundancyOptimizer(parameters_as_bucket_view=True)): moving it "
-                "into flat storage would cut that tensor from its updates; clone what you keep to have it bucketed")
+                "model.state_dict(), a bucket of ZeroRedundancyOptimizer(parameters_as_bucket_view=True), or an "
+                "autograd graph still alive at step(): a loss computed without torch.no_grad() and never "
+                "backwarded): moving it into flat storage would cut that tensor from its updates; clone what you "
+                "keep, or free it before the step, to have it bucketed")
     return None
 
 

@@ -352,8 +352,9 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
                     home.copy_(value)
                     value.data = home
             homes[role].append(home)
-    log.info("flat storage for group %d on %s/%s: %d tensors, %d elements, state keys %s, scalar keys %s",
-             key.group, key.device, key.dtype, len(params), total, tensor_keys, scalar_keys)
+    log.info("flat storage for group %d on %s/%s: %d tensors, %d elements (%d with each tensor's slot aligned), "
+             "state keys %s, scalar keys %s", key.group, key.device, key.dtype, len(params),
+             sum(math.prod(shape) for shape in shapes), total, tensor_keys, scalar_keys)
     return FlatGroup(key, params, indices, offsets, shapes, total, flats, scalars, homes)
 
 

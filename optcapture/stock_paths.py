@@ -21,6 +21,7 @@ from optcapture.config import CaptureConfig
 from optcapture.discovery import StepGraph, cycles_momentum
 from optcapture.errors import FloatsSpecialized, UnsupportedStepError, warn_once
 from optcapture.graph_outputs import outputs_or_error
+from optcapture.input_roles import state_of
 from optcapture.replay import address_graphs
 from optcapture.sources import is_hyper_source
 
@@ -32,6 +33,17 @@ _STATE_STAYS_EMPTY = ("a param still has no state after the optimizer's first st
                       "creates state at every step)")
 
 
+def _stateless_params_met_before(step: StepGraph, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param of ``step`` without state was a param of an earlier first step of ``optimizer`` (whose
+    state it should have made)."""
+    met = {(role.group, role.param_index) for report in registry.explain(optimizer) if report.path == "first-step"
+           for role in report.roles if role.param_index is not None}
+    groups = optimizer.param_groups
+    stateless = {(b.key.group, i) for b in step.buckets for i in b.members
+                 if not state_of(optimizer, groups[b.key.group]["params"][i])}
+    return bool(met) and stateless <= met
+
+
 def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],
               config: CaptureConfig) -> Callable[..., Any]:
     reported_to = step.reported_to
@@ -39,10 +51,11 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
     del reported_to
     # The first step of an optimizer that creates its state inside step() runs the traced graph once; the
     # state it creates changes the guards and the next call is captured, unless another reason stands in
-    # the way, which is said now. Once only: a compile that finds a param without state again (pytorch_optimizer's
-    # LoRARite) compiles per tensor, as stock torch.compile would, not as traced at every call from then on.
+    # the way, which is said now. Once per param: a compile that finds a param without state again (pytorch_optimizer's
+    # LoRARite) compiles per tensor, as stock torch.compile would, not as traced at every call from then on; a param
+    # no first step has met (a group added later, a layer unfrozen) has its own first step.
     optimizer = step.optimizer
-    if step.lazy_state and optimizer is not None and any(r.path == "first-step" for r in registry.explain(optimizer)):
+    if step.lazy_state and optimizer is not None and _stateless_params_met_before(step, optimizer):
         step = dataclasses.replace(step, lazy_state=False, blockers=[*step.blockers, _STATE_STAYS_EMPTY])
     del optimizer
     said = bool(step.blockers) or not step.lazy_state

@@ -206,3 +206,29 @@ def test_a_recompile_limit_shared_by_several_optimizers_is_said_as_such() -> Non
     messages = [str(w.message) for w in caught if "optcapture" in str(w.message)]
     assert any("for several optimizers" in m and "recompile_limit" in m for m in messages), messages
     assert not any("Dynamo compiled the step of SGD" in m for m in messages), messages
+
+
+def test_a_param_group_added_has_a_first_step_of_its_own_and_compiles_again_without_a_warning() -> None:
+    # A new group compiles the step again, and (SGD creating its momentum in its first step) once more, as stock
+    # torch.compile does, which says nothing: four compiles, three below the recompile limit, are no reason to warn.
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = torch.compile(optimizer.step, backend="optcapture")
+    extra = torch.nn.Parameter(torch.randn(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for index in range(6):
+            if index == 3:
+                optimizer.add_param_group({"params": [extra]})
+            extra.grad = torch.randn(3)
+            model(torch.randn(3, 4)).sum().backward()
+            step()
+            optimizer.zero_grad()
+    # The new group's params get their state in a first step of their own, as the first group's did: no warning
+    # that state stays empty, and bucketed after it.
+    paths_taken = [r.path for r in optcapture.explain(optimizer)]
+    assert paths_taken == ["first-step", "bucketed"] * 2, paths_taken
+    messages = [str(w.message) for w in caught]
+    assert not any("recompile_limit" in m or "no state" in m for m in messages), messages

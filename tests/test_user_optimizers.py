@@ -67,12 +67,13 @@ def test_string_key_in_optimizer_state_does_not_crash() -> None:
 
 def test_a_step_dynamo_recompiles_at_every_step_is_said_and_stays_exact() -> None:
     # math.pow(beta, group["step"]): Dynamo specializes the count, so every step compiles again (with any backend)
-    # until Dynamo's recompile limit, after which it runs uncompiled without calling the backend: said at the 3rd.
+    # until Dynamo's recompile limit, after which it runs uncompiled without calling the backend: said two compiles
+    # before the limit (8).
     from user_optimizers import MathPowAdam
 
     pair = make_pair(lambda p: MathPowAdam(p))
-    with pytest.warns(RuntimeWarning, match=r"Dynamo compiled the step of MathPowAdam 4 times.*recompile_limit"):
-        for seed in range(5):
+    with pytest.warns(RuntimeWarning, match=r"Dynamo compiled the step of MathPowAdam 6 times.*recompile_limit"):
+        for seed in range(7):
             step_both(pair, seed)
             assert_matches_eager(pair)
 

@@ -27,15 +27,18 @@ class Stats(Mapping[str, int]):
     module (:func:`count_graph`, :func:`count_path` and the running captures)."""
 
     captures: int = 0
-    """Graphs of optimizer steps handed to optcapture by Dynamo."""
+    """Graphs of optimizer steps handed to optcapture by Dynamo. The four counts below count reports
+    (:func:`optcapture.explain`), not graphs: a capture rebuilt during a step (``rebuilds``) reports again without
+    a graph, and a graph that reaches no optimizer reports to none, so they need not add up to this."""
     bucketed: int = 0
-    """Of those, captured as bucketed steps."""
+    """Reports of bucketed steps: graphs captured so, and captures rebuilt so."""
     per_tensor: int = 0
-    """Of those, compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
+    """Reports of steps compiled as Inductor's per-tensor graph (not bucketed, said once with the reason)."""
     eager: int = 0
-    """Of those, run uncompiled (a fallback, said once with the reason), plus captures that gave up later."""
+    """Reports of steps run uncompiled (a fallback, said once with the reason), captures that gave up later
+    included."""
     first_steps: int = 0
-    """Of those, first steps that create the optimizer's state, run as traced once (no fallback)."""
+    """Reports of first steps that create the optimizer's state, run as traced once (no fallback)."""
     uncompiled: int = 0
     """Optimizers captured with :func:`optcapture.capture` whose step Dynamo ran without handing optcapture any graph
     of it (not counted in ``captures``): their own step ran as plain Python, said once with the reason."""
@@ -46,7 +49,11 @@ class Stats(Mapping[str, int]):
     grad_tables_written: int = 0
     """Grad address tables rewritten on the device because a grad moved (CUDA, grads read in place)."""
     rebuilds: int = 0
-    """Captures rebuilt because their storage was replaced (``load_state_dict``, ``p.data = ...``)."""
+    """Captures rebuilt during a step, without a compile, because a tensor they hold was replaced where Dynamo's
+    guards do not look (``p.data = ...``; the state of a user optimizer whose tensors Dynamo guards by shape only,
+    after ``load_state_dict``), or because another capture of the same optimizer laid its flat storage out anew
+    (state made for a param that had none, its grad come back). A ``torch.optim`` optimizer's ``load_state_dict``
+    makes Dynamo compile the step again instead: a new capture."""
     address_graphs_recorded: int = 0
     """CUDA graphs recorded of compiled graphs that are no bucketed step (a loop tail's ``clip_grad_norm_``, an EMA; a
     step run per tensor), one per set of input addresses seen twice (:mod:`optcapture.replay.address_graphs`)."""
