@@ -56,7 +56,8 @@ class Stats(Mapping[str, int]):
     makes Dynamo compile the step again instead: a new capture."""
     address_graphs_recorded: int = 0
     """CUDA graphs recorded of compiled graphs that are no bucketed step (a loop tail's ``clip_grad_norm_``, an EMA; a
-    step run per tensor), one per set of input addresses seen twice (:mod:`optcapture.replay.address_graphs`)."""
+    step run per tensor), one per set of input addresses seen twice (at most 8 per graph), and one over copies of the
+    inputs seen to move (:mod:`optcapture.replay.address_graphs`)."""
     address_graph_replays: int = 0
     """Calls of such graphs that replayed a recorded CUDA graph."""
     address_graph_staged: int = 0
