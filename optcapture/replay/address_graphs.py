@@ -214,7 +214,7 @@ class AddressGraphs:
             torch._foreach_copy_(staged.buffers, movers)
             staged.recorded.graph.replay()
             if staged.written:  # bumps their versions, as Inductor's call would
-                torch._foreach_copy_([movers[j] for j in staged.written], [staged.buffers[j] for j in staged.written])
+                torch._foreach_copy_([movers[j] for j in staged.written], staged.written_buffers)
         if staged.written_in_place:
             torch.autograd.graph.increment_version([tensors[i] for i in staged.written_in_place])
         COUNTERS.address_graph_replays += 1
@@ -264,8 +264,8 @@ def _stageable(tensors: Sequence[torch.Tensor], moving: list[int]) -> bool:
         return False
     if not all(t.is_contiguous() for t in movers):
         return False
-    storages = [t.untyped_storage().data_ptr() for t in tensors]
-    return all(storages.count(storages[i]) == 1 for i in moving)
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors)
+    return all(storages[t.untyped_storage().data_ptr()] == 1 for t in movers)
 
 
 class _Staged:
@@ -280,6 +280,7 @@ class _Staged:
         self.buffers = buffers
         staged = set(moving)
         self.written = [j for j, i in enumerate(moving) if i in written]
+        self.written_buffers = [buffers[j] for j in self.written]
         self.written_in_place = [i for i in written if i not in staged]
         """Positions, in the inputs and attributes, of the tensors the graph writes where they lie."""
         self.kept = [(i, address) for i, address in enumerate(key) if i not in staged]
