@@ -104,7 +104,7 @@ def _say_if_recompiling_every_step(step: StepGraph) -> None:
     if compiles is None or optimizer is None:
         return
     count, limit = compiles
-    own = len(registry.explain(optimizer))  # this optimizer's earlier compiles
+    own = len(registry.reports_of(optimizer))  # this optimizer's earlier compiles
     name = type(optimizer).__name__
     if own >= 3 and own + 1 >= limit - 2:
         # Said near the limit, not before: grads that come and go, a new param group or an eager step between

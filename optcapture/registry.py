@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -21,7 +22,7 @@ from optcapture.progress import Stage
 from optcapture.replay import COUNTERS, Path, Stats
 
 __all__ = ["CaptureReport", "GradsPath", "Path", "ReportHandle", "amend", "explain", "prepared_for", "record",
-           "record_uncompiled", "reset", "stats"]
+           "record_uncompiled", "reports_of", "reset", "stats"]
 
 GradsPath = Literal["in place", "copied", ""]
 """How a bucketed capture reads grads: through a grad table ("in place") or from flat storage it copies them
@@ -183,6 +184,12 @@ def explain(optimizer: torch.optim.Optimizer) -> list[CaptureReport]:
     there is none (never stepped since captured, not compiled with this backend, a wrapper whose inner optimizer
     has the reports)."""
     return _Reports(_reports.get(optimizer, []), optimizer)
+
+
+def reports_of(optimizer: torch.optim.Optimizer) -> Sequence[CaptureReport]:
+    """The reports of ``optimizer``'s step as kept (read only, no copy, no explanation of an empty one): what
+    optcapture's own code reads at every step of a captured optimizer, where :func:`explain`'s copy is not needed."""
+    return _reports.get(optimizer, ())
 
 
 class _Reports(list[CaptureReport]):

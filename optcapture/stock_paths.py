@@ -35,13 +35,16 @@ _STATE_STAYS_EMPTY = ("a param still has no state after the optimizer's first st
 
 def _stateless_params_met_before(step: StepGraph, optimizer: torch.optim.Optimizer) -> bool:
     """Whether every param of ``step`` without state was a param of an earlier first step of ``optimizer`` (whose
-    state it should have made)."""
-    met = {(role.group, role.param_index) for report in registry.explain(optimizer) if report.path == "first-step"
-           for role in report.roles if role.param_index is not None}
+    state it should have made); True after a first step whose report names no param (nothing tells them apart)."""
+    first_steps = [report for report in registry.reports_of(optimizer) if report.path == "first-step"]
+    if not first_steps:
+        return False
+    met = {(role.group, role.param_index) for report in first_steps for role in report.roles
+           if role.param_index is not None}
     groups = optimizer.param_groups
     stateless = {(b.key.group, i) for b in step.buckets for i in b.members
                  if not state_of(optimizer, groups[b.key.group]["params"][i])}
-    return bool(met) and stateless <= met
+    return not met or stateless <= met
 
 
 def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any],

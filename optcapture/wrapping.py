@@ -22,7 +22,7 @@ import logging
 import sys
 import textwrap
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -136,7 +136,7 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
         if config.fallback == "raise":
             _refuse_known_uncompiled(self, base)
         if closure is None:
-            reports = registry.explain(self)
+            reports = registry.reports_of(self)
             watch = _watch(self, reports)
             with _grads_for_a_trace(self, reports):
                 result = compiled(self)
@@ -148,7 +148,7 @@ def _captured_class(base: type, config: CaptureConfig) -> type:
             return base_step(self, closure)
         with torch.enable_grad():
             loss = closure()
-        reports = registry.explain(self)
+        reports = registry.reports_of(self)
         watch = _watch(self, reports)  # after the closure, which may compile a forward with this backend
         with _grads_for_a_trace(self, reports):
             compiled(self)
@@ -178,7 +178,7 @@ def _restore_captured(base: type, config: CaptureConfig) -> torch.optim.Optimize
 
 
 def _grads_for_a_trace(optimizer: torch.optim.Optimizer,
-                       reports: list[registry.CaptureReport]) -> contextlib.AbstractContextManager[int]:
+                       reports: Sequence[registry.CaptureReport]) -> contextlib.AbstractContextManager[int]:
     """Until the step is captured (``reports``: none yet but its first step's; Dynamo traces it at one of these calls),
     its grads that are views stand in with their params' view structure
     (:func:`optcapture._compat.grads_shaped_like_their_params`: FSDP2's and DDP's bucket views would otherwise be
@@ -211,7 +211,7 @@ def _refuse_known_uncompiled(optimizer: torch.optim.Optimizer, base: type) -> No
     ``fused=True`` group (also one added after :func:`capture`), or a step already reported ``uncompiled``."""
     reason = _fused_reason(optimizer)
     if reason is None:
-        reports = registry.explain(optimizer)
+        reports = registry.reports_of(optimizer)
         if not reports or reports[-1].path != "uncompiled":
             return
         reason = reports[-1].reasons[0]
@@ -226,7 +226,7 @@ class _Watch:
     graph_breaks: _compat.GraphBreakTally
 
 
-def _watch(optimizer: torch.optim.Optimizer, reports: list[registry.CaptureReport]) -> _Watch | None:
+def _watch(optimizer: torch.optim.Optimizer, reports: Sequence[registry.CaptureReport]) -> _Watch | None:
     """None once the step was reported (``reports``: captured, or ``uncompiled``) or steps a captured optimizer:
     nothing to watch, so a steady step reads no Dynamo counters."""
     if reports or optimizer in _steps_a_captured_optimizer:
@@ -245,7 +245,7 @@ def _report_if_never_seen(optimizer: torch.optim.Optimizer, base: type, watch: _
     Not said of a wrapper whose step steps another optimizer that optcapture captured during the call (Accelerate's
     ``AcceleratedOptimizer`` captured after ``prepare``): Dynamo compiles the inner step's frame after the wrapper's
     graph break, so the step that matters is compiled."""
-    if watch is None or registry.explain(optimizer):
+    if watch is None or registry.reports_of(optimizer):
         return
     if COUNTERS.captures > watch.captures:
         _steps_a_captured_optimizer.add(optimizer)
