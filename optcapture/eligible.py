@@ -1,5 +1,6 @@
-"""Which params flat storage can hold: a plain, contiguous, real floating tensor that owns all of its storage and
-shares it with no other tensor, or a DTensor whose local shard is one (:mod:`optcapture.dtensors`).
+"""Which params flat storage can hold: a plain, dense (contiguous, channels_last), real floating tensor that owns
+all of its storage and shares it with no other tensor, or a DTensor whose local shard is one
+(:mod:`optcapture.dtensors`).
 
 Invariant: a param this module calls bucketable can be re-pointed at a slot of a flat buffer (``p.data = slot``)
 without cutting it from memory anything else reads; everything else is refused with the reason.
@@ -48,10 +49,10 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
         return f"is a {type(p.data).__name__}, a tensor subclass, which keeps its elements elsewhere"
     if p.layout != torch.strided:
         return f"has layout {p.layout}; only strided params are bucketed"
-    if not p.is_contiguous():
-        layout = " (channels_last)" if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) else ""
-        return (f"is not contiguous{layout}: flat storage holds each param in its own element order, so only "
-                "contiguous params are bucketed")
+    if not is_dense(p):
+        return (f"is not dense (strides {tuple(p.stride())} for shape {tuple(p.shape)}: a transposed or sliced "
+                "view): flat storage holds each param as one block of its elements, so only dense params "
+                "(contiguous, channels_last or any other order of the dims) are bucketed")
     if getattr(p._base, FLAT_STORAGE, False):
         return None  # a shadow's run: a slice of the flat storage optcapture made itself
     if p.storage_offset() != 0 or p.untyped_storage().nbytes() != p.numel() * p.element_size():
@@ -66,6 +67,21 @@ def not_bucketable_because(p: torch.Tensor, shards: dict[int, _compat.FsdpShard]
                 "backwarded): moving it into flat storage would cut that tensor from its updates; clone what you "
                 "keep, or free it before the step, to have it bucketed")
     return None
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s elements fill one block of ``numel`` elements, each once, in some order of its dims
+    (contiguous, channels_last, a permutation): dims of size 1 do not count, and the others, taken by increasing
+    stride, each step over exactly the block the smaller ones span."""
+    if tensor.is_contiguous():
+        return True
+    span = 1
+    for size, stride in sorted((pair for pair in zip(tensor.shape, tensor.stride(), strict=True) if pair[0] != 1),
+                               key=lambda pair: pair[1]):
+        if stride != span:
+            return False
+        span *= size
+    return True
 
 
 def _shares_storage_with_another(tensor: torch.Tensor) -> bool:

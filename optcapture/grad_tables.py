@@ -3,13 +3,13 @@
 A :class:`GradTable` lets a bucket kernel read the grads of one run of flat storage in place, without a grad-sized
 flat buffer or a copy per step: the step is traced over a virtual tensor the length of the run, whose data pointer
 is a small descriptor of the members' grad addresses (:mod:`optcapture.rewrites.indirect_grad_loads` rewrites the
-kernel's loads of it). :func:`grads_fit_table` says when a run's grads can be read so (CUDA, contiguous grads like
-their params; a DTensor's local tensor like its param's local shard); otherwise the captured step copies them into
-flat storage.
+kernel's loads of it). :func:`grads_fit_table` says when a run's grads can be read so (CUDA, grads of their params'
+layout, contiguous or channels_last; a DTensor's local tensor like its param's local shard); otherwise the captured
+step copies them into flat storage.
 
 Invariant: a table's addresses name the grads of the step that reads them: :meth:`GradTable.bind`, the one thing
 here that runs per step (called by :mod:`optcapture.replay`), rewrites them before the step whenever a grad moved,
-and refuses a grad the kernel could not read as a contiguous run.
+and refuses a grad the kernel could not read as one run in its param's element order.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ class GradTable:
         self.virtual = claim()
         self.addresses = self.descriptor[self.addresses_at * 8:self.limits_at * 8].view(torch.int64)
         self._offset_bytes = [o * itemsize for o in offsets]
+        # The strides each grad must have where a param is not contiguous (None: every member is): a grad of its
+        # param's dense layout holds its elements in the order of the param's slot.
+        layouts = [flat.strides[j] for j in positions]
+        self._strides = None if all(stride is None for stride in layouts) else [
+            tuple(dtensors.local(flat.params[j]).stride()) for j in positions]
         self._bound: list[int] = []
         # The address lists bound lately, on the device, by the addresses: grads that come back where they were
         # (the caching allocator hands a loop the same few blocks, step after step) are bound by a copy on the
@@ -85,16 +90,18 @@ class GradTable:
         an address changed and was written.
 
         Each call reads every grad's address in one C-level pass (no Python per grad). Where one moved, the
-        grads are checked to be contiguous (Dynamo guards a grad only as not None, and the kernel reads each one
-        as a contiguous run of its param's size): :class:`GradLayoutError` otherwise, before anything is written.
+        grads are checked to have their params' layout (Dynamo guards a grad only as not None, and the kernel reads
+        each one as one run of its param's size, in its param's element order): :class:`GradLayoutError`
+        otherwise, before anything is written.
         """
         if self.reads_local:
             grads = list(map(_LOCAL, grads))
         pointers = list(map(_DATA_PTR, grads))
         if pointers == self._bound:
             return False
-        if not all(map(_IS_CONTIGUOUS, grads)):
-            raise GradLayoutError("a grad is not contiguous: the step reads it through a table of addresses")
+        if not (all(map(_IS_CONTIGUOUS, grads)) if self._strides is None else _strides_are(grads, self._strides)):
+            raise GradLayoutError("a grad does not have its param's layout (contiguous, or its param's "
+                                  "channels_last strides): the step reads it through a table of addresses")
         key = tuple(pointers)
         known = self._known.pop(key, None)
         if known is None:
@@ -116,12 +123,17 @@ KNOWN_TABLES = 4
 
 
 class GradLayoutError(RuntimeError):
-    """A grad the step would read in place has a layout its kernel cannot read (not contiguous)."""
+    """A grad the step would read in place has a layout its kernel cannot read (not its param's)."""
 
 
 _DATA_PTR = torch.Tensor.data_ptr
 _LOCAL = _compat.LOCAL_TENSOR
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
+
+
+def _strides_are(grads: Sequence[torch.Tensor], strides: Sequence[tuple[int, ...]]) -> bool:
+    """Each grad has exactly the strides given (its param's dense ones, same shape): then it is dense too."""
+    return all(tuple(grad.stride()) == stride for grad, stride in zip(grads, strides, strict=True))
 
 
 @contextlib.contextmanager
@@ -161,8 +173,9 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
         p = dtensors.local(flat.params[j])
         grad = None if flat.params[j].grad is None else dtensors.local(flat.params[j].grad)
         if grad is None or type(grad) is not torch.Tensor or grad.dtype != p.dtype or grad.device != p.device \
-                or grad.layout != torch.strided or not grad.is_contiguous() or grad.shape != p.shape:
-            return f"the grad of member {j} is not a contiguous tensor like its param"
+                or grad.layout != torch.strided or grad.shape != p.shape \
+                or (not grad.is_contiguous() if flat.strides[j] is None else grad.stride() != p.stride()):
+            return f"the grad of member {j} is not a tensor of its param's shape and layout"
     return None
 
 

@@ -90,6 +90,13 @@ def plan_batches(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[Lan
 
 
 def _make_batch(flat: FlatGroup, positions: list[int]) -> LaneBatch:
+    strided = next((j for j in positions if flat.strides[j] is not None), None)
+    if strided is not None:
+        # A batch is viewed as [k, *shape] of contiguous members (_as_batch): a lane-local update (a norm, a matmul)
+        # reads its member in its own shape, which a slot in another element order does not give by a view.
+        raise CaptureError(f"param {flat.param_indices[strided]} of group {flat.key.group} is not contiguous "
+                           f"(strides {flat.strides[strided]}, channels_last or another order): params of one shape "
+                           "are batched for a lane-local update (norms, matmuls) only when contiguous")
     first = flat.slot(positions[0])
     stride = flat.offsets[positions[1]] - flat.offsets[positions[0]] if len(positions) > 1 else first.stop - first.start
     if any(flat.offsets[b] - flat.offsets[a] != stride for a, b in zip(positions, positions[1:], strict=False)):

@@ -56,8 +56,12 @@ class CudaArrayInterface:
                                          "version": 3, "strides": None}
 
 
-def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
-    """A contiguous tensor of ``shape`` at element ``offset`` of ``owner`` with a storage of its own size.
+Stride = tuple[int, ...]
+
+
+def alias(owner: torch.Tensor, offset: int, shape: torch.Size, stride: Stride | None = None) -> torch.Tensor:
+    """A tensor of ``shape`` at element ``offset`` of ``owner`` with a storage of its own size: contiguous, or of
+    ``stride``, a dense layout of ``shape`` (channels_last), which spans the same ``prod(shape)`` elements.
 
     The storage points into ``owner``'s memory and holds a reference to ``owner``.
     """
@@ -72,7 +76,16 @@ def alias(owner: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
     else:
         raise NotImplementedError(f"flat storage on {owner.device.type} devices")
-    return raw.view(owner.dtype).view(shape)
+    typed = raw.view(owner.dtype)
+    return typed.view(shape) if stride is None else typed.as_strided(shape, stride)
+
+
+def dense_stride(tensor: torch.Tensor) -> Stride | None:
+    """``tensor``'s strides where they are a dense layout other than the contiguous one (channels_last: its
+    elements fill one block of ``numel`` elements, in another order); None for a contiguous tensor. An elementwise
+    update is the same in any order as long as the param, its grad and its state share the order, so flat storage
+    keeps each param's own (what autograd's grads and ``zeros_like`` state follow)."""
+    return None if tensor.is_contiguous() else tuple(tensor.stride())
 
 
 RoleKind = Literal["param", "grad", "state", "scalar"]
@@ -100,6 +113,7 @@ class FlatGroup:
     param_indices: list[int]
     offsets: list[int]
     shapes: list[torch.Size]  # per member: the shape of what its slot holds (a DTensor's local shard)
+    strides: list[Stride | None]  # per member: its param's dense strides where not contiguous (channels_last)
     numel: int
     flats: dict[Role, torch.Tensor]  # PARAM, each "state" role, and GRAD once made -> flat buffer
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
@@ -121,8 +135,8 @@ class FlatGroup:
         if flat is None:
             flat = self.flats[GRAD] = _flat_buffer(self.numel, self.key, [(o, math.prod(shape)) for shape, o in
                                                                          zip(self.shapes, self.offsets, strict=True)])
-            self.grad_homes = [alias(flat, offset, shape) for shape, offset in zip(self.shapes, self.offsets,
-                                                                                   strict=True)]
+            self.grad_homes = [alias(flat, offset, shape, stride) for shape, stride, offset
+                               in zip(self.shapes, self.strides, self.offsets, strict=True)]
         return flat
 
 
@@ -207,7 +221,8 @@ def _states_elsewhere(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> Iter
             continue
         for j, p in enumerate(flat.params):
             value = optimizer.state.get(p, {}).get(role.key)
-            if isinstance(value, torch.Tensor) and dtensors.local(value).data_ptr() != homes[j].data_ptr():
+            if isinstance(value, torch.Tensor) and (dtensors.local(value).data_ptr() != homes[j].data_ptr()
+                                                    or dtensors.local(value).stride() != homes[j].stride()):
                 yield role, j, value
 
 
@@ -246,9 +261,9 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
     return list(tensor_keys), list(scalar_keys)
 
 
-def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[torch.Size], offsets: Sequence[int],
-                    total: int, key: BucketKey, staged_on_host: bool | None = None
-                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[torch.Size],
+                    strides: Sequence[Stride | None], offsets: Sequence[int], total: int, key: BucketKey,
+                    staged_on_host: bool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat buffer holding ``tensors`` (None: a member without this state; its slot is zeros), each re-homed
     into its slot: the same tensor object, now using a storage of its own size inside the buffer.
 
@@ -279,8 +294,9 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
         flat = _flat_buffer(total, key, slots)
     homes = []
     with torch.no_grad():
-        for j, (tensor, shape, (offset, numel)) in enumerate(zip(tensors, shapes, slots, strict=True)):
-            home = alias(flat, offset, shape)
+        for j, (tensor, shape, stride, (offset, numel)) in enumerate(zip(tensors, shapes, strides, slots,
+                                                                          strict=True)):
+            home = alias(flat, offset, shape, stride)
             source = staged[j] if staged else tensor
             if source is None:
                 flat[offset:offset + numel].zero_()
@@ -316,6 +332,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         offsets.append(total)
         total += _round_up(dtensors.footprint(p, fsdp), align)
     shapes = [dtensors.local_shape(p) for p in params]
+    strides = [dense_stride(dtensors.local(p)) for p in params]
     tensor_keys, scalar_keys = _state_roles(optimizer, params)
     flats: dict[Role, torch.Tensor] = {}
     homes: dict[Role, list[torch.Tensor]] = {}
@@ -323,12 +340,11 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         members: list[torch.Tensor | None] = []
         for p in params:
             tensor = p if role == PARAM else optimizer.state.get(p, {}).get(role.key)
-            # Only a tensor of its param's shape, dtype and device: copying another into the slot would change the
-            # user's state (timm's AdafactorBigVision keeps exp_avg in bfloat16 beside float32 params).
-            members.append(tensor if isinstance(tensor, torch.Tensor) and tensor.shape == p.shape
-                           and tensor.dtype == p.dtype and tensor.device == p.device
-                           and dtensors.differs_because(p, tensor, "state") is None else None)
-        flats[role], homes[role] = _move_into_flat(members, shapes, offsets, total, key)
+            # Only a tensor of its param's shape, dtype, device and layout: copying another into the slot would
+            # change the user's state (timm's AdafactorBigVision keeps exp_avg in bfloat16 beside float32 params),
+            # and a slot holds its elements in its param's order.
+            members.append(tensor if isinstance(tensor, torch.Tensor) and _like_param(tensor, p) else None)
+        flats[role], homes[role] = _move_into_flat(members, shapes, strides, offsets, total, key)
     for j, p in enumerate(params):
         shard = fsdp.get(id(p))
         if shard is not None:
@@ -355,7 +371,14 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     log.info("flat storage for group %d on %s/%s: %d tensors, %d elements (%d with each tensor's slot aligned), "
              "state keys %s, scalar keys %s", key.group, key.device, key.dtype, len(params),
              sum(math.prod(shape) for shape in shapes), total, tensor_keys, scalar_keys)
-    return FlatGroup(key, params, indices, offsets, shapes, total, flats, scalars, homes)
+    return FlatGroup(key, params, indices, offsets, shapes, strides, total, flats, scalars, homes)
+
+
+def _like_param(tensor: torch.Tensor, p: torch.Tensor) -> bool:
+    """``tensor`` can live in ``p``'s slot of another role as it is: same shape, dtype, device, element order."""
+    return (tensor.shape == p.shape and tensor.dtype == p.dtype and tensor.device == p.device
+            and dense_stride(dtensors.local(tensor)) == dense_stride(dtensors.local(p))
+            and dtensors.differs_because(p, tensor, "state") is None)
 
 
 def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, FlatGroup]:
@@ -369,7 +392,11 @@ def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, Fla
         elsewhere = next(_states_elsewhere(flat, optimizer), None)
         if elsewhere is not None:
             role, j, value = elsewhere
+            layout = ("" if _like_param(value, flat.params[j]) or value.shape != flat.params[j].shape
+                      or value.dtype != flat.params[j].dtype else
+                      f", strides {tuple(dtensors.local(value).stride())} against its param's "
+                      f"{tuple(dtensors.local(flat.params[j]).stride())}: another element order")
             raise CaptureError(f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not "
                                f"in flat storage (shape {tuple(value.shape)} {value.dtype}, its param's "
-                               f"{tuple(flat.shapes[j])} {flat.params[j].dtype})")
+                               f"{tuple(flat.shapes[j])} {flat.params[j].dtype}{layout})")
     return flats

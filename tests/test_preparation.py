@@ -166,7 +166,7 @@ def test_tensors_moved_into_flat_storage_keep_identity_and_values(staged_on_host
     values = [None if t is None else t.clone() for t in tensors]
     objects = list(tensors)
     key = BucketKey(0, torch.device("cpu"), torch.float32)
-    flat, homes = preparation._move_into_flat(tensors, shapes, [0, 8, 16], 24, key, staged_on_host)
+    flat, homes = preparation._move_into_flat(tensors, shapes, [None] * 3, [0, 8, 16], 24, key, staged_on_host)
     assert tensors == objects
     for tensor, value, home, offset in zip(tensors, values, homes, [0, 8, 16], strict=True):
         assert home.data_ptr() == flat.data_ptr() + offset * 4

@@ -87,6 +87,8 @@ def _continues(flats: dict[BucketKey, FlatGroup], before: tuple[int, BucketKey, 
     flat = flats[key]
     if flat.key.device.type != "cpu":
         return False  # measured on the CPU only; a CUDA step keeps its one multi-tensor copy
+    if flat.strides[j] is not None or flat.strides[k] is not None:
+        return False  # one alias of several slots is contiguous: a channels_last slot is not part of it
     shape, next_shape = flat.shapes[j], flat.shapes[k]
     return (len(shape) >= 1 and len(next_shape) == len(shape) and next_shape[1:] == shape[1:]
             and flat.offsets[k] == flat.offsets[j] + math.prod(shape))

@@ -142,6 +142,35 @@ def test_grads_in_place_false_copies_each_fresh_grad_once() -> None:
     assert_matches_eager(pair)
 
 
+def test_a_channels_last_model_reads_its_grads_in_place_and_steps_like_eager_cuda() -> None:
+    # Autograd gives each conv weight a grad of its param's channels_last strides: the bucket kernel reads it in the
+    # slot's element order through the grad table. A grad of another order (a user's contiguous one) is copied.
+    _compat.reset_cudagraph_trees()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Tanh(), torch.nn.Conv2d(16, 8, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
+    model = model.cuda().to(memory_format=torch.channels_last)
+    pair = make_pair(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), device="cuda", model=model)
+    generator = torch.Generator("cuda").manual_seed(0)
+    for _ in range(6):
+        data = torch.randn(4, 3, 8, 8, device="cuda", generator=generator).contiguous(
+            memory_format=torch.channels_last)
+        for net, step in ((pair.eager_model, pair.eager.step), (pair.model, pair.step)):
+            net.zero_grad()
+            net(data).square().sum().backward()
+            step()
+    assert not pair.model[0].weight.grad.is_contiguous()
+    assert_matches_eager(pair)
+    report = optcapture.explain(pair.optimizer)[-1]
+    assert report.path == "bucketed" and report.grads == "in place", report
+    assert paths(pair.optimizer).count("bucketed") == 1, paths(pair.optimizer)
+    assert optcapture.stats()["grads_copied"] == 0
+    assert _compat.cudagraphs_recorded() == 1
+    for seed in range(6, 8):
+        step_both(pair, seed)  # contiguous grads for channels_last params
+    assert_matches_eager(pair)
+
+
 def _mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).cuda().to(dtype)

@@ -30,6 +30,10 @@ class _Flat:
         return [p.shape for p in self.params]
 
     @property
+    def strides(self) -> list[tuple[int, ...] | None]:
+        return [None for _ in self.params]  # contiguous params
+
+    @property
     def key(self) -> types.SimpleNamespace:  # a BucketKey's device: the buffer's
         return types.SimpleNamespace(device=self.buffer.device)
 
