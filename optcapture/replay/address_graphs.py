@@ -146,7 +146,9 @@ class AddressGraphs:
                 return self.compiled(*args)
             self.graphs[key] = recorded
             if len(self.graphs) > KNOWN_ADDRESS_SETS:
-                self.graphs.popitem(last=False)
+                self.graphs.popitem(last=False)  # the least recently replayed
+        else:
+            self.graphs.move_to_end(key)
         recorded.graph.replay()
         if self.written:
             # What Inductor's own call does for the tensors it writes (AOTAutograd's runtime wrapper): a step counter

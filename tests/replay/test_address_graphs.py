@@ -153,6 +153,24 @@ def test_grads_that_cycle_through_more_address_sets_than_are_kept_stop_being_rec
 
 
 @pytest.mark.usefixtures("fake_cuda_graphs")
+def test_the_address_set_replayed_least_recently_is_the_one_dropped() -> None:
+    # A loop's own grads (hot) replayed between sets seen twice each and then never again (an eval batch, a resized
+    # last batch): the hot set stays kept however many others were recorded after it, and is never recorded again.
+    graphs = AddressGraphs(_add_into, "test")
+    x, hot = torch.ones(4), torch.zeros(4)
+    graphs(x, hot)
+    graphs(x, hot)  # recorded
+    others = [torch.zeros(4) for _ in range(address_graphs.KNOWN_ADDRESS_SETS)]
+    for y in others:
+        graphs(x, y)
+        graphs(x, y)  # recorded
+        graphs(x, hot)  # replayed
+    assert graphs.recordings == 1 + len(others)
+    assert (hot.data_ptr() in {key[1] for key in graphs.graphs}) and torch.equal(hot, torch.full((4,), 6.0))
+    assert len(graphs.graphs) == address_graphs.KNOWN_ADDRESS_SETS
+
+
+@pytest.mark.usefixtures("fake_cuda_graphs")
 @pytest.mark.parametrize("why", ["shares memory", "too large"])
 def test_inputs_that_share_memory_or_are_large_are_not_staged(why: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if why == "too large":
