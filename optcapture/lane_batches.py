@@ -133,10 +133,17 @@ def _batch_range(flat: FlatGroup, batch: LaneBatch, lane_input: LaneInput) -> to
 
 def _as_batch(tensor: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """A batch's range seen as ``[k, *shape]``, through view and slice only (what functionalization writes back
-    cheaply); scalar state is already ``[k]``."""
+    cheaply); scalar state is already ``[k]``.
+
+    A range without padding between members is one view: through the slice, even a full one, Inductor indexes the
+    range as ``x + n * ((x % n) // n)``, which it cannot prove equal to the ``x`` it writes back at, so each state
+    the step updates in place was computed into a temporary and copied back, two more passes over it (LAMB's moments
+    and Muon's params on GPT-2 shapes, torch 2.11, H100), and a transposed read beside it was not tiled."""
     if len(size) == 1:
         return tensor
     k, numel = size[0], math.prod(size[1:])
+    if tensor.numel() == k * numel:
+        return tensor.view(size)
     return tensor.view(k, -1)[:, :numel].view(size)
 
 

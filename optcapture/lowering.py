@@ -36,7 +36,7 @@ from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, FloatsSpecialized
 from optcapture.grad_tables import GradTable
 from optcapture.graph_outputs import host_outputs
-from optcapture.rewrites import scalars_once
+from optcapture.rewrites import scalars_once, state_writes_early
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
 from optcapture.shadows import ShadowStep, is_stock
 
@@ -71,6 +71,17 @@ def _scalars_once() -> dict[str, Any]:
         log.info("a post_grad_custom_post_pass is set: the kernels compute the step's scalars per vector of elements")
         return {}
     return {"post_grad_custom_post_pass": scalars_once.inductor_pass()}
+
+
+def _batched_step_passes() -> dict[str, Any]:
+    """The patch of a batched step: state written back where it is computed (:mod:`optcapture.rewrites.
+    state_writes_early`), the values read by several kernels recomputed in each, and the costly scalars computed
+    once. A user's own post-grad pass is kept, and then neither rewrite runs."""
+    if _compat.custom_post_grad_pass() is not None:
+        log.info("a post_grad_custom_post_pass is set: the batched step's kernels are Inductor's own")
+        return {}
+    return {"post_grad_custom_post_pass": state_writes_early.inductor_pass(),
+            "realize_reads_threshold": state_writes_early.INLINED_READS}
 
 
 # A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms
@@ -358,7 +369,7 @@ def lower_batched(call: Callable[..., None], inputs: Sequence[torch.Tensor], con
         # corrections of a group step tensor (``1 - beta ** step``, float64 with the group's numbers as tensors)
         # otherwise land in their element loops, in C++ per vector, in Triton per element.
         compiled, count = _compile(gm, list(inputs), {**inductor_patches(config, device, cudagraphs=False),
-                                                       **_FIXED_INPUTS, **_scalars_once()}, None)
+                                                       **_FIXED_INPUTS, **_batched_step_passes()}, None)
     arguments = tuple(inputs)
 
     def step() -> None:

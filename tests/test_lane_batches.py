@@ -94,7 +94,24 @@ def test_kernels_follow_the_shapes_not_the_tensor_count() -> None:
         kernels.append(report.kernels)
     assert kernels[0] == kernels[1] and kernels[0] > 0, kernels
     if torch.__version__.startswith("2.13."):  # the CPU golden is torch 2.13's (CI)
-        assert_expected_inline(str(kernels[1]), """19""")
+        assert_expected_inline(str(kernels[1]), """15""")
+
+
+def test_a_batch_without_padding_writes_its_state_back_in_place() -> None:
+    # Members whose slots need no alignment padding (64 floats each) are one view of their range: Inductor writes the
+    # state the step updates in place straight back, where through a full slice it computed it into a temporary and
+    # copied it back (13 kernels, torch 2.13, CPU; on an H100 two more passes over LAMB's moments; 11 with the view,
+    # 10 with the moments written where they are computed: rewrites/state_writes_early).
+    optcapture.reset()
+    torch._dynamo.reset()
+    pair = make_pair(lambda p: TrustRatioLamb(p), model=_model([(8, 8), (64,)] * 4))
+    for seed in range(2):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    report = optcapture.explain(pair.optimizer)[-1]
+    assert report.path == "bucketed" and report.batches == 2, report
+    if torch.__version__.startswith("2.13."):  # the CPU golden is torch 2.13's (CI)
+        assert_expected_inline(str(report.kernels), """10""")
 
 
 def test_param_groups_schedulers_and_grads_that_come_and_go() -> None:
@@ -358,7 +375,7 @@ def test_global_norm_kernels_follow_the_shapes_not_the_tensor_count() -> None:
         kernels.append(report.kernels)
     assert kernels[0] == kernels[1] and kernels[0] > 0, kernels
     if torch.__version__.startswith("2.13."):  # the CPU golden is torch 2.13's (CI)
-        assert_expected_inline(str(kernels[1]), """26""")
+        assert_expected_inline(str(kernels[1]), """27""")
 
 
 def test_a_global_grad_norm_does_not_recompile_after_warm_up() -> None:

@@ -188,9 +188,9 @@ def realize_in_own_buffer(node: torch.fx.Node) -> None:
     node.meta["inductor_realize_to_strides"] = True
 
 
-def post_grad_pass(graph_pass: Callable[[torch.fx.Graph], None], source_file: str) -> Any:
+def post_grad_pass(graph_pass: Callable[[torch.fx.Graph], None], *source_files: str) -> Any:
     """``graph_pass`` as an Inductor ``post_grad_custom_post_pass``: a ``CustomGraphPass`` whose uuid hashes
-    ``source_file`` (the module that defines the pass), so that Inductor's FX graph cache keys on it instead of
+    ``source_files`` (the modules that define the pass), so that Inductor's FX graph cache keys on them instead of
     bypassing the cache."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -199,7 +199,7 @@ def post_grad_pass(graph_pass: Callable[[torch.fx.Graph], None], source_file: st
             graph_pass(graph)
 
         def uuid(self) -> Any:
-            return get_hash_for_files((source_file, __file__))
+            return get_hash_for_files((*source_files, __file__))
 
     return SourcedPass()
 
