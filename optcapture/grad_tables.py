@@ -71,8 +71,7 @@ class GradTable:
         # The strides each grad must have where a param is not contiguous (None: every member is): a grad of its
         # param's dense layout holds its elements in the order of the param's slot.
         layouts = [flat.strides[j] for j in positions]
-        self._strides = None if all(stride is None for stride in layouts) else [
-            tuple(dtensors.local(flat.params[j]).stride()) for j in positions]
+        self._strides = None if all(stride is None for stride in layouts) else layouts
         self._bound: list[int] = []
         # The address lists bound lately, on the device, by the addresses: grads that come back where they were
         # (the caching allocator hands a loop the same few blocks, step after step) are bound by a copy on the
@@ -131,9 +130,11 @@ _LOCAL = _compat.LOCAL_TENSOR
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
-def _strides_are(grads: Sequence[torch.Tensor], strides: Sequence[tuple[int, ...]]) -> bool:
-    """Each grad has exactly the strides given (its param's dense ones, same shape): then it is dense too."""
-    return all(tuple(grad.stride()) == stride for grad, stride in zip(grads, strides, strict=True))
+def _strides_are(grads: Sequence[torch.Tensor], strides: Sequence[tuple[int, ...] | None]) -> bool:
+    """Each grad is contiguous where its param is (None: the strides of dims of size 1 do not matter), and has
+    exactly its param's strides elsewhere (dense ones, same shape: then the grad is dense too)."""
+    return all(grad.is_contiguous() if stride is None else tuple(grad.stride()) == stride
+               for grad, stride in zip(grads, strides, strict=True))
 
 
 @contextlib.contextmanager

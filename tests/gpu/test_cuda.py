@@ -147,8 +147,9 @@ def test_a_channels_last_model_reads_its_grads_in_place_and_steps_like_eager_cud
     # slot's element order through the grad table. A grad of another order (a user's contiguous one) is copied.
     _compat.reset_cudagraph_trees()
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Tanh(), torch.nn.Conv2d(16, 8, 3),
-                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
+    # A 1 x 1 conv too: its weight is contiguous in either format, its grad's strides may differ on dims of size 1.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Tanh(), torch.nn.Conv2d(16, 16, 1),
+                                torch.nn.Conv2d(16, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 4))
     model = model.cuda().to(memory_format=torch.channels_last)
     pair = make_pair(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1), device="cuda", model=model)
     generator = torch.Generator("cuda").manual_seed(0)
