@@ -224,12 +224,15 @@ def test_step_counters_reset_by_the_user_are_read_again() -> None:
 
 @pytest.mark.parametrize("name", ["Adagrad", "NAdam"])
 def test_steps_taken_by_a_per_tensor_capture_of_the_same_optimizer_are_noticed(name: str) -> None:
-    # A transposed param cannot be bucketed: the steps where it has a grad compile per tensor and advance the
-    # real step counters; the bucketed capture of the other steps must read them again, not its stale copy.
+    # A param that is not dense (every other column of a larger tensor) cannot be bucketed: the steps where it has a
+    # grad compile per tensor and advance the real step counters; the bucketed capture of the other steps must read
+    # them again, not its stale copy.
     torch.manual_seed(0)
     model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(16)),
-                                    torch.nn.Parameter(torch.randn(4, 4).t())])
+                                    torch.nn.Parameter(torch.randn(4, 4))])
     pair = make_pair(SCALAR_STATE[name], model=model)  # type: ignore[arg-type]
+    third = list(pair.model.parameters())[2]
+    third.data = torch.empty(4, 8)[:, ::2].copy_(third)  # after make_pair's deepcopy, which would make it dense
     for seed in range(6):
         step_both(pair, seed, present=lambda i, seed=seed: i != 2 or seed % 2 == 1)
     assert_matches_eager(pair)
