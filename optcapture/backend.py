@@ -226,8 +226,10 @@ def _rebuilder(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig,
                capture_again: Callable[[Sequence[Any]], CapturedStep]
                ) -> Callable[[Sequence[Any]], Callable[..., Any]]:
     """A new capture of ``step``'s graph over the current storage, from a later call's graph inputs; the graph per
-    tensor (as stock ``torch.compile`` runs it, said once) when a param can no longer move into flat storage; raises
-    (the replay stage then steps eagerly) when the params no longer fit the traced graph."""
+    tensor (as stock ``torch.compile`` runs it, said once, compiled for the inputs as they are now) when a param can
+    no longer move into flat storage or the new capture is refused (``model.to(memory_format=torch.channels_last)``
+    after a capture: its state keeps the old element order); raises (the replay stage then steps eagerly) when the
+    params no longer fit the traced graph."""
 
     @progress.timed
     def rebuild(args: Sequence[Any]) -> Callable[..., Any]:
@@ -235,9 +237,12 @@ def _rebuilder(step: StepGraph, gm: torch.fx.GraphModule, config: CaptureConfig,
         if changed is not None:
             raise CaptureError(changed)
         refused = no_longer_bucketable(step)
-        if refused:
-            return stock_paths.fallback(dataclasses.replace(step, blockers=refused), gm, list(args), config)
-        return capture_again(args)
+        if not refused:
+            try:
+                return capture_again(args)
+            except CaptureError as error:
+                refused = [str(error)]
+        return stock_paths.fallback(dataclasses.replace(step, blockers=refused), gm, list(args), config)
 
     return rebuild
 

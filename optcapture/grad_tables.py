@@ -70,7 +70,7 @@ class GradTable:
         self._offset_bytes = [o * itemsize for o in offsets]
         # The strides each grad must have where a param is not contiguous (None: every member is): a grad of its
         # param's dense layout holds its elements in the order of the param's slot.
-        layouts = [flat.strides[j] for j in positions]
+        layouts = [None if dtensors.local(flat.params[j]).is_contiguous() else flat.strides[j] for j in positions]
         self._strides = None if all(stride is None for stride in layouts) else layouts
         self._bound: list[int] = []
         # The address lists bound lately, on the device, by the addresses: grads that come back where they were
@@ -175,7 +175,7 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
         grad = None if flat.params[j].grad is None else dtensors.local(flat.params[j].grad)
         if grad is None or type(grad) is not torch.Tensor or grad.dtype != p.dtype or grad.device != p.device \
                 or grad.layout != torch.strided or grad.shape != p.shape \
-                or (not grad.is_contiguous() if flat.strides[j] is None else grad.stride() != p.stride()):
+                or (not grad.is_contiguous() if p.is_contiguous() else grad.stride() != p.stride()):
             return f"the grad of member {j} is not a tensor of its param's shape and layout"
     return None
 

@@ -90,7 +90,7 @@ def plan_batches(step: StepGraph, flats: dict[BucketKey, FlatGroup]) -> list[Lan
 
 
 def _make_batch(flat: FlatGroup, positions: list[int]) -> LaneBatch:
-    strided = next((j for j in positions if flat.strides[j] is not None), None)
+    strided = next((j for j in positions if not flat.params[j].is_contiguous()), None)
     if strided is not None:
         # A batch is viewed as [k, *shape] of contiguous members (_as_batch): a lane-local update (a norm, a matmul)
         # reads its member in its own shape, which a slot in another element order does not give by a view.

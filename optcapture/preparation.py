@@ -80,12 +80,24 @@ def alias(owner: torch.Tensor, offset: int, shape: torch.Size, stride: Stride | 
     return typed.view(shape) if stride is None else typed.as_strided(shape, stride)
 
 
-def dense_stride(tensor: torch.Tensor) -> Stride | None:
-    """``tensor``'s strides where they are a dense layout other than the contiguous one (channels_last: its
-    elements fill one block of ``numel`` elements, in another order); None for a contiguous tensor. An elementwise
-    update is the same in any order as long as the param, its grad and its state share the order, so flat storage
-    keeps each param's own (what autograd's grads and ``zeros_like`` state follow)."""
-    return None if tensor.is_contiguous() else tuple(tensor.stride())
+def own_stride(tensor: torch.Tensor) -> Stride | None:
+    """``tensor``'s strides where they are not the contiguous ones of its shape (channels_last; also a 1 x 1 conv's
+    weight in channels_last, which is contiguous but strided otherwise on its dims of size 1); None where they are.
+    A tensor moved into a slot keeps its exact strides, which Dynamo's guards of the step check. An elementwise
+    update is the same in any element order as long as the param, its grad and its state share the order, so flat
+    storage keeps each param's own (what autograd's grads and ``zeros_like`` state follow)."""
+    stride, expected = tuple(tensor.stride()), []
+    step = 1
+    for size in reversed(tensor.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    return None if stride == tuple(reversed(expected)) else stride
+
+
+def same_order(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    """Two tensors of one shape hold their elements in the same order (strides equal on every dim of size > 1)."""
+    return tensor.shape == other.shape and all(
+        a == b for size, a, b in zip(tensor.shape, tensor.stride(), other.stride(), strict=True) if size != 1)
 
 
 RoleKind = Literal["param", "grad", "state", "scalar"]
@@ -113,7 +125,7 @@ class FlatGroup:
     param_indices: list[int]
     offsets: list[int]
     shapes: list[torch.Size]  # per member: the shape of what its slot holds (a DTensor's local shard)
-    strides: list[Stride | None]  # per member: its param's dense strides where not contiguous (channels_last)
+    strides: list[Stride | None]  # per member: its param's strides where not the contiguous ones (own_stride)
     numel: int
     flats: dict[Role, torch.Tensor]  # PARAM, each "state" role, and GRAD once made -> flat buffer
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
@@ -277,6 +289,9 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
     staged: list[torch.Tensor | None] = []
     # Where each tensor's elements are (a DTensor's local shard): that tensor object moves.
     tensors = [None if tensor is None else dtensors.local(tensor) for tensor in tensors]
+    # Each tensor keeps its exact strides (taken before staging empties it); a slot without one, its param's.
+    strides = [stride if tensor is None else own_stride(tensor) for tensor, stride in zip(tensors, strides,
+                                                                                       strict=True)]
     if key.device.type != "cpu" if staged_on_host is None else staged_on_host:
         try:
             for tensor in tensors:
@@ -332,7 +347,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
         offsets.append(total)
         total += _round_up(dtensors.footprint(p, fsdp), align)
     shapes = [dtensors.local_shape(p) for p in params]
-    strides = [dense_stride(dtensors.local(p)) for p in params]
+    strides = [own_stride(dtensors.local(p)) for p in params]
     tensor_keys, scalar_keys = _state_roles(optimizer, params)
     flats: dict[Role, torch.Tensor] = {}
     homes: dict[Role, list[torch.Tensor]] = {}
@@ -377,7 +392,7 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
 def _like_param(tensor: torch.Tensor, p: torch.Tensor) -> bool:
     """``tensor`` can live in ``p``'s slot of another role as it is: same shape, dtype, device, element order."""
     return (tensor.shape == p.shape and tensor.dtype == p.dtype and tensor.device == p.device
-            and dense_stride(dtensors.local(tensor)) == dense_stride(dtensors.local(p))
+            and same_order(dtensors.local(tensor), dtensors.local(p))
             and dtensors.differs_because(p, tensor, "state") is None)
 
 

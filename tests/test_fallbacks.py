@@ -463,10 +463,17 @@ def test_a_failure_while_recording_the_cuda_graph_raises_with_fallback_raise(mon
         pair.step()
 
 
-def _replace_a_weight_with_rebuilds_failing(pair: object, monkeypatch: pytest.MonkeyPatch) -> None:
+def _replace_a_weight_with_rebuilds_failing(pair: object, monkeypatch: pytest.MonkeyPatch,
+                                            crashing: bool = True) -> None:
+    """``crashing``: the rebuild raises an unexpected error; else it is refused (a CaptureError)."""
     from optcapture import shadows
 
-    monkeypatch.setattr(shadows, "prove_equivalent", lambda *args: "simulated: no longer provably equal")
+    def refused(*args: object) -> str:
+        if crashing:
+            raise RuntimeError("simulated: no longer provably equal")
+        return "simulated: no longer provably equal"
+
+    monkeypatch.setattr(shadows, "prove_equivalent", refused)
     with torch.no_grad():
         for model in (pair.model, pair.eager_model):  # type: ignore[attr-defined]
             model[0].weight.data = torch.full((10, 10), 0.5)
@@ -483,6 +490,19 @@ def test_a_failing_rebuild_falls_back_to_a_correct_eager_step(monkeypatch: pytes
     assert [w for w in caught if "rebuilding the bucketed step of Adam failed" in w and "no longer provably" in w]
     assert optcapture.stats()["rebuilds"] == 1 and optcapture.stats()["eager"] == 1
     assert paths(pair.optimizer) == ["bucketed", "eager"]
+    assert_matches_eager(pair)
+
+
+def test_a_refused_rebuild_steps_per_tensor_as_stock_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rebuild refused for a reason of its own (a CaptureError) steps the traced graph per tensor, compiled for the
+    # inputs as they are now, as stock torch.compile would; it stepped eagerly for good before.
+    pair = make_pair(lambda p: torch.optim.Adam(p, lr=0.01))
+    for seed in range(2):
+        step_both(pair, seed)
+    _replace_a_weight_with_rebuilds_failing(pair, monkeypatch, crashing=False)
+    caught = _warnings_of(lambda: [step_both(pair, seed) for seed in range(2, 5)])
+    assert [w for w in caught if "no longer provably" in w and "per-tensor graph" in w], caught
+    assert paths(pair.optimizer) == ["bucketed", "per-tensor"]
     assert_matches_eager(pair)
 
 

@@ -33,44 +33,42 @@ recomputed in each while it reads at most this many buffers, instead of stored a
 two moments, the param and half a dozen per-lane numbers (bias corrections, lr, eps, weight decay)."""
 
 
-def _depends_on(node: torch.fx.Node, target: torch.fx.Node, through: torch.fx.Node,
-                memo: dict[torch.fx.Node, bool]) -> bool:
-    """Whether ``node``'s value is computed from ``target`` other than through ``through``."""
-    stack, order = [node], []
-    while stack:
-        current = stack.pop()
-        if current in memo:
+def _read_after(nodes: list[torch.fx.Node], start: int, target: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether a node after ``nodes[start]`` computes from ``target`` other than through ``value`` (one pass in
+    graph order, which is topological: each node is marked from its inputs)."""
+    depends: set[torch.fx.Node] = {target}
+    for n, node in enumerate(nodes):
+        if node is target or node is value:
             continue
-        order.append(current)
-        stack.extend(arg for arg in current.all_input_nodes if arg not in memo and arg is not through)
-    for current in reversed(order):  # inputs before the nodes that read them (a DAG: any order that settles)
-        if current not in memo:
-            memo[current] = current is target or any(
-                memo.get(arg, False) for arg in current.all_input_nodes if arg is not through)
-    return memo[node]
+        if any(arg in depends for arg in node.all_input_nodes if arg is not value):
+            if n > start and node.op != "output":
+                return True
+            depends.add(node)
+    return False
 
 
 def move_state_writes_up(graph: torch.fx.Graph) -> int:
     """Move each write-back of an input (``copy_(input, value)`` with no user) up to just after ``value``, when that
     is legal, and let the ops after it read the written input; returns how many moved."""
-    nodes = list(graph.nodes)
-    position = {node: n for n, node in enumerate(nodes)}
-    writes = [node for node in nodes if node.op == "call_function" and node.target is aten.copy_.default
+    writes = [node for node in graph.nodes if node.op == "call_function" and node.target is aten.copy_.default
               and not node.users and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder"
-              and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "call_function"]
+              and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "call_function"
+              and node.args[1].target is not aten.copy_.default]
     moved = 0
     for write in writes:
         target, value = write.args[0], write.args[1]
         assert isinstance(target, torch.fx.Node) and isinstance(value, torch.fx.Node)
-        if _meta_shape(target) is None or _meta_shape(target) != _meta_shape(value):
+        if _layout(target) is None or _layout(target) != _layout(value):
             continue
-        place = position[value]
-        memo: dict[torch.fx.Node, bool] = {}
-        later = [node for node in nodes[place + 1:] if node is not write and node.op != "output"]
+        if any(user is not write and user.target is aten.copy_.default for user in value.users):
+            continue  # one value written back to two inputs (``seen.copy_(ema)``): the other write stays last too
+        nodes = list(graph.nodes)  # again for each write: an earlier one moved
+        place = nodes.index(value)
         # Ops after the new place that read the old input other than through ``value`` (which they will read as
         # the written input) would read the new numbers: the write stays where it is.
-        if any(_depends_on(node, target, value, memo) for node in later):
+        if _read_after([node for node in nodes if node is not write], place, target, value):
             continue
+        position = {node: n for n, node in enumerate(nodes)}
         readers = [user for user in value.users if user is not write and position[user] > place]
         value.append(write)
         for reader in readers:
@@ -81,9 +79,10 @@ def move_state_writes_up(graph: torch.fx.Graph) -> int:
     return moved
 
 
-def _meta_shape(node: torch.fx.Node) -> Any:
+def _layout(node: torch.fx.Node) -> Any:
+    """Shape, strides and dtype of ``node``'s value: a reader of the value reads the written input in its place."""
     value = node.meta.get("val")
-    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else None
+    return (tuple(value.shape), tuple(value.stride()), value.dtype) if isinstance(value, torch.Tensor) else None
 
 
 def batched_step_pass(graph: torch.fx.Graph) -> None:

@@ -82,6 +82,30 @@ def test_a_state_whose_old_value_is_read_later_is_written_back_where_it_was() ->
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def _one_value_written_twice(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> None:
+    new = g * 2
+    out.copy_(b + 1)  # reads the old b, after ``new`` is computed
+    a.copy_(new)
+    b.copy_(new)
+
+
+def test_a_value_written_back_to_two_inputs_leaves_both_writes_where_a_later_op_reads_the_old_one() -> None:
+    # ``seen.copy_(ema)`` after ``ema.lerp_(...)``: Inductor's post-grad graph writes one value back to two inputs.
+    # Moving the first write redirected the second to it, and the second then moved before the read of old b.
+    inputs = [torch.randn(8, generator=torch.Generator().manual_seed(n)) for n in range(4)]
+    gm = _functional(_one_value_written_twice, *inputs)
+    for node in list(gm.graph.nodes):  # as Inductor does: a copy of the same shape and dtype is its source
+        if node.target is aten.copy.default:
+            node.replace_all_uses_with(node.args[1])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    expected = _run(gm, inputs)
+    state_writes_early.move_state_writes_up(gm.graph)
+    gm.recompile()
+    for got, want in zip(_run(gm, inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_batched_lamb_writes_its_moments_once_and_matches_eager() -> None:
     # One batch of 4 params of 64 x 8 (no padding): the moments written where they are computed, the update
     # recomputed in the norm's and the param's loops (10 kernels, torch 2.13, CPU; 11 before, 13 before the batch
