@@ -57,6 +57,9 @@ class UserMomentum(torch.optim.Optimizer):
     def __init__(self, params: Any, lr: float = 0.01) -> None:
         super().__init__(params, {"lr": lr})
 
+    def new_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
@@ -65,9 +68,16 @@ class UserMomentum(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["buf"] = torch.zeros_like(p)
+                    state["buf"] = self.new_buffer(p)
                 state["buf"].mul_(0.9).add_(p.grad)
                 p.add_(state["buf"], alpha=-group["lr"])
+
+
+class ContiguousStateMomentum(UserMomentum):
+    """Momentum kept in a contiguous buffer whatever its param's layout (``torch.zeros(p.shape)``)."""
+
+    def new_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(p.shape, dtype=p.dtype)
 
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -122,24 +132,6 @@ def test_a_transposed_param_that_owns_its_storage_is_bucketed_and_steps_like_eag
 
 
 def test_state_in_another_order_than_its_param_is_not_bucketed_and_the_reason_names_the_strides() -> None:
-    class ContiguousStateMomentum(torch.optim.Optimizer):
-        """Momentum kept in a contiguous buffer whatever its param's layout (``torch.zeros(p.shape)``)."""
-
-        def __init__(self, params: Any) -> None:
-            super().__init__(params, {"lr": 0.01})
-
-        @torch.no_grad()
-        def step(self, closure: Any = None) -> None:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    if not state:
-                        state["buf"] = torch.zeros(p.shape, dtype=p.dtype)
-                    state["buf"].mul_(0.9).add_(p.grad)
-                    p.add_(state["buf"], alpha=-group["lr"])
-
     pair = make_pair(ContiguousStateMomentum, model=_conv_model().to(memory_format=torch.channels_last))
     _train_both(pair, 4)
     assert_matches_eager(pair)
