@@ -73,10 +73,15 @@ def _scalars_once() -> dict[str, Any]:
     return {"post_grad_custom_post_pass": scalars_once.inductor_pass()}
 
 
-def _batched_step_passes() -> dict[str, Any]:
+def _batched_step_passes(device: torch.device) -> dict[str, Any]:
     """The patch of a batched step: state written back where it is computed (:mod:`optcapture.rewrites.
     state_writes_early`), the values read by several kernels recomputed in each, and the costly scalars computed
-    once. A user's own post-grad pass is kept, and then neither rewrite runs."""
+    once. A user's own post-grad pass is kept, and then neither rewrite runs.
+
+    The first rewrite runs on the CPU only for now: it has been measured and tested there, and not yet on a GPU,
+    where the batched step keeps Inductor's own kernels (with its costly scalars computed once)."""
+    if device.type != "cpu":
+        return _scalars_once()
     if _compat.custom_post_grad_pass() is not None:
         log.info("a post_grad_custom_post_pass is set: the batched step's kernels are Inductor's own")
         return {}
@@ -369,7 +374,7 @@ def lower_batched(call: Callable[..., None], inputs: Sequence[torch.Tensor], con
         # corrections of a group step tensor (``1 - beta ** step``, float64 with the group's numbers as tensors)
         # otherwise land in their element loops, in C++ per vector, in Triton per element.
         compiled, count = _compile(gm, list(inputs), {**inductor_patches(config, device, cudagraphs=False),
-                                                       **_FIXED_INPUTS, **_batched_step_passes()}, None)
+                                                       **_FIXED_INPUTS, **_batched_step_passes(device)}, None)
     arguments = tuple(inputs)
 
     def step() -> None:

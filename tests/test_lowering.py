@@ -233,3 +233,14 @@ def test_priming_skips_the_trace_when_every_followed_value_is_zero() -> None:
     calls: list[None] = []
     assert lowering._prime_followed(lambda: calls.append(None), [({"momentum": 0.0}, "momentum")], lambda: 0) == ()
     assert calls == []
+
+
+def test_the_batched_step_writes_state_early_on_the_cpu_only_until_a_gpu_run_proves_it() -> None:
+    from optcapture.rewrites import scalars_once, state_writes_early
+
+    cpu = lowering._batched_step_passes(torch.device("cpu"))
+    cuda = lowering._batched_step_passes(torch.device("cuda"))
+    assert cpu["realize_reads_threshold"] == state_writes_early.INLINED_READS
+    assert cpu["post_grad_custom_post_pass"].uuid() != cuda["post_grad_custom_post_pass"].uuid()
+    assert set(cuda) == {"post_grad_custom_post_pass"}
+    assert cuda["post_grad_custom_post_pass"].uuid() == scalars_once.inductor_pass().uuid()
