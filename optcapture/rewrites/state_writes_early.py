@@ -13,7 +13,10 @@ which then reads only the moments and the param, is cheap enough to recompute in
 Invariant: the graph computes the same values. A write-back moves only where no op after its new place reads the
 old input other than through it: every op that reads the old input (directly, or through values computed from it,
 which Inductor may inline into a later kernel) comes before it, and the ops after it that read the new value read
-the written input instead, which holds the same numbers.
+the written input instead, which holds the same numbers. A value written back to two inputs (``seen.copy_(ema)``)
+stays where it is: moving one write would make the other read the first.
+
+:func:`optcapture.lowering._batched_step_passes` runs it on the CPU only, until a GPU run has tested it.
 """
 
 from __future__ import annotations
