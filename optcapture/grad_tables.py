@@ -68,10 +68,9 @@ class GradTable:
         self.virtual = claim()
         self.addresses = self.descriptor[self.addresses_at * 8:self.limits_at * 8].view(torch.int64)
         self._offset_bytes = [o * itemsize for o in offsets]
-        # The strides each grad must have where a param is not contiguous (None: every member is): a grad of its
-        # param's dense layout holds its elements in the order of the param's slot.
-        layouts = [None if dtensors.local(flat.params[j]).is_contiguous() else flat.strides[j] for j in positions]
-        self._strides = None if all(stride is None for stride in layouts) else layouts
+        # The order each grad must have where a param is not contiguous (None: every member is).
+        orders = [_order_of(dtensors.local(flat.params[j])) for j in positions]
+        self._orders = None if all(order is None for order in orders) else orders
         self._bound: list[int] = []
         # The address lists bound lately, on the device, by the addresses: grads that come back where they were
         # (the caching allocator hands a loop the same few blocks, step after step) are bound by a copy on the
@@ -98,7 +97,7 @@ class GradTable:
         pointers = list(map(_DATA_PTR, grads))
         if pointers == self._bound:
             return False
-        if not (all(map(_IS_CONTIGUOUS, grads)) if self._strides is None else _strides_are(grads, self._strides)):
+        if not (all(map(_IS_CONTIGUOUS, grads)) if self._orders is None else all(map(_in_order, grads, self._orders))):
             raise GradLayoutError("a grad does not have its param's layout (contiguous, or its param's "
                                   "channels_last strides): the step reads it through a table of addresses")
         key = tuple(pointers)
@@ -130,11 +129,16 @@ _LOCAL = _compat.LOCAL_TENSOR
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
-def _strides_are(grads: Sequence[torch.Tensor], strides: Sequence[tuple[int, ...] | None]) -> bool:
-    """Each grad is contiguous where its param is (None: the strides of dims of size 1 do not matter), and has
-    exactly its param's strides elsewhere (dense ones, same shape: then the grad is dense too)."""
-    return all(grad.is_contiguous() if stride is None else tuple(grad.stride()) == stride
-               for grad, stride in zip(grads, strides, strict=True))
+def _order_of(p: torch.Tensor) -> tuple[int, ...] | None:
+    """The element order a kernel reading ``p``'s slot expects of its grad: None for a contiguous param (strides of
+    dims of size 1 do not matter), else the param's own (dense) strides."""
+    return None if p.is_contiguous() else tuple(p.stride())
+
+
+def _in_order(grad: torch.Tensor, order: tuple[int, ...] | None) -> bool:
+    """``grad`` (of its param's shape) holds its elements in ``order`` (:func:`_order_of`): contiguous, or with
+    exactly the param's dense strides, which make it dense too."""
+    return grad.is_contiguous() if order is None else tuple(grad.stride()) == order
 
 
 @contextlib.contextmanager
@@ -174,8 +178,7 @@ def grads_fit_table(flat: FlatGroup, positions: tuple[int, ...]) -> str | None:
         p = dtensors.local(flat.params[j])
         grad = None if flat.params[j].grad is None else dtensors.local(flat.params[j].grad)
         if grad is None or type(grad) is not torch.Tensor or grad.dtype != p.dtype or grad.device != p.device \
-                or grad.layout != torch.strided or grad.shape != p.shape \
-                or (not grad.is_contiguous() if p.is_contiguous() else grad.stride() != p.stride()):
+                or grad.layout != torch.strided or grad.shape != p.shape or not _in_order(grad, _order_of(p)):
             return f"the grad of member {j} is not a tensor of its param's shape and layout"
     return None
 

@@ -407,10 +407,10 @@ def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, Fla
         elsewhere = next(_states_elsewhere(flat, optimizer), None)
         if elsewhere is not None:
             role, j, value = elsewhere
-            layout = ("" if _like_param(value, flat.params[j]) or value.shape != flat.params[j].shape
-                      or value.dtype != flat.params[j].dtype else
-                      f", strides {tuple(dtensors.local(value).stride())} against its param's "
-                      f"{tuple(dtensors.local(flat.params[j]).stride())}: another element order")
+            local, param = dtensors.local(value), dtensors.local(flat.params[j])
+            layout = ("" if local.shape != param.shape or local.dtype != param.dtype or same_order(local, param) else
+                      f", strides {tuple(local.stride())} against its param's {tuple(param.stride())}: another element "
+                      "order")
             raise CaptureError(f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not "
                                f"in flat storage (shape {tuple(value.shape)} {value.dtype}, its param's "
                                f"{tuple(flat.shapes[j])} {flat.params[j].dtype}{layout})")

@@ -259,7 +259,7 @@ class AddressGraphs:
 
 
 def _stageable(tensors: Sequence[torch.Tensor], moving: list[int]) -> bool:
-    """Whether the inputs at ``moving`` may be swapped for copies: dense, none sharing memory with another input
+    """Whether the inputs at ``moving`` may be swapped for copies: contiguous, none sharing memory with another input
     (a write through one would not reach the other), and small enough (:data:`_LARGEST_STAGED`)."""
     movers = [tensors[i] for i in moving]
     if sum(t.numel() * t.element_size() for t in movers) > _LARGEST_STAGED:

@@ -71,8 +71,7 @@ def move_state_writes_up(graph: torch.fx.Graph) -> int:
         # the written input) would read the new numbers: the write stays where it is.
         if _read_after([node for node in nodes if node is not write], place, target, value):
             continue
-        position = {node: n for n, node in enumerate(nodes)}
-        readers = [user for user in value.users if user is not write and position[user] > place]
+        readers = [user for user in value.users if user is not write]  # all after ``value``: the graph is in order
         value.append(write)
         for reader in readers:
             reader.replace_input_with(value, write)
