@@ -126,7 +126,7 @@ def _say_if_recompiling_every_step(step: StepGraph) -> None:
 
 def _read_cycled_floats_as_inputs(step: StepGraph) -> None:
     """Have Dynamo trace a capturable step again, now, with the floats a scheduler cycles as inputs: the capture
-    follows them, and the step compiles once instead of again at the scheduler's first change (issue #2)."""
+    follows them, and the step compiles once instead of again at the scheduler's first change."""
     if step.optimizer is None or step.blockers:
         return
     cycled = cycled_floats_held_constant(step)

@@ -187,7 +187,7 @@ def cycled_floats_held_constant(step: StepGraph) -> set[tuple[int, str]]:
     """(group, key) of each float a scheduler cycles that the graph holds as a constant, so each new value would
     recompile the step: OneCycleLR and CyclicLR (``cycle_momentum=True``) mark the groups they cycle with
     ``base_momentum``/``max_momentum`` and write ``betas[0]`` (a device tensor here: nothing to do) or ``momentum``
-    (a float: it steers control flow) (torch/optim/lr_scheduler.py, issue #2)."""
+    (a float: it steers control flow) (torch/optim/lr_scheduler.py)."""
     optimizer = step.optimizer
     if optimizer is None:
         return set()

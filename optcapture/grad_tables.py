@@ -27,7 +27,7 @@ from optcapture.preparation import CudaArrayInterface, FlatGroup
 
 
 class GradTable:
-    """What a bucket kernel reads a run's grads through, wherever autograd allocated them (issue #2).
+    """What a bucket kernel reads a run's grads through, wherever autograd allocated them.
 
     ``descriptor`` holds, in this order: an int32 per chunk of ``chunk`` elements naming the member that owns
     it; per member, an int64 address (its grad's ``data_ptr`` minus its offset in bytes); per member, an

@@ -1,7 +1,7 @@
 """Lane analysis: split a traced optimizer step into one program per parameter ("lane").
 
 Used by discovery to prove that an update is elementwise and the same for every tensor of a
-bucket, which is what makes it legal to run it once over flat storage (issue #4).
+bucket, which is what makes it legal to run it once over flat storage.
 
 Invariant: :func:`analyze` only reports ``elementwise=True`` when every op touching a lane is
 on the pointwise allowlist, no op mixes two lanes, every lane value has its param's shape (or

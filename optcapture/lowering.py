@@ -36,7 +36,7 @@ from optcapture.config import CaptureConfig
 from optcapture.errors import CaptureError, FloatsSpecialized
 from optcapture.grad_tables import GradTable
 from optcapture.graph_outputs import host_outputs
-from optcapture.rewrites import scalars_once, state_writes_early
+from optcapture.rewrites import matmul_operands, scalars_once, state_writes_early
 from optcapture.rewrites.indirect_grad_loads import IndirectGrad, IndirectGradLoads
 from optcapture.shadows import ShadowStep, is_stock
 
@@ -73,20 +73,27 @@ def _scalars_once() -> dict[str, Any]:
     return {"post_grad_custom_post_pass": scalars_once.inductor_pass()}
 
 
+def _batched_step_pass(graph: torch.fx.Graph) -> None:
+    state_writes_early.move_state_writes_up(graph)
+    matmul_operands.realize_shared_operands(graph)
+    scalars_once.realize_costly_scalars(graph)
+
+
 def _batched_step_passes(device: torch.device) -> dict[str, Any]:
     """The patch of a batched step: state written back where it is computed (:mod:`optcapture.rewrites.
-    state_writes_early`), the values read by several kernels recomputed in each, and the costly scalars computed
-    once. A user's own post-grad pass is kept, and then neither rewrite runs.
+    state_writes_early`), a matmul operand that other ops read too stored once (:mod:`optcapture.rewrites.
+    matmul_operands`), and the costly scalars computed once. A user's own post-grad pass is kept, and then none of
+    them runs.
 
-    The first rewrite runs on the CPU only for now: it has been measured and tested there, and not yet on a GPU,
-    where the batched step keeps Inductor's own kernels (with its costly scalars computed once)."""
+    The first two run on the CPU only for now: they have been measured and tested there, and not yet on a GPU, where
+    the batched step keeps Inductor's own kernels (with its costly scalars computed once)."""
     if device.type != "cpu":
         return _scalars_once()
     if _compat.custom_post_grad_pass() is not None:
         log.info("a post_grad_custom_post_pass is set: the batched step's kernels are Inductor's own")
         return {}
-    return {"post_grad_custom_post_pass": state_writes_early.inductor_pass(),
-            "realize_reads_threshold": state_writes_early.INLINED_READS}
+    return {"post_grad_custom_post_pass": _compat.post_grad_pass(
+        _batched_step_pass, __file__, state_writes_early.__file__, matmul_operands.__file__, scalars_once.__file__)}
 
 
 # A cached graph would skip the kernel rewrite; block pointers and combo kernels would load grads in forms
@@ -106,7 +113,7 @@ class _ShadowRunner:
     from then on it makes that call itself.
 
     Why: the shadow's frame costs tens of microseconds a step (entering Dynamo, guards, fetching inputs), a
-    large share of a launch-bound step (issue #4). What the frame guards is the capture's own: flat storage,
+    large share of a launch-bound step. What the frame guards is the capture's own: flat storage,
     device hyperparameters written in place, a shadow optimizer no user code sees; what can still change
     (the real optimizer's float hyperparameters, its storage) is checked by the replay stage every step and
     rebuilds the capture. Never skipped: a frame that reads a Python value the replay stage rewrites each step
@@ -266,7 +273,7 @@ def lower_shadow(shadow: ShadowStep, config: CaptureConfig, device: torch.device
 def _prime_followed(shadow_step: Callable[[], None], followed: Sequence[tuple[dict[str, Any], str]],
                     compiles: Callable[[], int]) -> tuple[str, ...]:
     """Trace the shadow once more with each followed number moved, so that Dynamo's automatic dynamic makes them
-    inputs now, at capture, instead of recompiling at the first change (issue #2: a cycled ``momentum`` never
+    inputs now, at capture, instead of recompiling at the first change (a cycled ``momentum`` never
     recompiles the step; a counter the step keeps in its param group changes every step).
 
     Best effort: if this trace fails, the shadow recompiles once at the first change instead. A float is moved a

@@ -236,11 +236,11 @@ def test_priming_skips_the_trace_when_every_followed_value_is_zero() -> None:
 
 
 def test_the_batched_step_writes_state_early_on_the_cpu_only_until_a_gpu_run_proves_it() -> None:
-    from optcapture.rewrites import scalars_once, state_writes_early
+    from optcapture.rewrites import scalars_once
 
     cpu = lowering._batched_step_passes(torch.device("cpu"))
     cuda = lowering._batched_step_passes(torch.device("cuda"))
-    assert cpu["realize_reads_threshold"] == state_writes_early.INLINED_READS
+    assert set(cpu) == {"post_grad_custom_post_pass"}  # Inductor's own realize_reads_threshold
     assert cpu["post_grad_custom_post_pass"].uuid() != cuda["post_grad_custom_post_pass"].uuid()
     assert set(cuda) == {"post_grad_custom_post_pass"}
     assert cuda["post_grad_custom_post_pass"].uuid() == scalars_once.inductor_pass().uuid()

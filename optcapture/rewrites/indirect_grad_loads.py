@@ -1,4 +1,4 @@
-"""Rewrite: a bucket kernel reads each grad where autograd left it, through a table of addresses (issue #2).
+"""Rewrite: a bucket kernel reads each grad where autograd left it, through a table of addresses.
 
 The bucketed step is traced over a *virtual* flat grad: a tensor of the run's length whose memory is only a
 small descriptor (see :class:`optcapture.grad_tables.GradTable`). Every Triton load of it,

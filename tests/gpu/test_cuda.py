@@ -560,6 +560,29 @@ def test_lane_local_updates_are_batched_by_shape_and_match_eager_cuda(name: str)
     assert report.path == "bucketed" and report.batches == 3, report
 
 
+@pytest.mark.parametrize("name", ["GlobalClipLamb", "StackedNormsLars"])
+def test_a_global_grad_norm_is_batched_and_matches_eager_over_groups_and_missing_grads_cuda(name: str) -> None:
+    # Norms reduced across every batch, then updates per batch; one param without a grad at two steps is left out of
+    # the norm as eager leaves it. Same-shape members of a batch are one view of flat storage, their state written
+    # back in place.
+    import lane_local_optimizers
+
+    make = getattr(lane_local_optimizers, name)
+    shapes = [(64, 32), (32,), (64, 32), (32,), (32, 64), (64, 32), (32,)]
+
+    def two_groups(params: Any) -> torch.optim.Optimizer:
+        listed = list(params)
+        return make([{"params": listed[:4]}, {"params": listed[4:], "lr": 5e-3}])  # type: ignore[no-any-return]
+
+    pair = make_pair(two_groups, model=_shapes_model(shapes))
+    for seed in range(6):
+        step_both(pair, seed, present=lambda i, seed=seed: not (i == 4 and seed in (2, 3)))
+        assert_matches_eager(pair, atol=1e-5, rtol=1e-5)
+    reports = optcapture.explain(pair.optimizer)
+    assert {r.path for r in reports} <= {"first-step", "bucketed"}, [r.reasons for r in reports]
+    assert any(r.path == "bucketed" for r in reports), reports
+
+
 def test_torch_muon_is_batched_and_as_close_to_eager_as_stock_compile_cuda() -> None:
     # torch.optim.Muon orthogonalises in bfloat16: no two implementations agree to float32 tolerance, so the bar is
     # stock torch.compile's own distance from eager.
