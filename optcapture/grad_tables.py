@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from optcapture import _compat, dtensors
-from optcapture.preparation import CudaArrayInterface, FlatGroup
+from optcapture.preparation import FlatGroup
+from optcapture.slots import CudaArrayInterface
 
 
 class GradTable:

@@ -1,7 +1,8 @@
 """Stage 2, preparation: give every bucketed param, grad and state tensor a stable home in flat storage.
 
 For each param group x device x dtype, optcapture owns one flat buffer per role (param, grad, and
-each per-param state key) and one vector per scalar-state key (step counters, ...). The user's
+each per-param state key, in the params' dtype or in the one other dtype all of that key's tensors have: a
+bfloat16 momentum beside float32 params) and one vector per scalar-state key (step counters, ...). The user's
 tensors are *re-homed* into it: the same tensor objects (``nn.Parameter`` identity, ``state``
 entries) now use a storage of exactly their own size that points into the flat buffer and keeps it
 alive. So ``torch.save``/safetensors see one tensor per storage, ``copy.deepcopy`` copies only the
@@ -20,7 +21,6 @@ reads grads where autograd left them are :mod:`optcapture.grad_tables`.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import math
@@ -36,6 +36,7 @@ from optcapture.discovery import BucketKey, StepGraph
 from optcapture.eligible import FLAT_STORAGE, HOME_STORAGE, bucketable
 from optcapture.errors import CaptureError
 from optcapture.input_roles import is_per_element_state, per_element_state_keys
+from optcapture.slots import Stride, alias, own_stride, same_order
 
 log = logging.getLogger(__name__)
 
@@ -45,59 +46,6 @@ BOOKKEEPING_KEYS = frozenset({"params", "param_names", "initial_lr", "max_lr", "
 # Keys of a param group that are never hyperparameters of the update itself.
 NON_HYPER_KEYS = BOOKKEEPING_KEYS | {"foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad",
                                     "nesterov", "centered", "decoupled_weight_decay"}
-
-
-class CudaArrayInterface:
-    """``nbytes`` of device memory at ``address``, as ``torch.as_tensor`` takes them, keeping ``owner`` alive."""
-
-    def __init__(self, owner: torch.Tensor, address: int, nbytes: int) -> None:
-        self.owner = owner  # keeps the flat buffer alive as long as any alias exists
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (address, False),
-                                         "version": 3, "strides": None}
-
-
-Stride = tuple[int, ...]
-
-
-def alias(owner: torch.Tensor, offset: int, shape: torch.Size, stride: Stride | None = None) -> torch.Tensor:
-    """A tensor of ``shape`` at element ``offset`` of ``owner`` with a storage of its own size: contiguous, or of
-    ``stride``, a dense layout of ``shape`` (channels_last), which spans the same ``prod(shape)`` elements.
-
-    The storage points into ``owner``'s memory and holds a reference to ``owner``.
-    """
-    numel = math.prod(shape)
-    nbytes = numel * owner.element_size()
-    address = owner.data_ptr() + offset * owner.element_size()
-    if owner.device.type == "cuda":
-        raw = torch.as_tensor(CudaArrayInterface(owner, address, nbytes), device=owner.device)
-    elif owner.device.type == "cpu":
-        buffer = (ctypes.c_char * max(nbytes, 1)).from_address(address)
-        buffer._optcapture_owner = owner  # type: ignore[attr-defined]
-        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
-    else:
-        raise NotImplementedError(f"flat storage on {owner.device.type} devices")
-    typed = raw.view(owner.dtype)
-    return typed.view(shape) if stride is None else typed.as_strided(shape, stride)
-
-
-def own_stride(tensor: torch.Tensor) -> Stride | None:
-    """``tensor``'s strides where they are not the contiguous ones of its shape (channels_last; also a 1 x 1 conv's
-    weight in channels_last, which is contiguous but strided otherwise on its dims of size 1); None where they are.
-    A tensor moved into a slot keeps its exact strides, which Dynamo's guards of the step check. An elementwise
-    update is the same in any element order as long as the param, its grad and its state share the order, so flat
-    storage keeps each param's own (what autograd's grads and ``zeros_like`` state follow)."""
-    stride, expected = tuple(tensor.stride()), []
-    step = 1
-    for size in reversed(tensor.shape):
-        expected.append(step)
-        step *= max(size, 1)
-    return None if stride == tuple(reversed(expected)) else stride
-
-
-def same_order(tensor: torch.Tensor, other: torch.Tensor) -> bool:
-    """Two tensors of one shape hold their elements in the same order (strides equal on every dim of size > 1)."""
-    return tensor.shape == other.shape and all(
-        a == b for size, a, b in zip(tensor.shape, tensor.stride(), other.stride(), strict=True) if size != 1)
 
 
 RoleKind = Literal["param", "grad", "state", "scalar"]
@@ -238,11 +186,12 @@ def _states_elsewhere(flat: FlatGroup, optimizer: torch.optim.Optimizer) -> Iter
                 yield role, j, value
 
 
-def _flat_buffer(numel: int, key: BucketKey, slots: Sequence[tuple[int, int]]) -> torch.Tensor:
+def _flat_buffer(numel: int, key: BucketKey, slots: Sequence[tuple[int, int]],
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """A flat buffer of one role of a bucket, at a stable address, with zeros between the ``slots`` ((offset,
     numel) of each member, in order): what the slots will hold is written by the caller. Allocated, not written,
     so that on CPU no page is backed before its slot is filled."""
-    flat = torch.empty(numel, dtype=key.dtype, device=key.device)
+    flat = torch.empty(numel, dtype=dtype or key.dtype, device=key.device)
     setattr(flat, FLAT_STORAGE, True)
     end = 0
     with torch.no_grad():
@@ -275,7 +224,8 @@ def _state_roles(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor
 
 def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[torch.Size],
                     strides: Sequence[Stride | None], offsets: Sequence[int], total: int, key: BucketKey,
-                    staged_on_host: bool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    staged_on_host: bool | None = None, dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat buffer holding ``tensors`` (None: a member without this state; its slot is zeros), each re-homed
     into its slot: the same tensor object, now using a storage of its own size inside the buffer.
 
@@ -298,7 +248,7 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
                 staged.append(None if tensor is None else tensor.detach().to("cpu", copy=True))
                 if tensor is not None:
                     tensor.data = tensor.new_empty(0)  # released, unless something else holds the storage
-            flat = _flat_buffer(total, key, slots)
+            flat = _flat_buffer(total, key, slots, dtype)
         except BaseException:
             with torch.no_grad():
                 for tensor, copy in zip(tensors, staged, strict=False):
@@ -306,7 +256,7 @@ def _move_into_flat(tensors: Sequence[torch.Tensor | None], shapes: Sequence[tor
                         tensor.data = copy.to(key.device)
             raise
     else:
-        flat = _flat_buffer(total, key, slots)
+        flat = _flat_buffer(total, key, slots, dtype)
     homes = []
     with torch.no_grad():
         for j, (tensor, shape, stride, (offset, numel)) in enumerate(zip(tensors, shapes, strides, slots,
@@ -351,15 +301,18 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     tensor_keys, scalar_keys = _state_roles(optimizer, params)
     flats: dict[Role, torch.Tensor] = {}
     homes: dict[Role, list[torch.Tensor]] = {}
+    role_dtypes = _state_dtypes(optimizer, params, tensor_keys, key.dtype)
     for role in [PARAM, *(Role("state", k) for k in tensor_keys)]:
         members: list[torch.Tensor | None] = []
         for p in params:
             tensor = p if role == PARAM else optimizer.state.get(p, {}).get(role.key)
-            # Only a tensor of its param's shape, dtype, device and layout: copying another into the slot would
-            # change the user's state (timm's AdafactorBigVision keeps exp_avg in bfloat16 beside float32 params),
-            # and a slot holds its elements in its param's order.
-            members.append(tensor if isinstance(tensor, torch.Tensor) and _like_param(tensor, p) else None)
-        flats[role], homes[role] = _move_into_flat(members, shapes, strides, offsets, total, key)
+            # Only a tensor of its param's shape, device and layout and of the role's dtype: copying another into
+            # the slot would change the user's state (a float32 slot made timm's AdafactorBigVision's bfloat16
+            # exp_avg float32), and a slot holds its elements in its param's order.
+            members.append(tensor if isinstance(tensor, torch.Tensor) and _like_param(tensor, p, role_dtypes.get(role))
+                           else None)
+        flats[role], homes[role] = _move_into_flat(members, shapes, strides, offsets, total, key,
+                                                   dtype=role_dtypes.get(role))
     for j, p in enumerate(params):
         shard = fsdp.get(id(p))
         if shard is not None:
@@ -389,9 +342,24 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     return FlatGroup(key, params, indices, offsets, shapes, strides, total, flats, scalars, homes)
 
 
-def _like_param(tensor: torch.Tensor, p: torch.Tensor) -> bool:
-    """``tensor`` can live in ``p``'s slot of another role as it is: same shape, dtype, device, element order."""
-    return (tensor.shape == p.shape and tensor.dtype == p.dtype and tensor.device == p.device
+def _state_dtypes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], keys: Sequence[str],
+                  param_dtype: torch.dtype) -> dict[Role, torch.dtype]:
+    """The state keys whose tensors all have one floating dtype other than their params' (a bfloat16 momentum
+    beside float32 params): flat storage of that key holds that dtype."""
+    dtypes: dict[Role, torch.dtype] = {}
+    for k in keys:
+        seen = {value.dtype for p in params if isinstance(value := optimizer.state.get(p, {}).get(k), torch.Tensor)}
+        if len(seen) == 1:
+            (dtype,) = seen
+            if dtype != param_dtype and dtype.is_floating_point:
+                dtypes[Role("state", k)] = dtype
+    return dtypes
+
+
+def _like_param(tensor: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """``tensor`` can live in ``p``'s slot of another role as it is: same shape, device, element order, and the
+    role's dtype (its param's unless :func:`_state_dtypes` gives the role another)."""
+    return (tensor.shape == p.shape and tensor.dtype == (dtype or p.dtype) and tensor.device == p.device
             and same_order(dtensors.local(tensor), dtensors.local(p))
             and dtensors.differs_because(p, tensor, "state") is None)
 

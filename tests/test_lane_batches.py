@@ -21,6 +21,7 @@ from helpers import (
     step_both,
 )
 from lane_local_optimizers import (
+    Bf16MomentumLamb,
     CounterReadBeforeWriteRmsAdam,
     CounterResultReadRmsAdam,
     Float32Muon,
@@ -106,6 +107,25 @@ def test_torch_muon_is_batched_and_as_close_to_eager_as_stock_compile() -> None:
         return max(float((a - b).abs().max()) for a, b in zip(finals[name], finals["eager-reference"], strict=True))
 
     assert distance("optcapture") <= 2 * distance("inductor") + 1e-3, (distance("optcapture"), distance("inductor"))
+
+
+def test_a_bfloat16_moment_beside_float32_params_is_batched_in_flat_storage_of_its_own_dtype() -> None:
+    # Inductor rounds the fused bfloat16 moment once where eager rounds each op: stock torch.compile's own distance
+    # from eager is the bar.
+    pair = make_pair(lambda p: Bf16MomentumLamb(p), model=_model(MIXED))
+    stock_model = copy.deepcopy(pair.eager_model)
+    stock = Bf16MomentumLamb(stock_model.parameters())
+    stock_step = torch.compile(stock.step, backend="inductor")
+    for seed in range(5):
+        step_both(pair, seed)
+        for p, q in zip(stock_model.parameters(), pair.eager_model.parameters(), strict=True):
+            p.grad = q.grad.clone()
+        stock_step()
+    for p, q, r in zip(pair.model.parameters(), pair.eager_model.parameters(), stock_model.parameters(), strict=True):
+        assert pair.optimizer.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert (p - q).abs().max() <= 2 * (r - q).abs().max() + 1e-6, ((p - q).abs().max(), (r - q).abs().max())
+    report = optcapture.explain(pair.optimizer)[-1]
+    assert report.path == "bucketed" and report.batches == 3, report
 
 
 def test_kernels_follow_the_shapes_not_the_tensor_count() -> None:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from optcapture.discovery import BucketKey
-from optcapture.preparation import FlatGroup, alias
+from optcapture.preparation import FlatGroup
+from optcapture.slots import alias
 
 Picker = Callable[[Sequence[Any]], tuple[Any, ...]]
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from optcapture.preparation import alias
 from optcapture.replay.grad_copies import GradCopies
+from optcapture.slots import alias
 
 
 @dataclasses.dataclass
