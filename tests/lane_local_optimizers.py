@@ -15,7 +15,7 @@ from optcapture.bench.methods import Lamb as TrustRatioLamb  # the benchmark's L
 
 __all__ = ["CounterReadBeforeWriteRmsAdam", "CounterResultReadRmsAdam", "Float32Muon", "ForeachNovoGrad",
            "GlobalClipLamb", "GroupStepRmsAdam", "GroupTensorStepRmsAdam", "ParamStepRmsAdam", "RowScaledSGD",
-           "StackedNormsLars", "TrustRatioLamb", "Bf16MomentumLamb"]
+           "StackedNormsLars", "TrustRatioLamb", "Bf16MomentumLamb", "Bf16MomentumAdamW"]
 
 
 class ForeachNovoGrad(torch.optim.Optimizer):
@@ -306,3 +306,31 @@ class Bf16MomentumLamb(TrustRatioLamb):
                 trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
                                     torch.ones_like(weight_norm))
                 p.add_(update * trust, alpha=-group["lr"])
+
+
+class Bf16MomentumAdamW(torch.optim.Optimizer):
+    """AdamW with its first moment kept in bfloat16 beside float32 params and second moment: elementwise."""
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].lerp_(p.grad.to(torch.bfloat16), 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                corrected_avg = state["exp_avg"].float() / (1 - beta1 ** state["step"])
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt().add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(corrected_avg, denom, value=-group["lr"])
