@@ -79,9 +79,10 @@ class FlatGroup:
     scalars: dict[str, torch.Tensor]  # scalar-state key -> vector with one entry per member
     homes: dict[Role, list[torch.Tensor]]  # role -> per member: the alias the user's tensor was re-homed to
     grad_homes: list[torch.Tensor] = dataclasses.field(default_factory=list)  # per member: its grad slot
-    # ids of the state tensors left where they were when this storage was built (another shape, dtype or device
-    # than their param's; :func:`prepare` refuses the group): while exactly these stay there, the storage is current
-    # and a new capture attempt does not move every tensor again only to be refused again.
+    # ids of the state tensors left where they were when this storage was built (another shape, device or element
+    # order than their param's, another dtype than their slot's; :func:`prepare` refuses the group): while exactly
+    # these stay there, the storage is current and a new capture attempt does not move every tensor again only to
+    # be refused again.
     left_elsewhere: frozenset[int] = frozenset()
 
     def slot(self, member: int) -> slice:
@@ -366,8 +367,9 @@ def _like_param(tensor: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None
 
 def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, FlatGroup]:
     """Re-home the tensors of every bucket of ``step`` into flat storage (reusing what exists). Raises
-    :class:`CaptureError` when a member's state of a key flat storage holds is not in it (another shape, dtype or
-    device than its param's): its slot holds zeros, which a bucketed step would read in its place."""
+    :class:`CaptureError` when a member's state of a key flat storage holds is not in it (another shape, device or
+    element order than its param's, or another dtype than its slot's): its slot holds zeros, which a bucketed step
+    would read in its place."""
     flats = {bucket.key: prepared.flat_group(bucket.key) for bucket in step.buckets}
     optimizer = prepared.optimizer_ref()
     assert optimizer is not None
@@ -376,10 +378,12 @@ def prepare(step: StepGraph, prepared: PreparedOptimizer) -> dict[BucketKey, Fla
         if elsewhere is not None:
             role, j, value = elsewhere
             local, param = dtensors.local(value), dtensors.local(flat.params[j])
-            layout = ("" if local.shape != param.shape or local.dtype != param.dtype or same_order(local, param) else
+            slot_dtype = flat.flats[role].dtype  # the param's, or the one other dtype of all the key's tensors
+            layout = ("" if local.shape != param.shape or local.dtype != slot_dtype or same_order(local, param) else
                       f", strides {tuple(local.stride())} against its param's {tuple(param.stride())}: another element "
                       "order")
+            slot = (f"its param's {tuple(flat.shapes[j])} {slot_dtype}" if slot_dtype == flat.params[j].dtype else
+                    f"its slot's {tuple(flat.shapes[j])} {slot_dtype}, the dtype of the key's other tensors")
             raise CaptureError(f"state {role.key!r} of param {flat.param_indices[j]} of group {flat.key.group} is not "
-                               f"in flat storage (shape {tuple(value.shape)} {value.dtype}, its param's "
-                               f"{tuple(flat.shapes[j])} {flat.params[j].dtype}{layout})")
+                               f"in flat storage (shape {tuple(value.shape)} {value.dtype}, {slot}{layout})")
     return flats

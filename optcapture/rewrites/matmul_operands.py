@@ -1,5 +1,5 @@
-"""Rewrite: a matmul operand that other ops of the step read too is stored once, where it is computed, and every
-reader loads it, instead of each pointwise reader recomputing it from its own inputs.
+"""Rewrite: a matmul operand that other ops of the step read too (or a second matmul) is stored once, where it is
+computed, and every reader loads it, instead of each pointwise reader recomputing it from its own inputs.
 
 A batched step of Muon (:mod:`optcapture.lane_batches`) runs the Newton-Schulz iteration on ``[lanes, m, n]`` batches:
 each iterate ``X = a * X + B @ X`` is an operand of the next iteration's ``bmm`` calls and is read by the next
@@ -14,7 +14,8 @@ over a ``[2, 64, 192]`` batch on the CPU (torch 2.13) shows the same recomputati
 This pass marks such an operand to be realized in its own buffer (``_compat.realize_in_own_buffer``); the matmul and
 the pointwise readers then load it.
 
-Invariant: the pass only marks nodes; it never changes what the graph computes.
+Invariant: the pass only marks nodes; it changes no op. A stored value is rounded to its dtype where the inlined chain
+kept float32 (a bfloat16 iterate, as eager rounds it), so in low precision the results move by that rounding.
 """
 
 from __future__ import annotations
