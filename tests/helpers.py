@@ -184,6 +184,41 @@ def stock_variants() -> dict[str, MakeOptimizer]:
             for name, make in STOCK.items() for foreach in (False, True)}
 
 
+@dataclasses.dataclass
+class BackendRun:
+    """The params after :func:`run_backends`' steps under one backend, and the optimizer that stepped them."""
+
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def run_backends(build: Callable[[], tuple[nn.Module, torch.optim.Optimizer]], steps: int,
+                 device: str = "cpu") -> dict[str, BackendRun]:
+    """Eager (``"eager-reference"``), stock ``torch.compile`` and optcapture, each stepping its own ``build()``
+    ``steps`` times over the same random grads: for an optimizer that computes in low precision, where no two
+    kernels agree to float32 tolerance and stock compile's own distance from eager is the bar."""
+    runs = {}
+    for backend in ("eager-reference", "inductor", "optcapture"):
+        model, optimizer = build()
+        step = optimizer.step if backend == "eager-reference" else torch.compile(optimizer.step, backend=backend)
+        generator = torch.Generator(device=device).manual_seed(0)
+        for _ in range(steps):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, device=device, generator=generator)
+            step()
+        runs[backend] = BackendRun([p.detach().clone() for p in model.parameters()], optimizer)
+    return runs
+
+
+def assert_as_close_to_eager_as_stock(runs: dict[str, BackendRun], slack: float) -> None:
+    """optcapture's params lie within twice stock compile's distance from eager, plus ``slack``."""
+    def distance(backend: str) -> float:
+        return max(float((a - b).abs().max())
+                   for a, b in zip(runs[backend].params, runs["eager-reference"].params, strict=True))
+
+    assert distance("optcapture") <= 2 * distance("inductor") + slack, (distance("optcapture"), distance("inductor"))
+
+
 def frame_reads_storage_offsets(*functions: Any) -> bool:
     """Whether a compiled frame of any of ``functions`` (and of what they wrap) passes tensors' storage offsets to
     its graph: Dynamo's bytecode calls ``call_storage_offset`` for each input it traced with a symbolic offset."""

@@ -14,9 +14,11 @@ from helpers import (
     GlobalNormSGD,
     NormalizedSGD,
     SummedNormSGD,
+    assert_as_close_to_eager_as_stock,
     assert_matches_eager,
     make_pair,
     paths,
+    run_backends,
     set_grads,
     step_both,
 )
@@ -87,45 +89,29 @@ def test_torch_muon_is_batched_and_as_close_to_eager_as_stock_compile() -> None:
     # torch.optim.Muon orthogonalises in bfloat16, where no two kernels agree to float32 tolerance: the bar is stock
     # torch.compile's own distance from eager. The batched iterates are stored once each (rewrites.matmul_operands),
     # rounded to bfloat16 as eager rounds them.
-    shapes = [(64, 32), (32, 64), (64, 32), (48, 48)]
-    finals = {}
-    for backend in ("eager-reference", "inductor", "optcapture"):
-        model = _model(shapes)
-        optimizer = torch.optim.Muon(model.parameters(), lr=0.02)
-        step = optimizer.step if backend == "eager-reference" else torch.compile(optimizer.step, backend=backend)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(4):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=generator)
-            step()
-        finals[backend] = [p.detach().clone() for p in model.parameters()]
-        if backend == "optcapture":
-            report = optcapture.explain(optimizer)[-1]
-            assert report.path == "bucketed" and report.batches == 3, report
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _model([(64, 32), (32, 64), (64, 32), (48, 48)])
+        return model, torch.optim.Muon(model.parameters(), lr=0.02)
 
-    def distance(name: str) -> float:
-        return max(float((a - b).abs().max()) for a, b in zip(finals[name], finals["eager-reference"], strict=True))
-
-    assert distance("optcapture") <= 2 * distance("inductor") + 1e-3, (distance("optcapture"), distance("inductor"))
+    runs = run_backends(build, steps=4)
+    report = optcapture.explain(runs["optcapture"].optimizer)[-1]
+    assert report.path == "bucketed" and report.batches == 3, report
+    assert_as_close_to_eager_as_stock(runs, slack=1e-3)
 
 
 def test_a_bfloat16_moment_beside_float32_params_is_batched_in_flat_storage_of_its_own_dtype() -> None:
     # Inductor rounds the fused bfloat16 moment once where eager rounds each op: stock torch.compile's own distance
     # from eager is the bar.
-    pair = make_pair(lambda p: Bf16MomentumLamb(p), model=_model(MIXED))
-    stock_model = copy.deepcopy(pair.eager_model)
-    stock = Bf16MomentumLamb(stock_model.parameters())
-    stock_step = torch.compile(stock.step, backend="inductor")
-    for seed in range(5):
-        step_both(pair, seed)
-        for p, q in zip(stock_model.parameters(), pair.eager_model.parameters(), strict=True):
-            p.grad = q.grad.clone()
-        stock_step()
-    for p, q, r in zip(pair.model.parameters(), pair.eager_model.parameters(), stock_model.parameters(), strict=True):
-        assert pair.optimizer.state[p]["exp_avg"].dtype == torch.bfloat16
-        assert (p - q).abs().max() <= 2 * (r - q).abs().max() + 1e-6, ((p - q).abs().max(), (r - q).abs().max())
-    report = optcapture.explain(pair.optimizer)[-1]
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _model(MIXED)
+        return model, Bf16MomentumLamb(model.parameters())
+
+    runs = run_backends(build, steps=5)
+    optimizer = runs["optcapture"].optimizer
+    assert {state["exp_avg"].dtype for state in optimizer.state.values()} == {torch.bfloat16}
+    report = optcapture.explain(optimizer)[-1]
     assert report.path == "bucketed" and report.batches == 3, report
+    assert_as_close_to_eager_as_stock(runs, slack=1e-6)
 
 
 def test_kernels_follow_the_shapes_not_the_tensor_count() -> None:

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_pair, paths, step_both, stock_variants, warmup_from_zero
+from helpers import (
+    assert_as_close_to_eager_as_stock,
+    assert_matches_eager,
+    make_pair,
+    paths,
+    run_backends,
+    step_both,
+    stock_variants,
+    warmup_from_zero,
+)
 from torch.testing._internal.common_optimizers import _get_optim_inputs_including_global_cliquey_kwargs, optim_db
 
 import optcapture
@@ -551,28 +560,16 @@ def test_a_bfloat16_moment_beside_float32_params_is_bucketed_and_as_close_to_eag
 
     _compat.reset_cudagraph_trees()
     make = getattr(lane_local_optimizers, name)
-    shapes = [(64, 32), (32,), (64, 32), (32,), (32, 64)]
-    finals, dtypes = {}, set()
-    for backend in ("eager-reference", "inductor", "optcapture"):
-        model = _shapes_model(shapes)
-        optimizer = make(model.parameters())
-        step = optimizer.step if backend == "eager-reference" else torch.compile(optimizer.step, backend=backend)
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        for _ in range(5):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, device="cuda", generator=generator)
-            step()
-        finals[backend] = [p.detach().clone() for p in model.parameters()]
-        if backend == "optcapture":
-            report = optcapture.explain(optimizer)[-1]
-            assert report.path == "bucketed", report
-            dtypes = {optimizer.state[p]["exp_avg"].dtype for p in model.parameters()}
-    assert dtypes == {torch.bfloat16}
 
-    def distance(backend: str) -> float:
-        return max(float((a - b).abs().max()) for a, b in zip(finals[backend], finals["eager-reference"], strict=True))
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = _shapes_model([(64, 32), (32,), (64, 32), (32,), (32, 64)])
+        return model, make(model.parameters())
 
-    assert distance("optcapture") <= 2 * distance("inductor") + 1e-6, (distance("optcapture"), distance("inductor"))
+    runs = run_backends(build, steps=5, device="cuda")
+    optimizer = runs["optcapture"].optimizer
+    assert {state["exp_avg"].dtype for state in optimizer.state.values()} == {torch.bfloat16}
+    assert optcapture.explain(optimizer)[-1].path == "bucketed", optcapture.explain(optimizer)
+    assert_as_close_to_eager_as_stock(runs, slack=1e-6)
 
 
 @pytest.mark.parametrize("name", ["TrustRatioLamb", "ForeachNovoGrad", "Float32Muon"])
@@ -618,26 +615,14 @@ def test_a_global_grad_norm_is_batched_and_matches_eager_over_groups_and_missing
 def test_torch_muon_is_batched_and_as_close_to_eager_as_stock_compile_cuda() -> None:
     # torch.optim.Muon orthogonalises in bfloat16: no two implementations agree to float32 tolerance, so the bar is
     # stock torch.compile's own distance from eager.
-    shapes = [(256, 128), (128, 256), (256, 128), (192, 192)]
-    finals = {}
-    for backend in ("eager-reference", "inductor", "optcapture"):
-        model = _shapes_model(shapes)
-        optimizer = torch.optim.Muon(model.parameters(), lr=0.02)
-        step = optimizer.step if backend == "eager-reference" else torch.compile(optimizer.step, backend=backend)
-        generator = torch.Generator(device="cuda").manual_seed(0)
-        for _ in range(5):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, device="cuda", generator=generator)
-            step()
-        finals[backend] = [p.detach().clone() for p in model.parameters()]
-        if backend == "optcapture":
-            report = optcapture.explain(optimizer)[-1]
-            assert report.path == "bucketed" and report.batches == 3, report
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = _shapes_model([(256, 128), (128, 256), (256, 128), (192, 192)])
+        return model, torch.optim.Muon(model.parameters(), lr=0.02)
 
-    def distance(name: str) -> float:
-        return max(float((a - b).abs().max()) for a, b in zip(finals[name], finals["eager-reference"], strict=True))
-
-    assert distance("optcapture") <= 2 * distance("inductor") + 1e-3, (distance("optcapture"), distance("inductor"))
+    runs = run_backends(build, steps=5, device="cuda")
+    report = optcapture.explain(runs["optcapture"].optimizer)[-1]
+    assert report.path == "bucketed" and report.batches == 3, report
+    assert_as_close_to_eager_as_stock(runs, slack=1e-3)
 
 
 def test_a_grad_that_is_not_contiguous_is_read_right_cuda() -> None:
