@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import NormalizedSGD, assert_matches_eager, make_pair, paths, step_both
+from user_optimizers import BufferMomentum
 
 import optcapture
 from optcapture.eligible import is_dense
@@ -51,29 +52,7 @@ def _train_both(pair: Any, steps: int, first_seed: int = 0) -> None:
             step()
 
 
-class UserMomentum(torch.optim.Optimizer):
-    """Momentum as users write it: state from ``zeros_like(p)``, which keeps the param's strides."""
-
-    def __init__(self, params: Any, lr: float = 0.01) -> None:
-        super().__init__(params, {"lr": lr})
-
-    def new_buffer(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(p)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["buf"] = self.new_buffer(p)
-                state["buf"].mul_(0.9).add_(p.grad)
-                p.add_(state["buf"], alpha=-group["lr"])
-
-
-class ContiguousStateMomentum(UserMomentum):
+class ContiguousStateMomentum(BufferMomentum):
     """Momentum kept in a contiguous buffer whatever its param's layout (``torch.zeros(p.shape)``)."""
 
     def new_buffer(self, p: torch.Tensor) -> torch.Tensor:
@@ -81,7 +60,7 @@ class ContiguousStateMomentum(UserMomentum):
 
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
-    "UserMomentum": UserMomentum,
+    "UserMomentum": BufferMomentum,  # state from ``zeros_like(p)``, which keeps the param's strides
     "AdamW": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
     "SGD-momentum": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True),
     "Adagrad": lambda p: torch.optim.Adagrad(p, lr=0.01),

@@ -18,6 +18,7 @@ from helpers import (
     set_grads,
     step_both,
 )
+from user_optimizers import BufferMomentum
 
 import optcapture
 from optcapture import preparation, registry
@@ -171,29 +172,20 @@ def test_tensors_moved_into_flat_storage_keep_identity_and_values(staged_on_host
     assert flat[6:8].tolist() == [0.0, 0.0] and flat[8:16].tolist() == [0.0] * 8 and flat[21:].tolist() == [0.0] * 3
 
 
-class _Bf16MomentumSGD(torch.optim.Optimizer):
+class _Bf16MomentumSGD(BufferMomentum):
     """SGD with its momentum kept in bfloat16 for float32 params (timm's AdafactorBigVision keeps ``exp_avg`` so);
     ``mixed``: only the matrices' momentum, the vectors' in float32 (one key, two dtypes); ``transposed``: the
     momentum of each matrix in the transposed element order."""
 
     def __init__(self, params: object, mixed: bool = False, transposed: bool = False) -> None:
-        super().__init__(params, {"lr": 0.1})
+        super().__init__(params, lr=0.1)
         self.mixed, self.transposed = mixed, transposed
 
-    @torch.no_grad()
-    def step(self, closure: object = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    dtype = torch.float32 if self.mixed and p.dim() == 1 else torch.bfloat16
-                    state["momentum"] = torch.zeros(p.shape[::-1], dtype=dtype).t() if self.transposed \
-                        and p.dim() == 2 else torch.zeros_like(p, dtype=dtype)
-                momentum = state["momentum"]
-                momentum.mul_(0.9).add_(p.grad.to(momentum.dtype))
-                p.add_(momentum.float(), alpha=-group["lr"])
+    def new_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if self.mixed and p.dim() == 1 else torch.bfloat16
+        if self.transposed and p.dim() == 2:
+            return torch.zeros(p.shape[::-1], dtype=dtype).t()
+        return torch.zeros_like(p, dtype=dtype)
 
 
 def test_a_group_refused_for_state_elsewhere_is_not_moved_again_at_the_next_capture_attempt(
@@ -235,11 +227,11 @@ def test_state_of_another_dtype_than_its_param_keeps_its_dtype_in_flat_storage_o
     reports = optcapture.explain(optimizer)
     assert reports[-1].path == "bucketed", reports
     (flat,) = registry._prepared[optimizer].groups.values()
-    momentum = flat.flats[preparation.Role("state", "momentum")]
+    momentum = flat.flats[preparation.Role("state", "buf")]
     assert momentum.dtype == torch.bfloat16 and flat.flats[preparation.PARAM].dtype == torch.float32
     for state in optimizer.state.values():
-        assert state["momentum"].dtype == torch.bfloat16
-        assert momentum.data_ptr() <= state["momentum"].data_ptr() < momentum.data_ptr() + momentum.nbytes
+        assert state["buf"].dtype == torch.bfloat16
+        assert momentum.data_ptr() <= state["buf"].data_ptr() < momentum.data_ptr() + momentum.nbytes
 
 
 def test_one_state_key_of_two_dtypes_stays_where_it_is_and_the_step_is_not_bucketed() -> None:
@@ -247,7 +239,7 @@ def test_one_state_key_of_two_dtypes_stays_where_it_is_and_the_step_is_not_bucke
     for seed in range(4):
         step_both(pair, seed)
         for p, q in zip(pair.model.parameters(), pair.eager_model.parameters(), strict=True):
-            assert pair.optimizer.state[p]["momentum"].dtype == (torch.float32 if p.dim() == 1 else torch.bfloat16)
+            assert pair.optimizer.state[p]["buf"].dtype == (torch.float32 if p.dim() == 1 else torch.bfloat16)
             torch.testing.assert_close(p, q, atol=1e-2, rtol=1e-2)
     reports = optcapture.explain(pair.optimizer)
     assert "bucketed" not in [r.path for r in reports], reports
