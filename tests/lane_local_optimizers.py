@@ -282,30 +282,14 @@ class GlobalClipLamb(torch.optim.Optimizer):
 
 class Bf16MomentumLamb(TrustRatioLamb):
     """The benchmark's LAMB with its first moment kept in bfloat16 beside float32 params and second moment (a
-    memory-saving choice, as timm's AdafactorBigVision makes with ``momentum_dtype``)."""
+    memory-saving choice, as timm's AdafactorBigVision makes with ``momentum_dtype``), made when the optimizer is."""
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def __init__(self, params: Any, **options: Any) -> None:
+        super().__init__(params, **options)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                state["exp_avg"].lerp_(p.grad.to(torch.bfloat16), 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                corrected_avg = state["exp_avg"].float() / (1 - beta1 ** state["step"])
-                update = corrected_avg / ((state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt() + group["eps"])
-                update.add_(p, alpha=group["weight_decay"])
-                weight_norm, update_norm = p.norm(), update.norm()
-                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm,
-                                    torch.ones_like(weight_norm))
-                p.add_(update * trust, alpha=-group["lr"])
+                self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, dtype=torch.bfloat16),
+                                 "exp_avg_sq": torch.zeros_like(p)}
 
 
 class Bf16MomentumAdamW(torch.optim.Optimizer):
