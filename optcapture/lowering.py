@@ -85,8 +85,9 @@ def _batched_step_passes(device: torch.device) -> dict[str, Any]:
     matmul_operands`), and the costly scalars computed once. A user's own post-grad pass is kept, and then none of
     them runs.
 
-    The first two run on the CPU only for now: they have been measured and tested there, and not yet on a GPU, where
-    the batched step keeps Inductor's own kernels (with its costly scalars computed once)."""
+    The first two run on the CPU only for now: they are measured and tested there; on a GPU the state-write pass has
+    passed the tests but neither is measured yet, so the batched step keeps Inductor's own kernels there (with its
+    costly scalars computed once)."""
     if device.type != "cpu":
         return _scalars_once()
     if _compat.custom_post_grad_pass() is not None:

@@ -304,16 +304,15 @@ def _build_flat_group(optimizer: torch.optim.Optimizer, key: BucketKey, align: i
     homes: dict[Role, list[torch.Tensor]] = {}
     role_dtypes = _state_dtypes(optimizer, params, tensor_keys, key.dtype)
     for role in [PARAM, *(Role("state", k) for k in tensor_keys)]:
+        role_dtype = role_dtypes.get(role)
         members: list[torch.Tensor | None] = []
         for p in params:
             tensor = p if role == PARAM else optimizer.state.get(p, {}).get(role.key)
             # Only a tensor of its param's shape, device and layout and of the role's dtype: copying another into
             # the slot would change the user's state (a float32 slot made timm's AdafactorBigVision's bfloat16
             # exp_avg float32), and a slot holds its elements in its param's order.
-            members.append(tensor if isinstance(tensor, torch.Tensor) and _like_param(tensor, p, role_dtypes.get(role))
-                           else None)
-        flats[role], homes[role] = _move_into_flat(members, shapes, strides, offsets, total, key,
-                                                   dtype=role_dtypes.get(role))
+            members.append(tensor if isinstance(tensor, torch.Tensor) and _like_param(tensor, p, role_dtype) else None)
+        flats[role], homes[role] = _move_into_flat(members, shapes, strides, offsets, total, key, dtype=role_dtype)
     for j, p in enumerate(params):
         shard = fsdp.get(id(p))
         if shard is not None:

@@ -16,7 +16,8 @@ which Inductor may inline into a later kernel) comes before it, and the ops afte
 the written input instead, which holds the same numbers. A value written back to two inputs (``seen.copy_(ema)``)
 stays where it is: moving one write would make the other read the first.
 
-:func:`optcapture.lowering._batched_step_passes` runs it on the CPU only, until a GPU run has tested it.
+:func:`optcapture.lowering._batched_step_passes` runs it on the CPU only: on a GPU it has passed the tests, but its
+speed at Inductor's threshold is not yet measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 aten = torch.ops.aten
+
 
 def _read_after(nodes: list[torch.fx.Node], start: int, target: torch.fx.Node, value: torch.fx.Node) -> bool:
     """Whether a node after ``nodes[start]`` computes from ``target`` other than through ``value`` (one pass in
