@@ -67,6 +67,7 @@ def optcapture_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw
         _compat.identity_first_guards(tracer)
     progress.enter("discover")
     step = discover(gm, example_inputs, tracer)
+    gm = step.graph if step.graph is not None else gm
     if not step.is_optimizer_graph:
         return stock_paths.not_an_optimizer_step(step, gm, example_inputs, config)
     if not config.bucketing:

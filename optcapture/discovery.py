@@ -4,7 +4,9 @@ Each input gets its role (:mod:`optcapture.input_roles`), the update is proved e
 (:mod:`optcapture.lanes`), and whatever keeps the graph off the bucketed path is recorded, with its reason, in
 :attr:`StepGraph.blockers`. Buckets are param group x device x dtype over the params that have a grad in this graph.
 
-Invariant: discovery never mutates the optimizer, its tensors or the graph; it only reads. Its
+Invariant: discovery never mutates the optimizer, its tensors or the graph it is handed; it only reads. A step that
+assigns new tensors to its state entries is analyzed as the copy of its graph that writes them in place
+(:mod:`optcapture.state_rebinds`), which :attr:`StepGraph.graph` hands on. Its
 :class:`StepGraph` is what ``TORCH_LOGS="optcapture"`` and :func:`optcapture.explain` report.
 """
 
@@ -19,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture import _compat, dtensors, lanes, reach
+from optcapture import _compat, dtensors, lanes, reach, state_rebinds
 from optcapture.eligible import not_bucketable_because
 from optcapture.graph_outputs import host_outputs
 from optcapture.input_roles import InputRole, input_values, map_inputs, state_of
@@ -81,6 +83,12 @@ class StepGraph:
     """With no optimizer in reach of the frame: the optimizer whose ``step()`` runs below it on the Python stack
     (Dynamo gave the step's own frame up and compiles a function it calls, as timm's NAdamW's update function on the
     CPU), which its report goes to."""
+    graph: GraphModule | None = None
+    """The graph discovery analyzed and the later stages compile: the one Dynamo handed over, or its copy that
+    stores the state the step rebinds in place (:mod:`optcapture.state_rebinds`)."""
+    rebinds: tuple[state_rebinds.StateRebind, ...] = ()
+    """The state entries the step assigns new tensors to, which :attr:`graph` writes in place."""
+
 
     @property
     def update(self) -> UpdateKind | None:
@@ -275,6 +283,17 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                             "calls step() is compiled as a whole graph)")
 
     mapped = map_inputs(gm, values, optimizer)
+    rebinds: tuple[state_rebinds.StateRebind, ...] | state_rebinds.NoRebinds = ()
+    if optimizer is not None and tracer is not None:
+        rebinds = state_rebinds.find(gm, optimizer, mapped.roles, list(values.values()), tracer)
+        in_place = (state_rebinds.stored_in_place(gm, rebinds, optimizer) if isinstance(rebinds, tuple) and rebinds
+                    else None)
+        if in_place is not None and host_outputs(in_place) is not None:
+            gm = in_place
+            values = input_values(gm, example_inputs)
+            mapped = map_inputs(gm, values, optimizer)
+        elif in_place is not None:
+            rebinds = state_rebinds.NoRebinds("beside other new tensors")
     roles, present = mapped.roles, mapped.present
 
     buckets: list[Bucket] = []
@@ -343,13 +362,15 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     lazy_state = returns_tensors and is_optimizer_graph and (optimizer is None or any(
         not state_of(optimizer, optimizer.param_groups[b.key.group]["params"][i]) for b in buckets for i in b.members))
     if returns_tensors and is_optimizer_graph and not lazy_state:
+        why = f": {rebinds.reason}" if isinstance(rebinds, state_rebinds.NoRebinds) else ""
         blockers.append("the step returns new tensors to its frame every step (Python state Dynamo rebuilds from "
-                        "the graph's outputs)")
+                        f"the graph's outputs){why}")
     step = StepGraph(weakref.ref(optimizer) if optimizer is not None else None, frame_is_step, roles,
                      buckets, report, blockers,
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
                      is_optimizer_graph, _floats_of_groups(optimizer), lazy_state,
-                     _compat.graph_break_ending(tracer) if frame_is_step else None, called_by)
+                     _compat.graph_break_ending(tracer) if frame_is_step else None, called_by, gm,
+                     rebinds if isinstance(rebinds, tuple) else ())
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

@@ -22,7 +22,7 @@ def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
     (``state["step"] += 1`` outputs the counter it increments in place). None when the graph returns a tensor it
     creates (lazily made state), which only the graph itself can give."""
     output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    inputs = {id(n.meta.get("example_value")): n for n in gm.graph.nodes if n.op == "placeholder"
+    inputs = {id(n.meta.get("example_value")): n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")
               and isinstance(n.meta.get("example_value"), torch.Tensor)}
     needed: set[Node] = set()
     replaced: dict[Node, Node] = {}
@@ -32,13 +32,13 @@ def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
         if node in needed or node in replaced:
             continue
         example = node.meta.get("example_value")
-        if node.op != "placeholder" and isinstance(example, torch.Tensor):
+        if node.op not in ("placeholder", "get_attr") and isinstance(example, torch.Tensor):
             if id(example) not in inputs:
                 return None
             replaced[node] = inputs[id(example)]  # an in-place op's result: the input tensor itself
             stack.append(replaced[node])
             continue
-        if node.op not in ("placeholder", "call_function", "call_method"):
+        if node.op not in ("placeholder", "get_attr", "call_function", "call_method"):
             return None
         needed.add(node)
         stack.extend(node.all_input_nodes)
@@ -54,7 +54,7 @@ def host_outputs(gm: GraphModule) -> Callable[..., Any] | None:
         elif node in needed:
             env[node] = graph.node_copy(node, lambda arg: env[replaced.get(arg, arg)])
     graph.output(torch.fx.map_arg(output.args[0], lambda arg: env[replaced.get(arg, arg)]))
-    forward: Callable[..., Any] = torch.fx.GraphModule(torch.nn.Module(), graph).forward
+    forward: Callable[..., Any] = torch.fx.GraphModule(gm, graph).forward  # gm: the attributes it reads
     return forward
 
 

@@ -55,11 +55,37 @@ def floats_held_constant(step: StepGraph) -> set[HyperKey]:
 def trace_floats_as_inputs(step: StepGraph) -> None:
     """From the backend, at a lane-local capture: raise Dynamo's restart request, so that it traces the step again now
     with the floats of :func:`floats_held_constant` as inputs (once per float: a float Dynamo specializes anyway is
-    not asked for again). A scheduler changing them then never compiles the step again."""
-    constants = floats_held_constant(step)
+    not asked for again). A scheduler changing them then never compiles the step again.
+
+    A float the graph holds as a bound of ``clamp`` stays a constant: that is how Dynamo traces ``max(tensor,
+    group["gamma"])`` (pytorch_optimizer's RACS), and with the float an input Dynamo breaks the graph there, inside
+    the step's loop over params, and runs the whole step uncompiled (torch/_dynamo/symbolic_convert.py, "graph break
+    in loop"). A scheduler changing it compiles the step again, as it would with stock ``torch.compile``."""
+    bounds = _clamp_bounds(step.graph) if step.graph is not None else set()
+    optimizer = step.optimizer
+    constants = {(g, key) for g, key in floats_held_constant(step) if optimizer is None
+                 or not _floats_of(optimizer.param_groups[g].get(key)) & bounds}
     if constants and _compat.mark_floats_as_inputs(lambda name: is_hyper_source(name, constants)):
         log.info("tracing the step again with its floats %s as inputs", sorted(constants))
         raise _compat.restart_request()
+
+
+_CLAMPS = frozenset({"clamp", "clamp_min", "clamp_max", "clip"})
+
+
+def _clamp_bounds(gm: GraphModule) -> set[float]:
+    """The float constants ``gm`` passes as a bound of a clamp."""
+    bounds: set[float] = set()
+    for node in gm.graph.nodes:
+        if called_name(node) in _CLAMPS:
+            bounds |= {value for value in (*node.args[1:], *node.kwargs.values()) if type(value) is float}
+    return bounds
+
+
+def _floats_of(value: Any) -> set[float]:
+    """A param-group value's floats (a tuple's items: ``betas``)."""
+    items = value if isinstance(value, tuple) else (value,)
+    return {item for item in items if type(item) is float}
 
 
 def trace_floats_as_constants(gm: GraphModule, why: str) -> None:

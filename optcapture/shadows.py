@@ -154,7 +154,7 @@ def _static(tensor: torch.Tensor) -> torch.Tensor:
 def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, runs: list[Run],
                  flats: dict[BucketKey, FlatGroup], tensor_hypers: set[HyperKey],
                  execution: bool = True, run_grads: Sequence[torch.Tensor] | None = None,
-                 values: Mapping[HyperKey, Any] | None = None) -> ShadowStep:
+                 values: Mapping[HyperKey, Any] | None = None, rebound: Sequence[str] = ()) -> ShadowStep:
     """A shadow of ``optimizer`` whose params are the runs, and a function that steps it.
 
     ``execution=False`` builds the shadow that is proven against the real graph: the user's own
@@ -166,7 +166,9 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
 
     ``run_grads``: each run's grad (a :class:`~optcapture.grad_tables.GradTable`'s virtual tensor); by
     default, the run's slice of the flat grad storage. ``values``: param-group entries the shadow holds instead of
-    the live ones (the proof's shadow holds the values the real graph was traced with).
+    the live ones (the proof's shadow holds the values the real graph was traced with). ``rebound``: the state keys
+    the step assigns new tensors to, sorted; after the step each is copied into the run's own tensor and the entry
+    restored, as the real graph stores them (:mod:`optcapture.state_rebinds`).
     """
     stock = is_stock(optimizer)
     cls: Any = type(optimizer)
@@ -182,6 +184,7 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
     mirrored: list[tuple[dict[str, Any], int, frozenset[str]]] = []
     broadcasts: list[tuple[torch.Tensor, int, int, torch.Tensor]] = []
     run_scalars: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+    restores: list[tuple[dict[str, Any], list[tuple[str, torch.Tensor]]]] = []
     for index, run in enumerate(runs):
         flat = flats[run.key]
         g = run.key.group
@@ -222,12 +225,18 @@ def build_shadow(optimizer: torch.optim.Optimizer, prepared: PreparedOptimizer, 
             run_scalars.append((vector, first, scalar))
             if execution:
                 broadcasts.append((vector, first, stop, scalar))
+        if rebound:
+            restores.append((state, [(key, state[key]) for key in rebound if key in state]))
     shadow.param_groups = [groups[g] for g in sorted(groups)]
     inner = unwrapped_step(optimizer)
 
     def step_runs() -> None:
         with torch.no_grad():
             inner(shadow)
+            for state, entries in restores:
+                for key, own in entries:
+                    own.copy_(state[key])
+                    state[key] = own
             for vector, start, stop, scalar in broadcasts:
                 vector[start:stop].copy_(scalar.expand(stop - start))
 
@@ -313,8 +322,9 @@ def build(step: StepGraph, optimizer: torch.optim.Optimizer, prepared: PreparedO
     """
     # With the floats the real graph was traced with: a rebuild after a scheduler changed lr (which the capture
     # reads as a tensor, its guard dropped) is proven against the graph's constants, not the new value.
+    rebound = sorted({rebind.key for rebind in step.rebinds})
     proof_shadow = build_shadow(optimizer, prepared, runs, flats, set(), execution=False, run_grads=run_grads,
-                                values=step.traced_floats)
+                                values=step.traced_floats, rebound=rebound)
     proof_graph = hyper_probe.trace_only(proof_shadow.call)
     if proof_graph is None:
         raise CaptureError("the step does not trace as one graph over flat storage")
@@ -324,14 +334,15 @@ def build(step: StepGraph, optimizer: torch.optim.Optimizer, prepared: PreparedO
 
     def shadow_of(keys: set[HyperKey], chosen: Sequence[int]) -> Callable[[], None]:
         grads = None if run_grads is None else [run_grads[i] for i in chosen]
-        return build_shadow(optimizer, prepared, [runs[i] for i in chosen], flats, keys, run_grads=grads).call
+        return build_shadow(optimizer, prepared, [runs[i] for i in chosen], flats, keys, run_grads=grads,
+                            rebound=rebound).call
 
     run_groups = [run.key.group for run in runs]
     tensor_hypers = hyper_probe.probe_tensor_hypers(optimizer, run_groups, hyper_candidates(optimizer, run_groups),
                                                     shadow_of)
     if not required_hypers <= tensor_hypers:
         raise CaptureError(f"hyperparameters {sorted(required_hypers - tensor_hypers)} can no longer be tensors")
-    shadow = build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads)
+    shadow = build_shadow(optimizer, prepared, runs, flats, tensor_hypers, run_grads=run_grads, rebound=rebound)
     followed = followed_hypers(step, optimizer, runs, tensor_hypers)
     return BuiltShadow(shadow, followed, frozen_hypers(optimizer, runs, tensor_hypers, followed))
 

@@ -175,6 +175,42 @@ def test_frame_side_effects_are_read_from_the_tracer() -> None:
     assert _compat.frame_has_no_side_effects(None) is False
 
 
+
+def test_dict_entry_stores_name_what_each_changed_entry_now_holds() -> None:
+    entries = {"m": torch.zeros(3), "v": torch.zeros(3), "kept": torch.zeros(3), "moved": torch.zeros(3)}
+    seen: list[list[tuple[int, object, str | None, str | None]]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        stores = _compat.dict_entry_stores(_compat.current_tracer())
+        seen.append(sorted(((i, key, node.name if node is not None else None, source)
+                            for i, key, node, source in stores), key=lambda s: str(s[1])))
+        return gm.forward
+
+    def step(state: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+        state["m"] = state["m"] * 0.9 + x
+        state["v"].add_(x)
+        state["moved"] = state["v"]
+        state["count"] = 3  # type: ignore[assignment]
+
+    torch.compile(step, backend=backend)(entries, torch.ones(3))
+    (stores,) = seen
+    assert [(key, node is not None, source) for _, key, node, source in stores] == [
+        ("count", False, None), ("m", True, None), ("moved", False, "L['state']['v']")]
+    assert {object_id for object_id, *_ in stores} == {id(entries)}
+    assert _compat.dict_entry_stores(None) == []
+
+
+def test_is_alias_of_and_fake_like_on_fake_tensors() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        base = torch.empty(4, 3)
+        view, other = base.t(), base * 2
+    assert _compat.is_alias_of(view, base) and not _compat.is_alias_of(other, base)
+    made = _compat.fake_like(view)
+    assert (made.shape, made.stride(), made.dtype) == (view.shape, view.stride(), view.dtype)
+    assert not _compat.is_alias_of(made, base) and type(made) is type(view)
+
 def test_begin_compiled_call_starts_a_cudagraph_generation() -> None:
     # What CUDA graph trees read to tell one compiled call from the next.
     from torch._inductor.cudagraph_trees import CUDAGraphTreeManager

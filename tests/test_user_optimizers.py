@@ -19,7 +19,7 @@ import optcapture
 LAST_PATH = {"GroupStepAdam": "bucketed", "GlobalCounterSGD": "per-tensor", "GlobalTensorCounterSGD": "bucketed",
              "ConjAdam": "bucketed", "DataWritingLion": "bucketed", "ModuleFunctionSGD": "bucketed",
              "FloatStateAdam": "per-tensor", "ConstantBuildingAdam": "bucketed", "OneElementStateAdam": "bucketed",
-             "OutDivAdaBound": "bucketed"}
+             "OutDivAdaBound": "bucketed", "RebindingAdam": "bucketed"}
 
 
 @pytest.mark.parametrize("name", sorted(USER_OPTIMIZERS))

@@ -259,10 +259,39 @@ class OutDivAdaBound(torch.optim.Optimizer):
                 p.sub_(denom.clamp_(min=1e-4, max=1e-1).mul_(st["m"]))
 
 
+class RebindingAdam(torch.optim.Optimizer):
+    """Adam with its state updated out of place and assigned back (``state["m"] = beta * state["m"] + ...``), a
+    0-dim bias-correction product among it (timm's LaProp keeps ``exp_avg_lr_2`` so), and the last update kept
+    under a key the step writes without reading it."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["m"], state["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                    state["b1_power"] = torch.ones((), dtype=p.dtype, device=p.device)
+                    state["update"] = torch.zeros_like(p)
+                state["m"] = b1 * state["m"] + (1 - b1) * p.grad
+                state["v"] = b2 * state["v"] + (1 - b2) * p.grad * p.grad
+                state["b1_power"] = state["b1_power"] * b1
+                step_size = group["lr"] / (1 - state["b1_power"])
+                state["update"] = step_size * state["m"] / (state["v"].sqrt() + group["eps"])
+                p.sub_(state["update"])
+
+
 USER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     cls.__name__: cls for cls in (GroupStepAdam, GlobalCounterSGD, GlobalTensorCounterSGD, ConjAdam, DataWritingLion,
                                   ModuleFunctionSGD, FloatStateAdam, ConstantBuildingAdam,
-                                  OneElementStateAdam, OutDivAdaBound)
+                                  OneElementStateAdam, OutDivAdaBound, RebindingAdam)
 }
 
 

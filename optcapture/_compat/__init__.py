@@ -4,7 +4,8 @@ Invariant: no other module touches ``torch._dynamo`` / ``torch._inductor`` / ``t
 directly; each helper here is covered by ``tests/test_compat.py`` on the installed torch. This module holds
 Dynamo's; :mod:`optcapture._compat.inductor` Inductor's, CUDA graph trees' and functorch's;
 :mod:`optcapture._compat.distributed` DTensor's and FSDP2's; :mod:`optcapture._compat.guards` what the
-backend changes in the guards Dynamo is about to build. Everything is used as ``_compat.<name>``.
+backend changes in the guards Dynamo is about to build; :mod:`optcapture._compat.side_effects` what the frame writes
+back after its graph. Everything is used as ``_compat.<name>``.
 """
 
 from __future__ import annotations
@@ -36,40 +37,15 @@ def current_tracer() -> Any | None:
         return None
 
 
-def frame_has_no_side_effects(tracer: Any) -> bool:
-    """True when Dynamo replays no Python side effect after the graph of the frame being compiled
-    (False when that cannot be told)."""
-    try:
-        return bool(tracer.output.side_effects.is_empty())
-    except AttributeError:
-        return False
+def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share storage (real or fake tensors: a view and its base do)."""
+    return bool(torch._C._is_alias_of(a, b))
 
 
-NOT_CONSTANT = object()
-"""An attribute store whose value Dynamo holds as a symbol or a tensor, not as a Python constant."""
-
-
-def optimizer_attribute_stores(tracer: Any) -> list[tuple[Any, str, Any]]:
-    """(optimizer, attribute, value) of each attribute assignment on a ``torch.optim.Optimizer`` that the frame
-    being compiled made (``self._k += 1`` in a user's step). Dynamo records them but does not write them back
-    after the graph, whatever the backend (torch 2.13: the attribute keeps its old value, so the guard on it
-    keeps passing and every later step reuses the first step's value). The value is a Python constant, or
-    :data:`NOT_CONSTANT`."""
-    try:
-        mutations = tracer.output.side_effects.store_attr_mutations
-    except AttributeError:
-        return []
-    stores = []
-    for variable, attributes in mutations.items():
-        owner = getattr(variable, "value", None)
-        if not isinstance(owner, torch.optim.Optimizer):
-            continue
-        for name, value in attributes.items():
-            try:
-                stores.append((owner, name, value.as_python_constant()))
-            except Exception:  # noqa: BLE001 - NotImplementedError for symbols and tensors; any failure: not a constant
-                stores.append((owner, name, NOT_CONSTANT))
-    return stores
+def fake_like(example: torch.Tensor) -> torch.Tensor:
+    """A new fake tensor of ``example``'s fake mode, shape, strides, dtype and device, sharing no storage with it."""
+    with example.fake_mode:  # type: ignore[attr-defined]
+        return torch.empty_strided(example.shape, example.stride(), dtype=example.dtype, device=example.device)
 
 
 def rewrap_scheduler_step(optimizer: torch.optim.Optimizer) -> bool:
@@ -323,6 +299,12 @@ from optcapture._compat.inductor import (  # noqa: E402
     rewriting_triton_kernels,
     trace_without_running,
 )
+from optcapture._compat.side_effects import (  # noqa: E402
+    NOT_CONSTANT,
+    dict_entry_stores,
+    frame_has_no_side_effects,
+    optimizer_attribute_stores,
+)
 
 __all__ = [  # the re-exports (the Dynamo helpers above are this module's own)
     "LOCAL_TENSOR",
@@ -341,6 +323,10 @@ __all__ = [  # the re-exports (the Dynamo helpers above are this module's own)
     "resumed_after_graph_break",
     "drop_guards",
     "identity_first_guards",
+    "NOT_CONSTANT",
+    "dict_entry_stores",
+    "frame_has_no_side_effects",
+    "optimizer_attribute_stores",
     "KernelInputs",
     "compile_with_inductor",
     "cudagraphs_recorded",

@@ -1,0 +1,149 @@
+"""State a step assigns new tensors to (``state["m"] = beta * state["m"] + grad``): stored in place and bucketed,
+or, where storing in place could change what the step computes or shares, left to the per-tensor graph with the
+reason named."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from helpers import assert_matches_eager, make_pair, step_both
+from user_optimizers import RebindingAdam
+
+import optcapture
+from optcapture.discovery import discover
+
+
+def test_rebound_state_is_bucketed_keeps_its_tensors_and_compiles_no_more_after_warm_up() -> None:
+    pair = make_pair(lambda p: RebindingAdam(p))
+    step_both(pair, 0)  # creates the state
+    step_both(pair, 1)
+    tensors = {(id(p), key): value for p, state in pair.optimizer.state.items() for key, value in state.items()}
+    assert len(tensors) == 16
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for seed in range(2, 7):
+        step_both(pair, seed)
+        assert_matches_eager(pair)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    now = {(id(p), key): value for p, state in pair.optimizer.state.items() for key, value in state.items()}
+    assert all(now[entry] is tensor for entry, tensor in tensors.items())
+    report = optcapture.explain(pair.optimizer)[-1]
+    assert (report.path, report.runs) == ("bucketed", 1)
+    assert_expected_inline(str(report.kernels), """3""")
+
+
+def test_a_reference_taken_before_the_step_sees_the_new_value() -> None:
+    # The one observable that differs from eager, which would leave the old tensor as it was (README).
+    pair = make_pair(lambda p: RebindingAdam(p))
+    for seed in range(2):
+        step_both(pair, seed)
+    p = next(iter(pair.model.parameters()))
+    held = pair.optimizer.state[p]["m"]
+    step_both(pair, 2)
+    assert pair.optimizer.state[p]["m"] is held
+    assert_matches_eager(pair)
+
+
+def test_the_graph_dynamo_hands_over_is_left_as_it_is() -> None:
+    model = torch.nn.Linear(4, 3)
+    opt = RebindingAdam(model.parameters())
+    seen: list[tuple[torch.fx.GraphModule, Any]] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        before = gm.code
+        step = discover(gm, example_inputs)
+        assert gm.code == before
+        seen.append((gm, step))
+        return gm.forward
+
+    step = torch.compile(opt.step, backend=backend)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        step()
+    gm, discovered = seen[-1]
+    assert discovered.graph is not gm
+    assert sorted((r.param_index, r.key, r.placeholder is None) for r in discovered.rebinds) == [
+        (0, "b1_power", False), (0, "m", False), (0, "update", True), (0, "v", False),
+        (1, "b1_power", False), (1, "m", False), (1, "update", True), (1, "v", False)]
+    copies = [n for n in discovered.graph.graph.nodes if n.op == "call_method" and n.target == "copy_"]
+    assert len(copies) == 8
+    assert not discovered.blockers
+
+
+class SwappingMomentum(torch.optim.Optimizer):
+    """Keeps the last momentum tensor under another key: storing the new one in place would change the old one."""
+
+    def __init__(self, params: Iterable[Any]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["m"], state["previous"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["previous"], state["m"] = state["m"], 0.9 * state["m"] + p.grad
+                p.sub_(group["lr"] * (state["m"] - 0.5 * state["previous"]))
+
+
+class GradKeepingSGD(torch.optim.Optimizer):
+    """Keeps a view of the grad as state: a copy would no longer follow the grad."""
+
+    def __init__(self, params: Iterable[Any]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["last_grad"] = torch.zeros_like(p)
+                p.sub_(group["lr"] * (p.grad + 0.5 * state["last_grad"]))
+                state["last_grad"] = p.grad.view_as(p)
+
+
+class WideningMomentum(torch.optim.Optimizer):
+    """Assigns its float32 momentum a float64 tensor (at its second step): a copy into the old tensor would round
+    it."""
+
+    def __init__(self, params: Iterable[Any]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["m"] = torch.zeros_like(p)
+                    p.sub_(group["lr"] * p.grad)
+                    continue
+                state["m"] = (0.9 * state["m"] + p.grad).double()
+                p.sub_(group["lr"] * state["m"].float())
+
+
+@pytest.mark.parametrize(("cls", "reason"), [
+    (SwappingMomentum, "state 'previous' of param 0 of group 0 is assigned another tensor the step reads"),
+    (GradKeepingSGD, "state 'last_grad' of param 0 of group 0 is assigned a new tensor that is a view of the input"),
+    (WideningMomentum, "state 'm' of param 0 of group 0 is assigned a new tensor of another shape, dtype or device"),
+], ids=lambda value: value.__name__ if isinstance(value, type) else "")
+def test_a_rebind_that_a_copy_would_change_runs_per_tensor_with_its_reason(cls: type, reason: str) -> None:
+    pair = make_pair(lambda p: cls(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(4):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
+    # WideningMomentum's momentum is float64 after its first step: from then on it is rebound in its own dtype.
+    refused = [report for report in optcapture.explain(pair.optimizer) if any(reason in r for r in report.reasons)]
+    assert [report.path for report in refused] == ["per-tensor"], optcapture.explain(pair.optimizer)
+    if cls is GradKeepingSGD:
+        p = next(iter(pair.model.parameters()))
+        assert pair.optimizer.state[p]["last_grad"].data_ptr() == p.grad.data_ptr()  # still the grad, as in eager
