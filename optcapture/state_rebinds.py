@@ -12,9 +12,10 @@ to it taken before the step (an ``optimizer.state_dict()`` held in memory) sees 
 have left it the old value. Every other observable is eager's: values, dtypes, shapes and which entries share a
 tensor.
 
-Invariant: a graph is rewritten only when every entry of the optimizer's state that the frame changes is a tensor
-the graph computes, of the entry's own shape, dtype, device and strides, aliasing no input, returned once and
-stored once, into an entry the graph reads; the rewritten graph computes the same values as the graph it copies.
+Invariant: a graph is rewritten only when every entry of the optimizer's state that the frame changes to a tensor
+gets one the graph computes, of the entry's own shape, dtype, device and strides, sharing storage with no input and
+no other entry's new tensor, returned once and stored once; the rewritten graph computes the same values as the
+graph it copies.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[Inpu
     torch.fx.node.map_arg(output.args[0], returned.append)
     stored_nodes = [node for _, _, node, _ in stores if node is not None]
     rebinds: list[StateRebind] = []
+    values: list[Node] = []
     for dict_id, key, node, source in stores:
         if dict_id not in entries:
             continue  # a dict of the user's, or Python state of the optimizer that is no param's
@@ -98,6 +100,10 @@ def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[Inpu
         reason = _unfit(node, old_example, placeholders.values())
         if reason is None and (returned.count(node) != 1 or stored_nodes.count(node) != 1):
             reason = "it is stored in more than one place"
+        if reason is None and any(_compat.is_alias_of(node.meta["example_value"], other.meta["example_value"])
+                                  for other in values):
+            reason = "that shares its storage with the new tensor of another entry"  # copies would not share it
+        values.append(node)
         if reason is not None:
             return NoRebinds(f"{where} is assigned a new tensor {reason}")
         rebinds.append(StateRebind(g, i, key, old, node.name))

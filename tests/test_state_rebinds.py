@@ -129,7 +129,30 @@ class WideningMomentum(torch.optim.Optimizer):
                 p.sub_(group["lr"] * state["m"].float())
 
 
+class SharedViewMomentum(torch.optim.Optimizer):
+    """Keeps its new momentum and a flat view of it under two keys (from its second step): two copies would no
+    longer share storage."""
+
+    def __init__(self, params: Iterable[Any]) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["m"], state["flat"] = torch.zeros_like(p), torch.zeros(p.numel())
+                    p.sub_(group["lr"] * p.grad)
+                    continue
+                state["m"] = 0.9 * state["m"] + p.grad
+                state["flat"] = state["m"].view(-1)
+                state["flat"].mul_(0.5)  # through the view: halves the momentum too
+                p.sub_(group["lr"] * state["m"])
+
+
 @pytest.mark.parametrize(("cls", "reason"), [
+    (SharedViewMomentum, "is assigned a new tensor that shares its storage with the new tensor of another entry"),
     (SwappingMomentum, "state 'previous' of param 0 of group 0 is assigned another tensor the step reads"),
     (GradKeepingSGD, "state 'last_grad' of param 0 of group 0 is assigned a new tensor that is a view of the input"),
     (WideningMomentum, "state 'm' of param 0 of group 0 is assigned a new tensor of another shape, dtype or device"),
@@ -141,7 +164,8 @@ def test_a_rebind_that_a_copy_would_change_runs_per_tensor_with_its_reason(cls: 
         for seed in range(4):
             step_both(pair, seed)
             assert_matches_eager(pair)
-    # WideningMomentum's momentum is float64 after its first step: from then on it is rebound in its own dtype.
+    # Each refusal is at the second step, the first to rebind: WideningMomentum's momentum is float64 from then on
+    # and SharedViewMomentum's two entries share storage, each refused another way.
     refused = [report for report in optcapture.explain(pair.optimizer) if any(reason in r for r in report.reasons)]
     assert [report.path for report in refused] == ["per-tensor"], optcapture.explain(pair.optimizer)
     if cls is GradKeepingSGD:
