@@ -525,7 +525,7 @@ def test_a_warmup_from_lr_zero_writes_no_nan_where_grads_are_always_zero_cuda(na
 
 
 @pytest.mark.parametrize("name", ["GroupStepAdam", "ConjAdam", "DataWritingLion", "GlobalTensorCounterSGD",
-                                  "ConstantBuildingAdam"])
+                                  "ConstantBuildingAdam", "RebindingAdam"])
 def test_user_optimizers_match_eager_cuda(name: str) -> None:
     # Third-party patterns (tests/user_optimizers.py). GroupStepAdam counts steps as a Python int in its groups:
     # the count reaches the kernels as a number, so its capture replays without CUDA graphs (a graph per value).
