@@ -283,17 +283,13 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                             "calls step() is compiled as a whole graph)")
 
     mapped = map_inputs(gm, values, optimizer)
-    rebinds: tuple[state_rebinds.StateRebind, ...] | state_rebinds.NoRebinds = ()
+    rebinds: state_rebinds.InPlace | state_rebinds.NoRebinds | None = None
     if optimizer is not None and tracer is not None:
-        rebinds = state_rebinds.find(gm, optimizer, mapped.roles, list(values.values()), tracer)
-        in_place = (state_rebinds.stored_in_place(gm, rebinds, optimizer) if isinstance(rebinds, tuple) and rebinds
-                    else None)
-        if in_place is not None and host_outputs(in_place) is not None:
-            gm = in_place
+        rebinds = state_rebinds.stored_in_place_if_rebound(gm, optimizer, mapped.roles, list(values.values()), tracer)
+        if isinstance(rebinds, state_rebinds.InPlace):
+            gm = rebinds.graph
             values = input_values(gm, example_inputs)
             mapped = map_inputs(gm, values, optimizer)
-        elif in_place is not None:
-            rebinds = state_rebinds.NoRebinds("beside other new tensors")
     roles, present = mapped.roles, mapped.present
 
     buckets: list[Bucket] = []
@@ -370,7 +366,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
                      is_optimizer_graph, _floats_of_groups(optimizer), lazy_state,
                      _compat.graph_break_ending(tracer) if frame_is_step else None, called_by, gm,
-                     rebinds if isinstance(rebinds, tuple) else ())
+                     rebinds.rebinds if isinstance(rebinds, state_rebinds.InPlace) else ())
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from optcapture import _compat
+from optcapture.graph_outputs import host_outputs
 from optcapture.input_roles import InputRole
 
 
@@ -51,6 +52,33 @@ class NoRebinds:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class InPlace:
+    """The copy of a graph that stores its rebinds in place, which returns no new tensor."""
+
+    graph: GraphModule
+    rebinds: tuple[StateRebind, ...]
+
+
+def stored_in_place_if_rebound(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[InputRole],
+                               inputs: Sequence[Any], tracer: Any) -> InPlace | NoRebinds | None:
+    """The copy of ``gm`` that stores the entries the frame rebinds in place when that leaves it returning no new
+    tensor; None when the frame rebinds no entry; else why not. Never raises: a record of Dynamo's read another
+    way than expected is a reason, and the graph runs as Dynamo traced it."""
+    try:
+        rebinds = find(gm, optimizer, roles, inputs, tracer)
+        if isinstance(rebinds, NoRebinds):
+            return rebinds
+        if not rebinds:
+            return None
+        in_place = stored_in_place(gm, rebinds, optimizer)
+    except Exception as error:  # noqa: BLE001 - any failure: the graph as traced, with the reason
+        return NoRebinds(f"its stores could not be read ({type(error).__name__}: {error})")
+    if host_outputs(in_place) is None:
+        return NoRebinds("beside other new tensors")
+    return InPlace(in_place, rebinds)
+
+
 def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[InputRole], inputs: Sequence[Any],
          tracer: Any) -> tuple[StateRebind, ...] | NoRebinds:
     """The rebinds of ``optimizer``'s state the frame makes after ``gm`` (empty when it makes none); ``inputs``: the
@@ -64,7 +92,8 @@ def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[Inpu
     input_tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
     written_only: list[torch.Tensor] = []
     stores = _compat.dict_entry_stores(tracer)
-    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    # Dynamo passes optimizer state as placeholders, or installs it as attributes of the graph (static addresses).
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")}
     input_sources = {role.source for role in roles if role.source is not None}
     held = {(role.group, role.param_index, role.key): role.node for role in roles
             if role.kind in ("state", "scalar_state") and role.key is not None}

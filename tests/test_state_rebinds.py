@@ -171,3 +171,19 @@ def test_a_rebind_that_a_copy_would_change_runs_per_tensor_with_its_reason(cls: 
     if cls is GradKeepingSGD:
         p = next(iter(pair.model.parameters()))
         assert pair.optimizer.state[p]["last_grad"].data_ptr() == p.grad.data_ptr()  # still the grad, as in eager
+
+
+def test_a_record_of_dynamos_that_cannot_be_read_is_a_reason_never_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreadable(tracer: Any) -> Any:
+        raise AttributeError("no side effects here")
+
+    monkeypatch.setattr(optcapture._compat, "dict_entry_stores", unreadable)
+    pair = make_pair(lambda p: RebindingAdam(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(3):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
+    report = optcapture.explain(pair.optimizer)[-1]
+    assert report.path == "per-tensor"
+    assert any("its stores could not be read (AttributeError: no side effects here)" in r for r in report.reasons)
