@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture import _compat, dtensors, lanes, reach, state_rebinds
+from optcapture import _compat, dtensors, inductor_hazards, lanes, reach, state_rebinds
 from optcapture.eligible import not_bucketable_because
 from optcapture.graph_outputs import host_outputs
 from optcapture.input_roles import InputRole, input_values, map_inputs, state_of
@@ -88,6 +88,8 @@ class StepGraph:
     stores the state the step rebinds in place (:mod:`optcapture.state_rebinds`)."""
     rebinds: tuple[state_rebinds.StateRebind, ...] = ()
     """The state entries the step assigns new tensors to, which :attr:`graph` writes in place."""
+    miscompiled: str | None = None
+    """Why Inductor would compile this graph wrong (:mod:`optcapture.inductor_hazards`): it then runs as traced."""
 
 
     @property
@@ -285,12 +287,15 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
     mapped = map_inputs(gm, values, optimizer)
     rebinds: state_rebinds.InPlace | state_rebinds.NoRebinds | None = None
     if optimizer is not None and tracer is not None:
-        rebinds = state_rebinds.stored_in_place_if_rebound(gm, optimizer, mapped.roles, list(values.values()), tracer)
+        rebinds = state_rebinds.stored_in_place_if_rebound(gm, optimizer, mapped.roles, tracer)
         if isinstance(rebinds, state_rebinds.InPlace):
             gm = rebinds.graph
             values = input_values(gm, example_inputs)
             mapped = map_inputs(gm, values, optimizer)
     roles, present = mapped.roles, mapped.present
+    miscompiled = inductor_hazards.copied_then_updated(gm)
+    if miscompiled is not None:
+        blockers.append(f"Inductor would compile it wrong: {miscompiled}")
 
     buckets: list[Bucket] = []
     grad_owners: dict[int, tuple[int, int]] = {}
@@ -366,7 +371,7 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
                      [(weakref.ref(owner), name, value) for owner, name, value in attribute_stores], returns_tensors,
                      is_optimizer_graph, _floats_of_groups(optimizer), lazy_state,
                      _compat.graph_break_ending(tracer) if frame_is_step else None, called_by, gm,
-                     rebinds.rebinds if isinstance(rebinds, state_rebinds.InPlace) else ())
+                     rebinds.rebinds if isinstance(rebinds, state_rebinds.InPlace) else (), miscompiled)
     log.info("discovered %s", step.summary())
     for role in roles:
         log.debug("  role %s", role.describe())

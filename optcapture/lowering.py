@@ -79,17 +79,12 @@ def _batched_step_pass(graph: torch.fx.Graph) -> None:
     scalars_once.realize_costly_scalars(graph)
 
 
-def _batched_step_passes(device: torch.device) -> dict[str, Any]:
+def _batched_step_passes() -> dict[str, Any]:
     """The patch of a batched step: state written back where it is computed (:mod:`optcapture.rewrites.
     state_writes_early`), a matmul operand that other ops read too stored once (:mod:`optcapture.rewrites.
     matmul_operands`), and the costly scalars computed once. A user's own post-grad pass is kept, and then none of
-    them runs.
-
-    The first two run on the CPU only for now: they are measured and tested there; on a GPU the state-write pass has
-    passed the tests but neither is measured yet, so the batched step keeps Inductor's own kernels there (with its
-    costly scalars computed once)."""
-    if device.type != "cpu":
-        return _scalars_once()
+    them runs. Measured on the CPU and on an H100 (torch 2.11), where they take LAMB from 2.97 to 2.48 ms and Muon
+    from 6.42 to 5.24 ms per step on GPT-2's shapes (CHANGELOG.md)."""
     if _compat.custom_post_grad_pass() is not None:
         log.info("a post_grad_custom_post_pass is set: the batched step's kernels are Inductor's own")
         return {}
@@ -382,7 +377,7 @@ def lower_batched(call: Callable[..., None], inputs: Sequence[torch.Tensor], con
         # corrections of a group step tensor (``1 - beta ** step``, float64 with the group's numbers as tensors)
         # otherwise land in their element loops, in C++ per vector, in Triton per element.
         compiled, count = _compile(gm, list(inputs), {**inductor_patches(config, device, cudagraphs=False),
-                                                       **_FIXED_INPUTS, **_batched_step_passes(device)}, None)
+                                                       **_FIXED_INPUTS, **_batched_step_passes()}, None)
     arguments = tuple(inputs)
 
     def step() -> None:

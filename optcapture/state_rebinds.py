@@ -13,9 +13,9 @@ have left it the old value. Every other observable is eager's: values, dtypes, s
 tensor.
 
 Invariant: a graph is rewritten only when every entry of the optimizer's state that the frame changes to a tensor
-gets one the graph computes, of the entry's own shape, dtype, device and strides, sharing storage with no input and
-no other entry's new tensor, returned once and stored once; the rewritten graph computes the same values as the
-graph it copies.
+gets one the graph computes (not only a copy of an input), of the entry's own shape, dtype, device and strides,
+sharing storage with no input and no other entry's new tensor, returned once and stored once, into an entry whose old
+tensor the graph reads; the rewritten graph computes the same values as the graph it copies.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ from optcapture.input_roles import InputRole
 @dataclasses.dataclass(frozen=True)
 class StateRebind:
     """``optimizer.state[param][key] = <value>`` after the graph, where the entry's old tensor is the input
-    ``placeholder``, or, for an entry the graph writes without reading it (``state["RMS"] = rms``), read by
-    :func:`stored_in_place` from the optimizer's state and held by the graph as an attribute."""
+    ``placeholder`` (a placeholder or a graph attribute)."""
 
     group: int
     param_index: int
     key: str
-    placeholder: str | None
+    placeholder: str
     value: str
 
 
@@ -61,17 +60,17 @@ class InPlace:
 
 
 def stored_in_place_if_rebound(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[InputRole],
-                               inputs: Sequence[Any], tracer: Any) -> InPlace | NoRebinds | None:
+                               tracer: Any) -> InPlace | NoRebinds | None:
     """The copy of ``gm`` that stores the entries the frame rebinds in place when that leaves it returning no new
     tensor; None when the frame rebinds no entry; else why not. Never raises: a record of Dynamo's read another
     way than expected is a reason, and the graph runs as Dynamo traced it."""
     try:
-        rebinds = find(gm, optimizer, roles, inputs, tracer)
+        rebinds = find(gm, optimizer, roles, tracer)
         if isinstance(rebinds, NoRebinds):
             return rebinds
         if not rebinds:
             return None
-        in_place = stored_in_place(gm, rebinds, optimizer)
+        in_place = stored_in_place(gm, rebinds)
     except Exception as error:  # noqa: BLE001 - any failure: the graph as traced, with the reason
         return NoRebinds(f"its stores could not be read ({type(error).__name__}: {error})")
     if host_outputs(in_place) is None:
@@ -79,21 +78,18 @@ def stored_in_place_if_rebound(gm: GraphModule, optimizer: torch.optim.Optimizer
     return InPlace(in_place, rebinds)
 
 
-def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[InputRole], inputs: Sequence[Any],
+def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[InputRole],
          tracer: Any) -> tuple[StateRebind, ...] | NoRebinds:
-    """The rebinds of ``optimizer``'s state the frame makes after ``gm`` (empty when it makes none); ``inputs``: the
-    graph's input values."""
-    entries: dict[int, tuple[int, int, dict[Any, Any]]] = {}
+    """The rebinds of ``optimizer``'s state the frame makes after ``gm`` (empty when it makes none)."""
+    entries: dict[int, tuple[int, int]] = {}
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
             state = optimizer.state.get(p)
             if isinstance(state, dict):
-                entries.setdefault(id(state), (g, i, state))
-    input_tensors = [value for value in inputs if isinstance(value, torch.Tensor)]
-    written_only: list[torch.Tensor] = []
+                entries.setdefault(id(state), (g, i))
     stores = _compat.dict_entry_stores(tracer)
     # Dynamo passes optimizer state as placeholders, or installs it as attributes of the graph (static addresses).
-    placeholders = {n.name: n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")}
+    inputs = {n.name: n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")}
     input_sources = {role.source for role in roles if role.source is not None}
     held = {(role.group, role.param_index, role.key): role.node for role in roles
             if role.kind in ("state", "scalar_state") and role.key is not None}
@@ -106,37 +102,53 @@ def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[Inpu
     for dict_id, key, node, source in stores:
         if dict_id not in entries:
             continue  # a dict of the user's, or Python state of the optimizer that is no param's
-        g, i, state = entries[dict_id]
+        g, i = entries[dict_id]
         where = f"state {key!r} of param {i} of group {g}"
         if node is None:
             if source in input_sources:
                 return NoRebinds(f"{where} is assigned another tensor the step reads ({source})")
             continue  # a number or a constant: no tensor of the graph
         old = held.get((g, i, key)) if isinstance(key, str) else None
-        if node.op == "placeholder" or not isinstance(key, str):
+        if node.op in ("placeholder", "get_attr"):
             return NoRebinds(f"{where} is assigned a tensor the graph reads")
-        if old is not None:
-            old_example = placeholders[old].meta.get("example_value")
-            if node.meta.get("example_value") is old_example:
-                continue  # the entry's own tensor, as an in-place op returned it (``state["v"] = v.mul_(beta)``)
-        else:
-            old_example = state.get(key)
-            if not isinstance(old_example, torch.Tensor) or any(
-                    _compat.is_alias_of(old_example, other) for other in (*input_tensors, *written_only)):
-                return NoRebinds(f"{where} is assigned a tensor the graph creates, and the graph does not read its "
-                                 "old tensor, which is no tensor of its own")
-            written_only.append(old_example)
-        reason = _unfit(node, old_example, placeholders.values())
+        if old is None:
+            # Its tensor would have to be held by the graph, which would keep writing it after the entry is replaced
+            # (``load_state_dict``, an eager step between compiled ones).
+            return NoRebinds(f"{where} is assigned a tensor the graph creates, and the graph does not read its "
+                             "old tensor")
+        old_example = inputs[old].meta.get("example_value")
+        if node.meta.get("example_value") is old_example:
+            continue  # the entry's own tensor, as an in-place op returned it (``state["v"] = v.mul_(beta)``)
+        reason = _unfit(node, old_example, inputs.values())
         if reason is None and (returned.count(node) != 1 or stored_nodes.count(node) != 1):
             reason = "it is stored in more than one place"
         if reason is None and any(_compat.is_alias_of(node.meta["example_value"], other.meta["example_value"])
                                   for other in values):
             reason = "that shares its storage with the new tensor of another entry"  # copies would not share it
-        values.append(node)
+        if reason is None and (copied := _copy_of_input(node)) is not None:
+            # ``state["old"] = p.clone()`` before ``p.sub_(...)``: as ``state["old"].copy_(p)``, Inductor (torch
+            # 2.13) stores the updated param into the entry; the new tensor keeps it right.
+            reason = f"that is a copy of the input {copied.name}"
         if reason is not None:
             return NoRebinds(f"{where} is assigned a new tensor {reason}")
+        values.append(node)
         rebinds.append(StateRebind(g, i, key, old, node.name))
     return tuple(rebinds)
+
+
+_COPIES = frozenset({"clone", "contiguous", "detach", "to", "_to_copy", "copy", "alias", "view", "view_as",
+                     "reshape", "flatten"})
+
+
+def _copy_of_input(value: Node) -> Node | None:
+    """The input ``value`` copies or views, through ops that move no value; None if it computes anything."""
+    node = value
+    while node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name not in _COPIES or not node.args or not isinstance(node.args[0], Node):
+            return None
+        node = node.args[0]
+    return node if node.op in ("placeholder", "get_attr") else None
 
 
 def _unfit(value: Node, old_example: Any, inputs: Any) -> str | None:
@@ -158,8 +170,7 @@ def _unfit(value: Node, old_example: Any, inputs: Any) -> str | None:
     return None
 
 
-def stored_in_place(gm: GraphModule, rebinds: Sequence[StateRebind],
-                    optimizer: torch.optim.Optimizer) -> GraphModule:
+def stored_in_place(gm: GraphModule, rebinds: Sequence[StateRebind]) -> GraphModule:
     """A copy of ``gm`` that copies each rebind's value into its entry's tensor at the end and returns that tensor
     where ``gm`` returns the value. ``gm`` itself is left as it is."""
     graph = torch.fx.Graph()
@@ -168,15 +179,7 @@ def stored_in_place(gm: GraphModule, rebinds: Sequence[StateRebind],
     attributes = {str(n.target): getattr(gm, str(n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
     replaced: dict[Node, Node] = {}
     for rebind in sorted(rebinds, key=lambda r: (r.group, r.param_index, r.key)):
-        value = by_name[rebind.value]
-        if rebind.placeholder is not None:
-            entry = by_name[rebind.placeholder]
-        else:
-            name = f"_optcapture_state_{rebind.group}_{rebind.param_index}_{len(attributes)}"
-            p = optimizer.param_groups[rebind.group]["params"][rebind.param_index]
-            attributes[name] = optimizer.state[p][rebind.key]
-            entry = graph.get_attr(name)
-            entry.meta["example_value"] = _compat.fake_like(value.meta["example_value"])
+        value, entry = by_name[rebind.value], by_name[rebind.placeholder]
         written = graph.call_method("copy_", (entry, value))
         written.meta["example_value"] = entry.meta["example_value"]
         replaced[value] = written

@@ -92,6 +92,9 @@ def fallback(step: StepGraph, gm: torch.fx.GraphModule, example_inputs: list[Any
             "of the step, which Dynamo compiles as a function of its own; this call runs it as traced and the next "
             "one is compiled again")
         return _as_traced(step, gm, [*step.blockers, first], "first-step")
+    if step.miscompiled is not None:
+        say("it runs as Dynamo traced it (stock torch.compile would be wrong)")
+        return _as_traced(step, gm, step.blockers)
     before = _compat.generated_kernel_count()
     compiled = _inductor_or_error(gm, example_inputs, config)
     if isinstance(compiled, Exception):

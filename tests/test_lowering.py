@@ -235,12 +235,10 @@ def test_priming_skips_the_trace_when_every_followed_value_is_zero() -> None:
     assert calls == []
 
 
-def test_the_batched_step_writes_state_early_on_the_cpu_only_until_a_gpu_run_proves_it() -> None:
+def test_the_batched_step_runs_its_three_passes_as_one_post_grad_pass_on_every_device() -> None:
     from optcapture.rewrites import scalars_once
 
-    cpu = lowering._batched_step_passes(torch.device("cpu"))
-    cuda = lowering._batched_step_passes(torch.device("cuda"))
-    assert set(cpu) == {"post_grad_custom_post_pass"}  # Inductor's own realize_reads_threshold
-    assert cpu["post_grad_custom_post_pass"].uuid() != cuda["post_grad_custom_post_pass"].uuid()
-    assert set(cuda) == {"post_grad_custom_post_pass"}
-    assert cuda["post_grad_custom_post_pass"].uuid() == scalars_once.inductor_pass().uuid()
+    patches = lowering._batched_step_passes()
+    assert set(patches) == {"post_grad_custom_post_pass"}  # Inductor's own realize_reads_threshold
+    # Not the elementwise step's pass alone: the state-write and matmul-operand passes run too (an H100 measured them).
+    assert patches["post_grad_custom_post_pass"].uuid() != scalars_once.inductor_pass().uuid()

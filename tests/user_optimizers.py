@@ -262,7 +262,7 @@ class OutDivAdaBound(torch.optim.Optimizer):
 class RebindingAdam(torch.optim.Optimizer):
     """Adam with its state updated out of place and assigned back (``state["m"] = beta * state["m"] + ...``), a
     0-dim bias-correction product among it (timm's LaProp keeps ``exp_avg_lr_2`` so), and the last update kept
-    under a key the step writes without reading it."""
+    under a key it reads first (it adds a tenth of it to the next update)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99),
                  eps: float = 1e-8) -> None:
@@ -284,7 +284,7 @@ class RebindingAdam(torch.optim.Optimizer):
                 state["v"] = b2 * state["v"] + (1 - b2) * p.grad * p.grad
                 state["b1_power"] = state["b1_power"] * b1
                 step_size = group["lr"] / (1 - state["b1_power"])
-                state["update"] = step_size * state["m"] / (state["v"].sqrt() + group["eps"])
+                state["update"] = step_size * state["m"] / (state["v"].sqrt() + group["eps"]) + 0.1 * state["update"]
                 p.sub_(state["update"])
 
 

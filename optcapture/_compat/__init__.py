@@ -42,12 +42,6 @@ def is_alias_of(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch._C._is_alias_of(a, b))
 
 
-def fake_like(example: torch.Tensor) -> torch.Tensor:
-    """A new fake tensor of ``example``'s fake mode, shape, strides, dtype and device, sharing no storage with it."""
-    with example.fake_mode:  # type: ignore[attr-defined]
-        return torch.empty_strided(example.shape, example.stride(), dtype=example.dtype, device=example.device)
-
-
 def rewrap_scheduler_step(optimizer: torch.optim.Optimizer) -> bool:
     """Point an LR scheduler's wrapper of ``optimizer.step`` at the optimizer's class's step; True if there was one.
 
