@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture import _compat, dtensors, inductor_hazards, lanes, reach, state_rebinds
+from optcapture import _compat, compile_hazards, dtensors, lanes, reach, state_rebinds
 from optcapture.eligible import not_bucketable_because
 from optcapture.graph_outputs import host_outputs
 from optcapture.input_roles import InputRole, input_values, map_inputs, state_of
@@ -89,7 +89,8 @@ class StepGraph:
     rebinds: tuple[state_rebinds.StateRebind, ...] = ()
     """The state entries the step assigns new tensors to, which :attr:`graph` writes in place."""
     miscompiled: str | None = None
-    """Why Inductor would compile this graph wrong (:mod:`optcapture.inductor_hazards`): it then runs as traced."""
+    """Why ``torch.compile`` would compute this graph wrong (:mod:`optcapture.compile_hazards`): it then runs as
+    traced."""
 
 
     @property
@@ -293,9 +294,9 @@ def discover(gm: GraphModule, example_inputs: Sequence[Any], tracer: Any | None 
             values = input_values(gm, example_inputs)
             mapped = map_inputs(gm, values, optimizer)
     roles, present = mapped.roles, mapped.present
-    miscompiled = inductor_hazards.copied_then_updated(gm)
+    miscompiled = compile_hazards.hazard(gm)
     if miscompiled is not None:
-        blockers.append(f"Inductor would compile it wrong: {miscompiled}")
+        blockers.append(f"torch.compile would compute it wrong: {miscompiled}")
 
     buckets: list[Bucket] = []
     grad_owners: dict[int, tuple[int, int]] = {}

@@ -1,16 +1,21 @@
-"""Stage 1, discovery's check for programs Inductor is known to compile wrong, so that they run as Dynamo traced them.
+"""Stage 1, discovery's check for programs ``torch.compile`` is known to compile wrong, so that they run as Dynamo
+traced them (both are wrong with stock ``torch.compile`` on torch 2.13 too; every path of optcapture but the traced
+graph compiles the same program):
 
-One is known (torch 2.13, and stock ``torch.compile`` alike): a step that copies a tensor into a state tensor and
-then updates that tensor in place (``state["old"].copy_(p); p.sub_(lr * p.grad)``, a Lookahead-style snapshot).
-Inductor fuses both into one kernel that stores the *updated* param into ``old``; AOTAutograd alone
-(``backend="aot_eager"``) is right. Since every Inductor path (bucketed or per tensor) compiles such a program, the
-step runs as traced.
+- :func:`copied_then_updated`: a step that copies a tensor into a state tensor and then updates that tensor in place
+  (``state["old"].copy_(p); p.sub_(lr * p.grad)``, a Lookahead-style snapshot). Inductor fuses both into one kernel
+  that stores the *updated* param into ``old``; AOTAutograd alone (``backend="aot_eager"``) is right.
+- :func:`float64_scalar_updated`: a step that updates a 0-dim float64 tensor on the CPU in place (a bias-correction
+  product kept in the params' dtype, ``torch.ones((), dtype=p.dtype)`` beside float64 params). AOTAutograd drops the
+  update (``backend="aot_eager"`` and ``"inductor"``; the tensor keeps its value); a 1-element or float32 tensor,
+  and the ``eager`` backend, are right.
 
 Invariant: only reads the graph; a hazard is named by the nodes that make it.
 """
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule, Node
 
 from optcapture.lanes import called_name, in_place, written_argument
@@ -27,6 +32,28 @@ def _input_behind(value: object) -> Node | None:
             return None
         value = value.args[0] if value.args else None
     return value if isinstance(value, Node) and value.op in ("placeholder", "get_attr") else None
+
+
+def hazard(gm: GraphModule) -> str | None:
+    """Why ``torch.compile`` would compute ``gm`` wrong; None when no known hazard is in it."""
+    return copied_then_updated(gm) or float64_scalar_updated(gm)
+
+
+def float64_scalar_updated(gm: GraphModule) -> str | None:
+    """Why AOTAutograd would drop an update of ``gm``: an input that is a 0-dim float64 CPU tensor written in place;
+    None when there is none."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        written = _input_behind(written_argument(node, called_name(node)))
+        if written is None:
+            continue
+        example = written.meta.get("example_value")
+        if (isinstance(example, torch.Tensor) and example.dim() == 0 and example.dtype == torch.float64
+                and example.device.type == "cpu"):
+            return (f"it updates {written.name}, a 0-dim float64 tensor on the CPU, in place ({node.name}), an update "
+                    "AOTAutograd drops (torch 2.13, stock torch.compile alike)")
+    return None
 
 
 def copied_then_updated(gm: GraphModule) -> str | None:
