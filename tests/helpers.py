@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,15 @@ def assert_matches_eager(pair: Pair, atol: float | None = None, rtol: float | No
                                            msg=lambda m, key=key: f"state[{key!r}]: {m}")
             else:
                 assert other == value, f"state[{key!r}] = {other!r}, eager {value!r}"
+
+
+def step_matching_eager(pair: Pair, steps: int, first_seed: int = 0) -> None:
+    """Step ``pair`` ``steps`` times on fresh grads, its fallback warnings silenced; equal to eager after each."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for seed in range(first_seed, first_seed + steps):
+            step_both(pair, seed)
+            assert_matches_eager(pair)
 
 
 def warmup_from_zero(pair: Pair, steps: int, device: str = "cpu") -> None:

@@ -3,46 +3,38 @@ computes right are not held back."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import pytest
 import torch
-from helpers import assert_matches_eager, make_model, make_pair, step_both
+from helpers import make_model, make_pair, step_matching_eager
+from user_optimizers import ParamLoopOptimizer
 
 import optcapture
 from optcapture.compile_hazards import copied_then_updated, float64_scalar_updated
 
 
-class SnapshotInPlaceSGD(torch.optim.Optimizer):
-    """Copies each param into its state before updating it (Lookahead-style)."""
+class SnapshotInPlaceSGD(ParamLoopOptimizer):
+    """Copies each param into its state before updating it (Lookahead-style); ``snapshot_first=False``: after."""
 
     def __init__(self, params: Iterable[Any], snapshot_first: bool = True) -> None:
-        super().__init__(params, {"lr": 0.1})
+        super().__init__(params)
         self.snapshot_first = snapshot_first
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["before"] = torch.zeros_like(p)
-                if self.snapshot_first:
-                    state["before"].copy_(p)
-                p.sub_(group["lr"] * (p.grad + 0.1 * state["before"]))
-                if not self.snapshot_first:
-                    state["before"].copy_(p)
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["before"] = torch.zeros_like(p)
+        if self.snapshot_first:
+            state["before"].copy_(p)
+        p.sub_(lr * (p.grad + 0.1 * state["before"]))
+        if not self.snapshot_first:
+            state["before"].copy_(p)
 
 
 def test_a_param_copied_into_state_then_updated_runs_as_traced_and_matches_eager() -> None:
     pair = make_pair(lambda p: SnapshotInPlaceSGD(p))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for seed in range(4):
-            step_both(pair, seed)
-            assert_matches_eager(pair)
+    step_matching_eager(pair, 4)
     report = optcapture.explain(pair.optimizer)[-1]
     assert report.path == "eager"
     assert any(r.startswith("torch.compile would compute it wrong: it copies") for r in report.reasons), report.reasons
@@ -51,9 +43,7 @@ def test_a_param_copied_into_state_then_updated_runs_as_traced_and_matches_eager
 def test_a_param_copied_into_state_after_its_update_is_bucketed() -> None:
     # torch.optim.ASGD's order (``ax.copy_(param)`` after the update), which Inductor compiles right.
     pair = make_pair(lambda p: SnapshotInPlaceSGD(p, snapshot_first=False))
-    for seed in range(4):
-        step_both(pair, seed)
-        assert_matches_eager(pair)
+    step_matching_eager(pair, 4)
     assert optcapture.explain(pair.optimizer)[-1].path == "bucketed"
 
 
@@ -71,31 +61,20 @@ def test_the_hazard_is_named_by_its_nodes_and_only_a_later_update_makes_one() ->
     assert copied_then_updated(_graph("    a.copy_(b)\n    a.sub_(g)\n")) is None
 
 
-class Float64BiasAdam(torch.optim.Optimizer):
+class Float64BiasAdam(ParamLoopOptimizer):
     """Keeps its bias-correction product as a 0-dim tensor of its params' dtype, updated in place."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.01})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["b1_power"] = torch.ones((), dtype=p.dtype)
-                state["b1_power"].mul_(0.9)
-                p.sub_(group["lr"] / (1 - state["b1_power"]) * p.grad)
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["b1_power"] = torch.ones((), dtype=p.dtype)
+        state["b1_power"].mul_(0.9)
+        p.sub_(lr / (1 - state["b1_power"]) * p.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_a_0_dim_float64_tensor_updated_in_place_runs_as_traced_and_matches_eager(dtype: torch.dtype) -> None:
-    pair = make_pair(lambda p: Float64BiasAdam(p), model=make_model(dtype=dtype))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for seed in range(4):
-            step_both(pair, seed)
-            assert_matches_eager(pair)
+    pair = make_pair(lambda p: Float64BiasAdam(p, lr=0.01), model=make_model(dtype=dtype))
+    step_matching_eager(pair, 4)
     report = optcapture.explain(pair.optimizer)[-1]
     if dtype == torch.float64:
         assert report.path == "eager"

@@ -5,15 +5,13 @@ reason named."""
 from __future__ import annotations
 
 import copy
-import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import pytest
 import torch
 from expecttest import assert_expected_inline
-from helpers import assert_matches_eager, make_pair, step_both
-from user_optimizers import RebindingAdam
+from helpers import assert_matches_eager, make_pair, step_both, step_matching_eager
+from user_optimizers import ParamLoopOptimizer, RebindingAdam
 
 import optcapture
 from optcapture.discovery import discover
@@ -90,113 +88,72 @@ def test_the_graph_dynamo_hands_over_is_left_as_it_is() -> None:
     assert not discovered.blockers
 
 
-class SwappingMomentum(torch.optim.Optimizer):
+class SwappingMomentum(ParamLoopOptimizer):
     """Keeps the last momentum tensor under another key: storing the new one in place would change the old one."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["m"], state["previous"] = torch.zeros_like(p), torch.zeros_like(p)
-                state["previous"], state["m"] = state["m"], 0.9 * state["m"] + p.grad
-                p.sub_(group["lr"] * (state["m"] - 0.5 * state["previous"]))
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["m"], state["previous"] = torch.zeros_like(p), torch.zeros_like(p)
+        state["previous"], state["m"] = state["m"], 0.9 * state["m"] + p.grad
+        p.sub_(lr * (state["m"] - 0.5 * state["previous"]))
 
 
-class GradKeepingSGD(torch.optim.Optimizer):
+class GradKeepingSGD(ParamLoopOptimizer):
     """Keeps a view of the grad as state: a copy would no longer follow the grad."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["last_grad"] = torch.zeros_like(p)
-                p.sub_(group["lr"] * (p.grad + 0.5 * state["last_grad"]))
-                state["last_grad"] = p.grad.view_as(p)
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["last_grad"] = torch.zeros_like(p)
+        p.sub_(lr * (p.grad + 0.5 * state["last_grad"]))
+        state["last_grad"] = p.grad.view_as(p)
 
 
-class WideningMomentum(torch.optim.Optimizer):
+class WideningMomentum(ParamLoopOptimizer):
     """Assigns its float32 momentum a float64 tensor (at its second step): a copy into the old tensor would round
     it."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["m"] = torch.zeros_like(p)
-                    p.sub_(group["lr"] * p.grad)
-                    continue
-                state["m"] = (0.9 * state["m"] + p.grad).double()
-                p.sub_(group["lr"] * state["m"].float())
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["m"] = torch.zeros_like(p)
+            p.sub_(lr * p.grad)
+            return
+        state["m"] = (0.9 * state["m"] + p.grad).double()
+        p.sub_(lr * state["m"].float())
 
 
-class SharedViewMomentum(torch.optim.Optimizer):
+class SharedViewMomentum(ParamLoopOptimizer):
     """Keeps its new momentum and a flat view of it under two keys (from its second step): two copies would no
     longer share storage."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["m"], state["flat"] = torch.zeros_like(p), torch.zeros(p.numel())
-                    p.sub_(group["lr"] * p.grad)
-                    continue
-                state["m"] = 0.9 * state["m"] + p.grad + 0.01 * state["flat"].view_as(p)
-                state["flat"] = state["m"].view(-1)
-                state["flat"].mul_(0.5)  # through the view: halves the momentum too
-                p.sub_(group["lr"] * state["m"])
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["m"], state["flat"] = torch.zeros_like(p), torch.zeros(p.numel())
+            p.sub_(lr * p.grad)
+            return
+        state["m"] = 0.9 * state["m"] + p.grad + 0.01 * state["flat"].view_as(p)
+        state["flat"] = state["m"].view(-1)
+        state["flat"].mul_(0.5)  # through the view: halves the momentum too
+        p.sub_(lr * state["m"])
 
 
-class LastUpdateSGD(torch.optim.Optimizer):
+class LastUpdateSGD(ParamLoopOptimizer):
     """Keeps its last update under a key it never reads: a graph holding that tensor would keep writing it after
     the entry is replaced (``load_state_dict``)."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["update"] = group["lr"] * p.grad
-                p.sub_(self.state[p]["update"])
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        state["update"] = lr * p.grad
+        p.sub_(state["update"])
 
 
-class SnapshotSGD(torch.optim.Optimizer):
+class SnapshotSGD(ParamLoopOptimizer):
     """Keeps a copy of the param taken before the update (Lookahead-style)."""
 
-    def __init__(self, params: Iterable[Any]) -> None:
-        super().__init__(params, {"lr": 0.1})
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["before"] = torch.zeros_like(p)
-                moved = p - state["before"]
-                state["before"] = p.clone()
-                p.sub_(group["lr"] * (p.grad + 0.5 * moved))
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["before"] = torch.zeros_like(p)
+        moved = p - state["before"]
+        state["before"] = p.clone()
+        p.sub_(lr * (p.grad + 0.5 * moved))
 
 
 @pytest.mark.parametrize(("cls", "reason"), [
@@ -210,11 +167,7 @@ class SnapshotSGD(torch.optim.Optimizer):
 ], ids=lambda value: value.__name__ if isinstance(value, type) else "")
 def test_a_rebind_that_a_copy_would_change_runs_per_tensor_with_its_reason(cls: type, reason: str) -> None:
     pair = make_pair(lambda p: cls(p))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for seed in range(4):
-            step_both(pair, seed)
-            assert_matches_eager(pair)
+    step_matching_eager(pair, 4)
     # Each refusal is at the second step, the first to rebind: WideningMomentum's momentum is float64 from then on
     # and SharedViewMomentum's two entries share storage, each refused another way.
     refused = [report for report in optcapture.explain(pair.optimizer) if any(reason in r for r in report.reasons)]
@@ -230,11 +183,7 @@ def test_a_record_of_dynamos_that_cannot_be_read_is_a_reason_never_a_crash(monke
 
     monkeypatch.setattr(optcapture._compat, "dict_entry_stores", unreadable)
     pair = make_pair(lambda p: RebindingAdam(p))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for seed in range(3):
-            step_both(pair, seed)
-            assert_matches_eager(pair)
+    step_matching_eager(pair, 3)
     report = optcapture.explain(pair.optimizer)[-1]
     assert report.path == "per-tensor"
     assert any("its stores could not be read (AttributeError: no side effects here)" in r for r in report.reasons)

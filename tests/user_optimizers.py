@@ -295,6 +295,24 @@ USER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+class ParamLoopOptimizer(torch.optim.Optimizer):
+    """The loop users write (every param with a grad, its state, its group), with each param's update in
+    :meth:`update`: one pattern per subclass. Dynamo inlines the call, so the graph is the one a single loop makes."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, self.state[p], group["lr"])
+
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        raise NotImplementedError
+
+
 class BufferMomentum(torch.optim.Optimizer):
     """Momentum as users write it, its buffer made by :meth:`new_buffer` (``zeros_like(p)``: the param's strides and
     dtype) and updated in its own dtype; subclasses make it in another order or dtype."""
