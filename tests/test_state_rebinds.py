@@ -32,7 +32,8 @@ def test_rebound_state_is_bucketed_keeps_its_tensors_and_compiles_no_more_after_
     assert all(now[entry] is tensor for entry, tensor in tensors.items())
     report = optcapture.explain(pair.optimizer)[-1]
     assert (report.path, report.runs) == ("bucketed", 1)
-    assert_expected_inline(str(report.kernels), """3""")
+    if torch.__version__.startswith("2.13."):  # the CPU goldens are torch 2.13's (CI), as in test_kernel_counts
+        assert_expected_inline(str(report.kernels), """3""")
 
 
 def test_a_reference_taken_before_the_step_sees_the_new_value() -> None:
