@@ -18,20 +18,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from optcapture.lanes import called_name, in_place, written_argument
-
-_MOVES_NO_VALUE = frozenset({"clone", "contiguous", "detach", "to", "_to_copy", "alias", "view", "view_as", "reshape",
-                             "flatten"})
-
-
-def _input_behind(value: object) -> Node | None:
-    """The graph input ``value`` is, or copies or views through ops that move no value; None otherwise."""
-    while isinstance(value, Node) and value.op in ("call_function", "call_method"):
-        name = called_name(value)
-        if name not in _MOVES_NO_VALUE and not in_place(name):
-            return None
-        value = value.args[0] if value.args else None
-    return value if isinstance(value, Node) and value.op in ("placeholder", "get_attr") else None
+from optcapture.lanes import called_name, input_behind, written_argument
 
 
 def hazard(gm: GraphModule) -> str | None:
@@ -45,7 +32,7 @@ def float64_scalar_updated(gm: GraphModule) -> str | None:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        written = _input_behind(written_argument(node, called_name(node)))
+        written = input_behind(written_argument(node, called_name(node)), through_in_place=True)
         if written is None:
             continue
         example = written.meta.get("example_value")
@@ -65,11 +52,12 @@ def copied_then_updated(gm: GraphModule) -> str | None:
             continue
         name = called_name(node)
         if name == "copy_" and len(node.args) >= 2:
-            target, source = _input_behind(node.args[0]), _input_behind(node.args[1])
+            target = input_behind(node.args[0], through_in_place=True)
+            source = input_behind(node.args[1], through_in_place=True)
             if target is not None and source is not None and target is not source:
                 copied.setdefault(source, node)
             continue
-        written = _input_behind(written_argument(node, name))
+        written = input_behind(written_argument(node, name), through_in_place=True)
         if written is not None and written in copied:
             return (f"it copies {written.name} into another tensor ({copied[written].name}) and then updates "
                     f"{written.name} in place ({node.name}), which Inductor compiles into one kernel that stores the "

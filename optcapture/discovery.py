@@ -92,7 +92,6 @@ class StepGraph:
     """Why ``torch.compile`` would compute this graph wrong (:mod:`optcapture.compile_hazards`): it then runs as
     traced."""
 
-
     @property
     def update(self) -> UpdateKind | None:
         """How the update reads its tensors, when it can be bucketed at all (see :mod:`optcapture.lanes`)."""

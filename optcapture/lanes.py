@@ -331,6 +331,23 @@ def called_name(node: Node) -> str:
     return _op_name(node) if node.op in ("call_function", "call_method") else ""
 
 
+# Ops that give their first argument's values, as a copy or a view (``p.clone()``, ``p.view(-1)``).
+MOVES_NO_VALUE = frozenset({"clone", "contiguous", "detach", "to", "_to_copy", "alias", "view", "view_as", "reshape",
+                            "flatten"})
+
+
+def input_behind(value: Any, through_in_place: bool = False) -> Node | None:
+    """The graph input (placeholder or attribute) whose values ``value`` has, through ops of :data:`MOVES_NO_VALUE`
+    (and, ``through_in_place``, in-place ops, whose result is their first argument: the input they wrote); None if
+    an op on the way computes anything else."""
+    while isinstance(value, Node) and value.op in ("call_function", "call_method"):
+        name = called_name(value)
+        if name not in MOVES_NO_VALUE and not (through_in_place and in_place(name)):
+            return None
+        value = value.args[0] if value.args else None
+    return value if isinstance(value, Node) and value.op in ("placeholder", "get_attr") else None
+
+
 def in_place(name: str) -> bool:
     """Whether the op named ``name`` writes its first argument in place (``add_``, ``_foreach_mul_``, ``copy_``; not a
     dunder such as ``__and__``)."""

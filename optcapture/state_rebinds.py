@@ -30,6 +30,7 @@ from torch.fx import GraphModule, Node
 from optcapture import _compat
 from optcapture.graph_outputs import host_outputs
 from optcapture.input_roles import InputRole
+from optcapture.lanes import input_behind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +126,7 @@ def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[Inpu
         if reason is None and any(_compat.is_alias_of(node.meta["example_value"], other.meta["example_value"])
                                   for other in values):
             reason = "that shares its storage with the new tensor of another entry"  # copies would not share it
-        if reason is None and (copied := _copy_of_input(node)) is not None:
+        if reason is None and (copied := input_behind(node)) is not None:
             # ``state["old"] = p.clone()`` before ``p.sub_(...)``: as ``state["old"].copy_(p)``, Inductor (torch
             # 2.13) stores the updated param into the entry; the new tensor keeps it right.
             reason = f"that is a copy of the input {copied.name}"
@@ -134,21 +135,6 @@ def find(gm: GraphModule, optimizer: torch.optim.Optimizer, roles: Sequence[Inpu
         values.append(node)
         rebinds.append(StateRebind(g, i, key, old, node.name))
     return tuple(rebinds)
-
-
-_COPIES = frozenset({"clone", "contiguous", "detach", "to", "_to_copy", "copy", "alias", "view", "view_as",
-                     "reshape", "flatten"})
-
-
-def _copy_of_input(value: Node) -> Node | None:
-    """The input ``value`` copies or views, through ops that move no value; None if it computes anything."""
-    node = value
-    while node.op in ("call_function", "call_method"):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if name not in _COPIES or not node.args or not isinstance(node.args[0], Node):
-            return None
-        node = node.args[0]
-    return node if node.op in ("placeholder", "get_attr") else None
 
 
 def _unfit(value: Node, old_example: Any, inputs: Any) -> str | None:

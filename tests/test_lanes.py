@@ -101,3 +101,15 @@ def test_an_out_argument_is_what_an_op_writes() -> None:
 
     report = _analyze(shared, SGD_ROLES)
     assert not report.elementwise and "shared by all params" in report.reason, report.reason
+
+
+def test_input_behind_follows_copies_and_views_and_in_place_results_only_when_asked() -> None:
+    def f(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return a.clone().view(-1), a.mul_(2).view(-1), a * 2 + b
+
+    gm = torch.fx.symbolic_trace(f)
+    copied, written, computed = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert lanes.input_behind(copied).name == "a"
+    assert lanes.input_behind(written) is None
+    assert lanes.input_behind(written, through_in_place=True).name == "a"
+    assert lanes.input_behind(computed, through_in_place=True) is None

@@ -313,25 +313,19 @@ class ParamLoopOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-class BufferMomentum(torch.optim.Optimizer):
+class BufferMomentum(ParamLoopOptimizer):
     """Momentum as users write it, its buffer made by :meth:`new_buffer` (``zeros_like(p)``: the param's strides and
     dtype) and updated in its own dtype; subclasses make it in another order or dtype."""
 
     def __init__(self, params: Any, lr: float = 0.01) -> None:
-        super().__init__(params, {"lr": lr})
+        super().__init__(params, lr)
 
     def new_buffer(self, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(p)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["buf"] = self.new_buffer(p)
-                buf = state["buf"]
-                buf.mul_(0.9).add_(p.grad.to(buf.dtype))
-                p.add_(buf.to(p.dtype), alpha=-group["lr"])
+    def update(self, p: torch.Tensor, state: dict[str, Any], lr: float) -> None:
+        if not state:
+            state["buf"] = self.new_buffer(p)
+        buf = state["buf"]
+        buf.mul_(0.9).add_(p.grad.to(buf.dtype))
+        p.add_(buf.to(p.dtype), alpha=-lr)
